@@ -1,0 +1,118 @@
+"""Fixtures: tiny random-weight models of every supported architecture, built from configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+# One entry per architecture: the config class and the keyword arguments of a tiny model.  Weights use a
+# large init range so greedy decoding has clear margins (ties would make token comparisons flaky).
+_COMMON = dict(vocab_size=96, initializer_range=0.3)
+TINY_CONFIGS: dict[str, tuple[type, dict]] = {
+    "llama": (tf.LlamaConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": (tf.MistralConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=1, sliding_window=None)),
+    "qwen2": (tf.Qwen2Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3": (tf.Qwen3Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+                                    num_attention_heads=4, num_key_value_heads=2)),
+    "phi3": (tf.Phi3Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=4, sliding_window=None,
+                                  pad_token_id=0)),
+    "gemma3": (tf.Gemma3TextConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, head_dim=16,
+                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=12,
+                                          layer_types=["sliding_attention", "full_attention"] * 2)),
+    "gpt2": (tf.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "opt": (tf.OPTConfig, dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                                word_embed_proj_dim=64, max_position_embeddings=512, pad_token_id=1)),
+    "gpt_neox": (tf.GPTNeoXConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=512)),
+    "mpt": (tf.MptConfig, dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=512,
+                              use_cache=True)),
+    "gptj": (tf.GPTJConfig, dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512)),
+}
+ARCHS = list(TINY_CONFIGS)
+
+
+def tiny_model(arch: str, layers: int | None = None, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-weight causal LM of ``arch`` in float32 eval mode."""
+    config_cls, kwargs = TINY_CONFIGS[arch]
+    kwargs = {**_COMMON, **kwargs}
+    if layers is not None:
+        for key in ("num_hidden_layers", "n_layer", "n_layers"):
+            if key in kwargs:
+                kwargs[key] = layers
+        if "layer_types" in kwargs:
+            kwargs["layer_types"] = kwargs["layer_types"][:layers]
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config_cls(**kwargs))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def models() -> dict:
+    """Session-wide cache of tiny models, so each architecture is built once."""
+    return {}
+
+
+@pytest.fixture
+def get_model(models):
+    def get(arch: str, layers: int | None = None) -> torch.nn.Module:
+        key = (arch, layers)
+        if key not in models:
+            models[key] = tiny_model(arch, layers)
+        return models[key]
+
+    return get
+
+
+def greedy(model, input_ids, cache=None, new_tokens: int = 10, attention_mask=None) -> torch.Tensor:
+    """Greedy generation of exactly ``new_tokens`` tokens (EOS cannot stop it early); returns only them."""
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, input_ids.shape[1]:]
+
+
+def random_prompt(length: int, seed: int = 0, vocab: int = 96) -> torch.Tensor:
+    """``[1, length]`` random token ids (avoiding the low ids that configs use as special tokens)."""
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1D prompts into ``(input_ids, attention_mask)`` of shape ``[batch, longest]``."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = p
+        mask[i, longest - len(p):] = 1
+    return ids, mask
+
+
+#: Every policy with a budget that covers prompt + generation in the tests (nothing is evicted).
+COVERING = {
+    "full": {},
+    "window": {"budget": 1000},
+    "streaming": {"budget": 1000},
+    "h2o": {"budget": 1000},
+    "keyformer": {"budget": 1000},
+    "co2": {"budget": 1000, "N": 0},
+}
+#: Every policy at half the prompt, with CO2's measurement step short enough to evict in the tests.
+HALF = {
+    "full": {},
+    "window": {"budget": 0.5},
+    "streaming": {"budget": 0.5},
+    "h2o": {"budget": 0.5},
+    "keyformer": {"budget": 0.5},
+    "co2": {"budget": 0.5, "N": 3},
+}
