@@ -162,3 +162,17 @@ def test_fp16_and_bf16_scores_are_finite():
             for layer in cache.layers:
                 assert torch.isfinite(layer.scores).all(), (dtype, policy)
                 assert layer.keys.dtype == dtype
+
+
+def test_prompt_scoring_in_small_row_chunks_equals_one_chunk(gqa_model, monkeypatch):
+    import kvkeep.attention as attention
+
+    prompt = random_prompt(48, seed=12)
+    whole = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5)
+    out_whole = greedy(gqa_model, prompt, whole, 5)
+    monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 4 * 48 * 5)  # 5 query rows per chunk
+    chunked = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5)
+    assert torch.equal(greedy(gqa_model, prompt, chunked, 5), out_whole)
+    for a, b in zip(whole.layers, chunked.layers):
+        assert torch.equal(a.positions, b.positions)
+        torch.testing.assert_close(a.scores, b.scores)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.configuration_utils import GenerationConfig
 
 from .attention import attend, clear_pending, set_pending
@@ -279,12 +279,9 @@ class KVKeepCache(Cache):
         self.policy = make_policy(policy, budget, **params)
         install(model)
         config = model.config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
-        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ValueError(f"layer types {unknown} are not supported by kvkeep (only full and sliding attention)")
+        layer_types = _layer_types(config)
         hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types
-        window = layer_kwargs.get("sliding_window")
+        window = getattr(config, "sliding_window", None)
         layers = []
         for idx, kind in enumerate(layer_types):
             sliding = window if kind == "sliding_attention" else None
@@ -292,6 +289,19 @@ class KVKeepCache(Cache):
             layers.append(KVKeepLayer(layer_policy, idx, sliding, self))
         super().__init__(layers=layers)
         self._total_steps: int | None = None
+
+    @property
+    def _is_user_defined(self) -> bool:
+        return self.__dict__.get("_user_defined", False)
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        # transformers sets this flag at the start of every generate() call that receives this cache
+        if value and self.get_seq_length() > 0:
+            raise ValueError(
+                f"this KVKeepCache already holds {self.get_seq_length()} tokens of an earlier generation: {_REUSE_HINT}"
+            )
+        self.__dict__["_user_defined"] = value
 
     def reset(self) -> None:
         """Empty the cache so it can serve a new, unrelated generation."""
@@ -332,6 +342,24 @@ class KVKeepCache(Cache):
             }
             for layer in self.layers
         ]
+
+
+def _layer_types(config) -> list[str]:
+    """``"full_attention"`` or ``"sliding_attention"`` per decoder layer, as transformers' caches read them."""
+    if getattr(config, "num_kv_shared_layers", None):
+        raise ValueError("models that share KV caches across layers (Gemma 3n) are not supported by kvkeep")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        if getattr(config, "attention_chunk_size", None) is not None:
+            layer_types = ["chunked_attention"]
+        elif getattr(config, "sliding_window", None) is not None:
+            layer_types = ["sliding_attention"] * config.num_hidden_layers
+        else:
+            layer_types = ["full_attention"] * config.num_hidden_layers
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported by kvkeep (only full and sliding attention)")
+    return list(layer_types)
 
 
 def _generation_length(prompt_columns: int) -> int | None:

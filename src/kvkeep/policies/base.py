@@ -88,8 +88,7 @@ class Policy:
                 f"prompt of {prompt_len} tokens is shorter than the {self.sinks} attention sinks of "
                 f"'{self.name}': lower sinks= or use a longer prompt"
             )
-        protected = self.sinks + self.recent_size(k)
-        if protected > k:
+        if self.sinks > k or self.sinks + self.recent_size(k) > k:
             raise ValueError(
                 f"budget of {k} tokens is smaller than sinks ({self.sinks}) + recent window "
                 f"({self.recent_size(k)}) of '{self.name}': raise the budget or lower sinks/recent share"

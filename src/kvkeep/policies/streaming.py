@@ -16,4 +16,4 @@ class StreamingPolicy(Policy):
     name: ClassVar[str] = "streaming"
 
     def recent_size(self, k: int) -> int:
-        return k - self.sinks
+        return max(0, k - self.sinks)

@@ -14,4 +14,4 @@ class WindowPolicy(Policy):
     name: ClassVar[str] = "window"
 
     def recent_size(self, k: int) -> int:
-        return k - self.sinks
+        return max(0, k - self.sinks)

@@ -1,0 +1,228 @@
+"""Cache invariants, memory, and the one-line errors users get for bad input."""
+
+import pytest
+import torch
+import transformers as tf
+from conftest import greedy, left_pad, random_prompt, tiny_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvkeep
+
+MODEL = tiny_model("llama")  # GQA: 4 query heads, 2 KV heads, 2 layers
+
+
+def _step(model, cache, token, length):
+    with torch.no_grad():
+        logits = model(token, past_key_values=cache, attention_mask=torch.ones(1, length, dtype=torch.long)).logits
+    return logits[:, -1:].argmax(-1)
+
+
+def _kept(layer) -> list[list[set[int]]]:
+    """Per sequence and KV head, the set of kept columns."""
+    return [[set(c for c in head if c >= 0) for head in row] for row in layer.positions.tolist()]
+
+
+POLICY_PARAMS = st.sampled_from(
+    [
+        ("window", {}),
+        ("streaming", {"sinks": 4}),
+        ("h2o", {"recent_ratio": 0.5}),
+        ("h2o", {"recent_ratio": 0.0, "sinks": 2}),
+        ("keyformer", {"recent_ratio": 0.3, "max_new_tokens": 12}),
+        ("keyformer", {"recent_ratio": 0.2, "tau_end": 3.0, "max_new_tokens": 5}),
+        ("co2", {"alpha": 0.2, "N": 0, "rho": 0.25}),
+        ("co2", {"alpha": 0.0, "N": 3, "rho": 0.5}),
+    ]
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    choice=POLICY_PARAMS,
+    prompt_len=st.integers(8, 60),
+    budget=st.one_of(st.floats(0.3, 1.0), st.integers(8, 40)),
+    steps=st.integers(1, 12),
+    seed=st.integers(0, 1000),
+)
+def test_kept_set_invariants(choice, prompt_len, budget, steps, seed):
+    policy, params = choice
+    cache = kvkeep.KVKeepCache(MODEL, policy, budget=budget, **params)
+    spec = cache.policy
+    k = spec.budget_tokens(prompt_len)
+    if spec.sinks + spec.recent_size(k) > k or prompt_len < spec.sinks:
+        with pytest.raises(ValueError):
+            greedy(MODEL, random_prompt(prompt_len, seed), cache, 1)
+        return
+    prompt = random_prompt(prompt_len, seed)
+    with torch.no_grad():
+        token = MODEL(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+    before = [_kept(layer) for layer in cache.layers]
+    for t in range(1, steps + 1):
+        newest = prompt_len + t - 1
+        token = _step(MODEL, cache, token, newest + 1)
+        for idx, layer in enumerate(cache.layers):
+            assert layer.get_seq_length() == newest + 1
+            kept = _kept(layer)
+            for head, old in zip(kept[0], before[idx][0]):
+                if spec.recent_size(k) >= 1:
+                    assert newest in head  # the new token sits at its true position
+                assert head <= old | {newest}  # an evicted token never returns
+                limited = t >= spec.evict_after()
+                if limited:
+                    assert len(head) <= k  # never over budget
+                    recent = set(range(max(0, newest + 1 - spec.recent_size(k)), newest + 1))
+                    assert recent <= head  # the recent window is always kept
+                else:
+                    assert len(head) == newest + 1  # CO2 measures before it evicts
+                assert set(range(min(spec.sinks, newest + 1))) <= head  # sinks are always kept
+            before[idx] = kept
+
+
+def test_kv_bytes_drop_at_half_budget_and_stay_constant():
+    prompt = random_prompt(64, seed=1)
+    for policy in ("window", "streaming", "h2o", "keyformer", "co2"):
+        params = {"N": 0} if policy == "co2" else {"max_new_tokens": 8} if policy == "keyformer" else {}
+        cache = kvkeep.KVKeepCache(MODEL, policy, budget=0.5, **params)
+        with torch.no_grad():
+            token = MODEL(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        after_prefill = cache.nbytes()
+        assert after_prefill <= 0.55 * cache.full_nbytes(), policy
+        for t in range(1, 8):
+            token = _step(MODEL, cache, token, 64 + t)
+            assert cache.nbytes() == after_prefill, policy
+        layer = cache.layers[0]
+        assert layer.keys.shape[2] == 32 and layer.values.shape[2] == 32  # physically 32 slots, not masked
+
+
+def test_co2_keeps_everything_for_N_steps_then_cuts_to_budget():
+    prompt = random_prompt(40, seed=2)
+    cache = kvkeep.KVKeepCache(MODEL, "co2", budget=0.5, N=4)
+    with torch.no_grad():
+        token = MODEL(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+    sizes = []
+    for t in range(1, 7):
+        token = _step(MODEL, cache, token, 40 + t)
+        sizes.append(cache.layers[0].keys.shape[2])
+    assert sizes == [41, 42, 43, 20, 20, 20]
+
+
+def test_padding_is_never_kept_and_each_sequence_has_its_budget():
+    prompts = [random_prompt(n, seed=n)[0] for n in (10, 30)]
+    ids, mask = left_pad(prompts)
+    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5)
+    with torch.no_grad():
+        MODEL(ids, attention_mask=mask, past_key_values=cache)
+    for layer in cache.layers:
+        assert layer.budget.tolist() == [5, 15]
+        short, long = _kept(layer)
+        assert all(min(head) >= 20 and len(head) == 5 for head in short)  # columns 0-19 are padding
+        assert all(len(head) == 15 for head in long)
+        assert layer.padding.tolist() == [20, 0]
+
+
+def test_stats_and_nbytes_report_what_is_held():
+    cache = kvkeep.KVKeepCache(MODEL, "window", budget=10)
+    greedy(MODEL, random_prompt(30, seed=3), cache, 5)
+    stats = cache.stats()
+    assert len(stats) == 2
+    assert stats[0]["kept"] == [10] and stats[0]["budget"] == [10] and stats[0]["seen"] == 34
+    assert stats[0]["evicted"] == (34 - 10) * 2  # per KV head
+    expected = 2 * 2 * (1 * 2 * 10 * 16 * 4)  # layers x (K and V) x [batch, heads, slots, dim] float32
+    assert cache.nbytes() == expected == sum(s["bytes"] for s in stats)
+    assert cache.full_nbytes() == expected * 34 // 10
+
+
+def test_gemma3_sliding_layers_keep_native_window_and_policy_applies_to_global_layers():
+    model = tiny_model("gemma3")  # sliding_window=12, layers: sliding, full, sliding, full
+    cache = kvkeep.KVKeepCache(model, "window", budget=8)
+    greedy(model, random_prompt(40, seed=4), cache, 3)
+    for layer in cache.stats():
+        if layer["sliding_window"] is not None:
+            assert layer["policy"] == "full" and layer["kept"] == [11]  # the native window - 1
+        else:
+            assert layer["policy"] == "window" and layer["kept"] == [8]
+
+
+def test_reset_allows_reuse_and_reuse_without_reset_is_an_error():
+    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5)
+    first = greedy(MODEL, random_prompt(30, seed=5), cache, 4)
+    with pytest.raises(ValueError, match="reset"):
+        greedy(MODEL, random_prompt(20, seed=6), cache, 4)
+    cache.reset()
+    assert torch.equal(greedy(MODEL, random_prompt(30, seed=5), cache, 4), first)
+
+
+def test_batch_size_change_is_an_error():
+    cache = kvkeep.KVKeepCache(MODEL, "window", budget=0.5)
+    greedy(MODEL, random_prompt(30, seed=5), cache, 2)
+    ids, mask = left_pad([random_prompt(20, seed=1)[0]] * 2)
+    with pytest.raises(ValueError, match="reset"):
+        greedy(MODEL, ids, cache, 2, attention_mask=mask)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(policy="nope", budget=0.5), "unknown policy 'nope'"),
+        (dict(policy="h2o", budget=0.0), "outside (0, 1]"),
+        (dict(policy="h2o", budget=1.5), "outside (0, 1]"),
+        (dict(policy="h2o", budget=-3), "< 1"),
+        (dict(policy="h2o"), "needs a budget"),
+        (dict(policy="full", budget=0.5), "takes no budget"),
+        (dict(policy="streaming", budget=3), "smaller than sinks"),
+        (dict(policy="h2o", budget=4, sinks=4, recent_ratio=0.5), "smaller than sinks"),
+        (dict(policy="co2", budget=0.5, alpha=-0.1), "alpha"),
+        (dict(policy="co2", budget=0.5, N=-1), "N (measurement steps)"),
+        (dict(policy="keyformer", budget=0.5, tau_init=2.0, tau_end=1.0), "tau_end"),
+        (dict(policy="keyformer", budget=0.5, tau_init=0.0), "tau_init"),
+        (dict(policy="h2o", budget=0.5, recent_ratio=1.5), "recent_ratio"),
+        (dict(policy="h2o", budget=0.5, head_reduce="median"), "head_reduce"),
+        (dict(policy="window", budget=0.5, temperature=3), "has no parameter temperature"),
+    ],
+)
+def test_bad_input_gives_one_line_error_naming_the_fix(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        kvkeep.KVKeepCache(MODEL, **kwargs)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ratio_budget_too_small_for_prompt_and_prompt_shorter_than_sinks():
+    cache = kvkeep.KVKeepCache(MODEL, "streaming", budget=0.1)  # 0.1 x 30 = 3 tokens < 4 sinks
+    with pytest.raises(ValueError, match="smaller than sinks"):
+        greedy(MODEL, random_prompt(30), cache, 1)
+    cache = kvkeep.KVKeepCache(MODEL, "streaming", budget=1.0)
+    with pytest.raises(ValueError, match="shorter than the 4 attention sinks"):
+        greedy(MODEL, random_prompt(3), cache, 1)
+
+
+def test_unsupported_architecture_names_supported_families():
+    model = tf.AutoModelForCausalLM.from_config(tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="supported families are .*Llama") as info:
+        kvkeep.KVKeepCache(model, "h2o", budget=0.5)
+    assert "\n" not in str(info.value)
+
+
+def test_keyformer_outside_generate_needs_schedule_length():
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+    with torch.no_grad():
+        token = MODEL(random_prompt(30), past_key_values=cache).logits[:, -1:].argmax(-1)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            _step(MODEL, cache, token, 31)
+
+
+def test_keyformer_schedule_length_comes_from_generate():
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+    greedy(MODEL, random_prompt(30), cache, 7)
+    assert cache.total_steps() == 7
+
+
+def test_model_outside_kvkeep_cache_still_computes_plain_attention():
+    model = tiny_model("llama")
+    prompt = random_prompt(25, seed=8)
+    before = greedy(model, prompt)
+    kvkeep.KVKeepCache(model, "h2o", budget=0.5)  # switches the model to kvkeep attention
+    assert model.config._attn_implementation == "kvkeep"
+    assert torch.equal(greedy(model, prompt), before)  # DynamicCache through kvkeep attention
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt, use_cache=False).logits, tiny_model("llama")(prompt).logits)
