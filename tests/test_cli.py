@@ -1,0 +1,191 @@
+"""Tests for the ``kvkeep`` command line, run in-process through ``main``."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS
+from transformers import AutoModelForCausalLM
+
+import kvkeep
+from kvkeep.cli import main, parse_budget, parse_value
+from kvkeep.models import load_model
+
+PARAGRAPH = (
+    "The lighthouse stood at the edge of the cliff for more than two hundred years. Every night its keeper climbed "
+    "the narrow spiral stairs, trimmed the wick and polished the great lens until it shone. Ships passing through "
+    "the strait relied on its steady beam to avoid the rocks that had claimed so many vessels before it was built. "
+    "When electricity finally reached the village, the keeper was told that his work was no longer needed, yet he "
+    "kept climbing the stairs each evening, watching the sea and the lights of the ships that no longer needed him."
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    return load_model("smollm2")[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder."""
+    config_cls, kwargs = TINY_CONFIGS["llama"]
+    torch.manual_seed(0)
+    config = config_cls(**{**kwargs, "vocab_size": len(smollm2_tokenizer), "initializer_range": 0.3})
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``main(argv)`` -> (exit status, stdout, stderr)."""
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def run_json(capsys, *argv: str) -> dict:
+    status, out, err = run(capsys, "generate", *argv, "--json")
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def tiny(tiny_dir: str, *argv: str, tokens: int = 4) -> list[str]:
+    return ["--model", tiny_dir, "--prompt", PARAGRAPH[:300], "--max-new-tokens", str(tokens), *argv]
+
+
+# -- value parsing ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, value", [("0.5", 0.5), ("1.0", 1.0), ("512", 512), ("1", 1), ("5e-1", 0.5)])
+def test_parse_budget(text, value) -> None:
+    parsed = parse_budget(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("text, value", [("3", 3), ("0.25", 0.25), ("true", True), ("False", False),
+                                         ("none", None), ("max", "max")])
+def test_parse_value(text, value) -> None:
+    parsed = parse_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+# -- generate on the tiny model -------------------------------------------------------------------------
+def test_json_fields_and_eviction(capsys, tiny_dir) -> None:
+    h2o = run_json(capsys, *tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5"))
+    full = run_json(capsys, *tiny(tiny_dir))
+    for result in (h2o, full):
+        assert 50 <= result["prompt_tokens"] <= 80
+        assert 1 <= result["new_tokens"] <= 4
+        assert isinstance(result["text"], str)
+        assert result["model"] == tiny_dir
+        assert result["seconds"] > 0 and result["tokens_per_second"] > 0
+        assert result["device"] == "cpu" and result["dtype"] == "float32"
+        assert result["kvkeep_version"] == kvkeep.__version__
+        assert result["torch_version"] == torch.__version__
+        assert result["transformers_version"]
+    assert h2o["policy"] == "h2o" and h2o["budget"] == 0.5 and h2o["params"]["budget"] == 0.5
+    assert h2o["kv_bytes"] < h2o["kv_bytes_full"]
+    assert h2o["kv_ratio"] == pytest.approx(h2o["kv_bytes"] / h2o["kv_bytes_full"])
+    assert full["policy"] == "full" and full["budget"] is None
+    assert full["kv_bytes"] == full["kv_bytes_full"] and full["kv_ratio"] == 1.0
+
+
+def test_params_reach_the_policy(capsys, tiny_dir) -> None:
+    result = run_json(capsys, *tiny(tiny_dir, "--policy", "keyformer", "--budget", "20",
+                                    "--param", "tau_end=3", "--param", "seed=5", "--param", "noise=false"))
+    assert result["params"]["tau_end"] == 3
+    assert result["params"]["seed"] == 5
+    assert result["params"]["noise"] is False
+    assert result["params"]["budget"] == 20
+
+
+def test_plain_output(capsys, tiny_dir) -> None:
+    status, out, err = run(capsys, "generate", *tiny(tiny_dir, "--policy", "window", "--budget", "0.5"))
+    assert status == 0
+    assert out.strip() and "{" not in out
+    summary = err.strip().splitlines()[-1]
+    assert "window" in summary and "budget=0.5" in summary and "KV" in summary and "%" in summary
+
+
+def test_prompt_from_stdin_and_chat(capsys, monkeypatch, tiny_dir) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me about lighthouses."))
+    plain = run_json(capsys, "--model", tiny_dir, "--prompt-file", "-", "--max-new-tokens", "2")
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me about lighthouses."))
+    chat = run_json(capsys, "--model", tiny_dir, "--prompt-file", "-", "--max-new-tokens", "2", "--chat")
+    assert chat["prompt_tokens"] > plain["prompt_tokens"] > 3
+
+
+def test_sampling_is_seeded(capsys, tiny_dir) -> None:
+    args = tiny(tiny_dir, "--sample", "--temperature", "1.5", "--seed", "7", tokens=6)
+    assert run_json(capsys, *args)["text"] == run_json(capsys, *args)["text"]
+
+
+# -- errors -----------------------------------------------------------------------------------------------
+def assert_error(capsys, *needles: str, argv: list[str]) -> None:
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvkeep: error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_zero_budget(capsys, tiny_dir) -> None:
+    assert_error(capsys, "budget", argv=["generate", *tiny(tiny_dir, "--policy", "h2o", "--budget", "0")])
+
+
+def test_budget_with_full(capsys, tiny_dir) -> None:
+    assert_error(capsys, "budget", argv=["generate", *tiny(tiny_dir, "--budget", "0.5")])
+
+
+def test_unknown_param(capsys, tiny_dir) -> None:
+    assert_error(capsys, "nope", argv=["generate", *tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5",
+                                                        "--param", "nope=1")])
+
+
+def test_missing_prompt_file(capsys, tmp_path: Path) -> None:
+    missing = tmp_path / "absent.txt"
+    assert_error(capsys, str(missing), argv=["generate", "--prompt-file", str(missing)])
+
+
+def test_sampling_options_need_sample(capsys) -> None:
+    assert_error(capsys, "--sample", argv=["generate", "--prompt", "hi", "--temperature", "0.7"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--policy", "nope", "--prompt", "hi"],
+    ["generate", "--prompt", "hi", "--prompt-file", "x.txt"],
+    ["generate"],
+    ["generate", "--prompt", "hi", "--budget", "half"],
+    ["generate", "--prompt", "hi", "--param", "sinks"],
+    ["generate", "--prompt", "hi", "--param", "budget=3"],
+    [],
+])
+def test_usage_errors(capsys, argv) -> None:
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and out == ""
+    assert err.startswith("usage: kvkeep")
+
+
+def test_version(capsys) -> None:
+    status, out, _ = run(capsys, "--version")
+    assert status == 0 and out.strip() == f"kvkeep {kvkeep.__version__}"
+
+
+# -- the real model ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_window(capsys, tmp_path: Path) -> None:
+    article = tmp_path / "article.txt"
+    article.write_text(PARAGRAPH)
+    result = run_json(capsys, "--policy", "window", "--budget", "0.5", "--prompt-file", str(article),
+                      "--max-new-tokens", "16")
+    assert result["text"].strip()
+    assert result["prompt_tokens"] > 50
+    assert 1 <= result["new_tokens"] <= 16
+    assert result["kv_bytes"] <= 0.6 * result["kv_bytes_full"]
