@@ -10,27 +10,86 @@ import transformers as tf
 # large init range so greedy decoding has clear margins (ties would make token comparisons flaky).
 _COMMON = dict(vocab_size=96, initializer_range=0.3)
 TINY_CONFIGS: dict[str, tuple[type, dict]] = {
-    "llama": (tf.LlamaConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2)),
-    "mistral": (tf.MistralConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=1, sliding_window=None)),
-    "qwen2": (tf.Qwen2Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2)),
-    "qwen3": (tf.Qwen3Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
-                                    num_attention_heads=4, num_key_value_heads=2)),
-    "phi3": (tf.Phi3Config, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=4, sliding_window=None,
-                                  pad_token_id=0)),
-    "gemma3": (tf.Gemma3TextConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, head_dim=16,
-                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=12,
-                                          layer_types=["sliding_attention", "full_attention"] * 2)),
+    "llama": (
+        tf.LlamaConfig,
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "mistral": (
+        tf.MistralConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            sliding_window=None,
+        ),
+    ),
+    "qwen2": (
+        tf.Qwen2Config,
+        dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "qwen3": (
+        tf.Qwen3Config,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+    ),
+    "phi3": (
+        tf.Phi3Config,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            sliding_window=None,
+            pad_token_id=0,
+        ),
+    ),
+    "gemma3": (
+        tf.Gemma3TextConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        ),
+    ),
     "gpt2": (tf.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
-    "opt": (tf.OPTConfig, dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                                word_embed_proj_dim=64, max_position_embeddings=512, pad_token_id=1)),
-    "gpt_neox": (tf.GPTNeoXConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, rotary_pct=0.5, max_position_embeddings=512)),
-    "mpt": (tf.MptConfig, dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=512,
-                              use_cache=True)),
+    "opt": (
+        tf.OPTConfig,
+        dict(
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=512,
+            pad_token_id=1,
+        ),
+    ),
+    "gpt_neox": (
+        tf.GPTNeoXConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            rotary_pct=0.5,
+            max_position_embeddings=512,
+        ),
+    ),
+    "mpt": (tf.MptConfig, dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=512, use_cache=True)),
     "gptj": (tf.GPTJConfig, dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512)),
 }
 ARCHS = list(TINY_CONFIGS)
@@ -79,7 +138,7 @@ def greedy(model, input_ids, cache=None, new_tokens: int = 10, attention_mask=No
         do_sample=False,
         pad_token_id=0,
     )
-    return out[:, input_ids.shape[1]:]
+    return out[:, input_ids.shape[1] :]
 
 
 def random_prompt(length: int, seed: int = 0, vocab: int = 96) -> torch.Tensor:
@@ -93,8 +152,8 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), longest, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = p
-        mask[i, longest - len(p):] = 1
+        ids[i, longest - len(p) :] = p
+        mask[i, longest - len(p) :] = 1
     return ids, mask
 
 

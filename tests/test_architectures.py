@@ -65,9 +65,10 @@ def test_first_decode_step_after_window_compression_sees_true_positions(arch):
     cache = kvkeep.KVKeepCache(model, "window", budget=k)
     with torch.no_grad():
         first = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-        step = model(first, past_key_values=cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long),
-                     use_cache=True).logits[:, -1]
-        kept = torch.cat([prompt[:, n - k:], first], dim=1)
+        step = model(
+            first, past_key_values=cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long), use_cache=True
+        ).logits[:, -1]
+        kept = torch.cat([prompt[:, n - k :], first], dim=1)
         kwargs = {"position_ids": torch.arange(n - k, n + 1)[None]}
         if arch == "mpt":  # ALiBi: only distances matter, and the kept window is contiguous
             kwargs = {}

@@ -64,7 +64,7 @@ def test_kept_set_invariants(choice, prompt_len, budget, steps, seed):
         for idx, layer in enumerate(cache.layers):
             assert layer.get_seq_length() == newest + 1
             kept = _kept(layer)
-            for head, old in zip(kept[0], before[idx][0]):
+            for head, old in zip(kept[0], before[idx][0], strict=True):
                 if spec.recent_size(k) >= 1:
                     assert newest in head  # the new token sits at its true position
                 assert head <= old | {newest}  # an evicted token never returns

@@ -67,8 +67,9 @@ def test_parse_budget(text, value) -> None:
     assert parsed == value and type(parsed) is type(value)
 
 
-@pytest.mark.parametrize("text, value", [("3", 3), ("0.25", 0.25), ("true", True), ("False", False),
-                                         ("none", None), ("max", "max")])
+@pytest.mark.parametrize(
+    "text, value", [("3", 3), ("0.25", 0.25), ("true", True), ("False", False), ("none", None), ("max", "max")]
+)
 def test_parse_value(text, value) -> None:
     parsed = parse_value(text)
     assert parsed == value and type(parsed) is type(value)
@@ -96,8 +97,22 @@ def test_json_fields_and_eviction(capsys, tiny_dir) -> None:
 
 
 def test_params_reach_the_policy(capsys, tiny_dir) -> None:
-    result = run_json(capsys, *tiny(tiny_dir, "--policy", "keyformer", "--budget", "20",
-                                    "--param", "tau_end=3", "--param", "seed=5", "--param", "noise=false"))
+    result = run_json(
+        capsys,
+        *tiny(
+            tiny_dir,
+            "--policy",
+            "keyformer",
+            "--budget",
+            "20",
+            "--param",
+            "tau_end=3",
+            "--param",
+            "seed=5",
+            "--param",
+            "noise=false",
+        ),
+    )
     assert result["params"]["tau_end"] == 3
     assert result["params"]["seed"] == 5
     assert result["params"]["noise"] is False
@@ -145,8 +160,9 @@ def test_budget_with_full(capsys, tiny_dir) -> None:
 
 
 def test_unknown_param(capsys, tiny_dir) -> None:
-    assert_error(capsys, "nope", argv=["generate", *tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5",
-                                                        "--param", "nope=1")])
+    assert_error(
+        capsys, "nope", argv=["generate", *tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5", "--param", "nope=1")]
+    )
 
 
 def test_missing_prompt_file(capsys, tmp_path: Path) -> None:
@@ -158,15 +174,18 @@ def test_sampling_options_need_sample(capsys) -> None:
     assert_error(capsys, "--sample", argv=["generate", "--prompt", "hi", "--temperature", "0.7"])
 
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "--policy", "nope", "--prompt", "hi"],
-    ["generate", "--prompt", "hi", "--prompt-file", "x.txt"],
-    ["generate"],
-    ["generate", "--prompt", "hi", "--budget", "half"],
-    ["generate", "--prompt", "hi", "--param", "sinks"],
-    ["generate", "--prompt", "hi", "--param", "budget=3"],
-    [],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--policy", "nope", "--prompt", "hi"],
+        ["generate", "--prompt", "hi", "--prompt-file", "x.txt"],
+        ["generate"],
+        ["generate", "--prompt", "hi", "--budget", "half"],
+        ["generate", "--prompt", "hi", "--param", "sinks"],
+        ["generate", "--prompt", "hi", "--param", "budget=3"],
+        [],
+    ],
+)
 def test_usage_errors(capsys, argv) -> None:
     status, out, err = run(capsys, *argv)
     assert status == 2 and out == ""
@@ -183,8 +202,9 @@ def test_version(capsys) -> None:
 def test_smollm2_window(capsys, tmp_path: Path) -> None:
     article = tmp_path / "article.txt"
     article.write_text(PARAGRAPH)
-    result = run_json(capsys, "--policy", "window", "--budget", "0.5", "--prompt-file", str(article),
-                      "--max-new-tokens", "16")
+    result = run_json(
+        capsys, "--policy", "window", "--budget", "0.5", "--prompt-file", str(article), "--max-new-tokens", "16"
+    )
     assert result["text"].strip()
     assert result["prompt_tokens"] > 50
     assert 1 <= result["new_tokens"] <= 16

@@ -44,7 +44,7 @@ def _group_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def test_h2o_score_is_column_sum_of_attention(gqa_model, eager_rows):
     prompt, rows = eager_rows
     cache = _run(gqa_model, prompt, "h2o")
-    for layer, probs in zip(cache.layers, rows):
+    for layer, probs in zip(cache.layers, rows, strict=True):
         reference = _group_mean(probs.sum(1), kv_heads=2)  # [Hkv, tokens]
         assert layer.positions[0, 0].tolist() == list(range(N_PROMPT + STEPS - 1))
         torch.testing.assert_close(layer.scores[0].double(), reference, rtol=1e-5, atol=1e-6)
@@ -54,7 +54,7 @@ def test_co2_score_is_ewma_of_step_attention(gqa_model, eager_rows):
     prompt, rows = eager_rows
     alpha = 0.3
     cache = _run(gqa_model, prompt, "co2", alpha=alpha, N=0)
-    for layer, probs in zip(cache.layers, rows):
+    for layer, probs in zip(cache.layers, rows, strict=True):
         running = alpha * probs[:, :N_PROMPT].sum(1)  # prompt step (all prompt rows)
         for row in range(N_PROMPT, N_PROMPT + STEPS - 1):
             running = (1 - alpha) * running + alpha * probs[:, row]
@@ -66,7 +66,7 @@ def test_keyformer_score_is_gumbel_softmax_with_swept_temperature(gqa_model, eag
     tau_init, tau_end, seed = 1.0, 2.0, 7
     cache = _run(gqa_model, prompt, "keyformer", tau_init=tau_init, tau_end=tau_end, seed=seed)
     total = N_PROMPT + STEPS - 1
-    for layer_idx, (layer, probs) in enumerate(zip(cache.layers, rows)):
+    for layer_idx, (layer, probs) in enumerate(zip(cache.layers, rows, strict=True)):
         reference = torch.zeros(4, total, dtype=torch.float64)
         for row in range(total):
             step = max(0, row - N_PROMPT + 1)
@@ -75,7 +75,7 @@ def test_keyformer_score_is_gumbel_softmax_with_swept_temperature(gqa_model, eag
             noise = gumbel_noise(seed, info, torch.Size([1, 2, 2, 1, total]), torch.device("cpu"))
             noise = noise.view(4, total).double()
             logits = (probs[:, row].clamp_min(1e-300).log() + noise) / tau  # log p = logits - const per row
-            logits[:, row + 1:] = -math.inf
+            logits[:, row + 1 :] = -math.inf
             reference += torch.softmax(logits, dim=-1)
         torch.testing.assert_close(layer.scores[0].double(), _group_mean(reference, 2), rtol=1e-4, atol=1e-5)
 
@@ -85,7 +85,7 @@ def test_keyformer_without_noise_at_unit_temperature_is_h2o(gqa_model):
     h2o = kvkeep.KVKeepCache(gqa_model, "h2o", budget=0.5, recent_ratio=0.3)
     plain = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5, noise=False, tau_init=1.0, tau_end=1.0)
     assert torch.equal(greedy(gqa_model, prompt, h2o, 10), greedy(gqa_model, prompt, plain, 10))
-    for a, b in zip(h2o.layers, plain.layers):
+    for a, b in zip(h2o.layers, plain.layers, strict=True):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.scores, b.scores)
 
@@ -95,7 +95,7 @@ def test_co2_without_decay_or_measurement_is_h2o(gqa_model):
     h2o = kvkeep.KVKeepCache(gqa_model, "h2o", budget=0.5)
     co2 = kvkeep.KVKeepCache(gqa_model, "co2", budget=0.5, N=0, alpha=0.0, rho=0.5)
     assert torch.equal(greedy(gqa_model, prompt, h2o, 10), greedy(gqa_model, prompt, co2, 10))
-    for a, b in zip(h2o.layers, co2.layers):
+    for a, b in zip(h2o.layers, co2.layers, strict=True):
         assert torch.equal(a.positions, b.positions)
         assert torch.equal(a.scores, b.scores)
 
@@ -106,7 +106,7 @@ def test_keyformer_noise_off_changes_nothing_but_noise_on_changes_choice(gqa_mod
     plain = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.3, noise=False)
     greedy(gqa_model, prompt, noisy, 4)
     greedy(gqa_model, prompt, plain, 4)
-    assert any(not torch.equal(a.positions, b.positions) for a, b in zip(noisy.layers, plain.layers))
+    assert any(not torch.equal(a.positions, b.positions) for a, b in zip(noisy.layers, plain.layers, strict=True))
 
 
 def test_gumbel_noise_is_standard_gumbel_and_reproducible():
@@ -128,14 +128,14 @@ def test_keyformer_is_reproducible_run_to_run(gqa_model):
     runs = [kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.4, seed=3) for _ in range(2)]
     outs = [greedy(gqa_model, prompt, c, 8) for c in runs]
     assert torch.equal(*outs)
-    assert all(torch.equal(a.positions, b.positions) for a, b in zip(*[c.layers for c in runs]))
+    assert all(torch.equal(a.positions, b.positions) for a, b in zip(*[c.layers for c in runs], strict=True))
 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum", "max"])
 def test_head_reduction_of_gqa_scores(gqa_model, eager_rows, reduce):
     prompt, rows = eager_rows
     cache = _run(gqa_model, prompt, "h2o", head_reduce=reduce)
-    for layer, probs in zip(cache.layers, rows):
+    for layer, probs in zip(cache.layers, rows, strict=True):
         # the group is reduced once per step (all prompt rows, then each generated row), then accumulated
         steps = [probs[:, :N_PROMPT].sum(1)] + [probs[:, row] for row in range(N_PROMPT, N_PROMPT + STEPS - 1)]
         reduce_group = {"mean": lambda s: s.mean(1), "sum": lambda s: s.sum(1), "max": lambda s: s.amax(1)}[reduce]
@@ -156,8 +156,11 @@ def test_fp16_and_bf16_scores_are_finite():
         model = tiny_model("llama").to(dtype)
         prompt = random_prompt(40, seed=11)
         for policy in ("keyformer", "h2o", "co2"):
-            cache = kvkeep.KVKeepCache(model, policy, budget=0.5, N=2) if policy == "co2" else \
-                kvkeep.KVKeepCache(model, policy, budget=0.5)
+            cache = (
+                kvkeep.KVKeepCache(model, policy, budget=0.5, N=2)
+                if policy == "co2"
+                else kvkeep.KVKeepCache(model, policy, budget=0.5)
+            )
             greedy(model, prompt, cache, 6)
             for layer in cache.layers:
                 assert torch.isfinite(layer.scores).all(), (dtype, policy)
@@ -173,6 +176,6 @@ def test_prompt_scoring_in_small_row_chunks_equals_one_chunk(gqa_model, monkeypa
     monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 4 * 48 * 5)  # 5 query rows per chunk
     chunked = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5)
     assert torch.equal(greedy(gqa_model, prompt, chunked, 5), out_whole)
-    for a, b in zip(whole.layers, chunked.layers):
+    for a, b in zip(whole.layers, chunked.layers, strict=True):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.scores, b.scores)

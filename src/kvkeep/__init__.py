@@ -1,10 +1,10 @@
 """kvkeep: keep only the KV-cache tokens that matter, and physically drop the rest.
 
-    import kvkeep
-    model, tok = kvkeep.load_model("smollm2")
-    cache = kvkeep.KVKeepCache(model, policy="keyformer", budget=0.5)
-    out = model.generate(**tok(prompts, return_tensors="pt", padding=True), past_key_values=cache,
-                         max_new_tokens=128)
+import kvkeep
+model, tok = kvkeep.load_model("smollm2")
+cache = kvkeep.KVKeepCache(model, policy="keyformer", budget=0.5)
+out = model.generate(**tok(prompts, return_tensors="pt", padding=True), past_key_values=cache,
+                     max_new_tokens=128)
 """
 
 from .adapters import SUPPORTED, install

@@ -169,8 +169,15 @@ def kvkeep_attention(
         key_cols = torch.where(attention_mask[:, None, -kv_len:].bool(), key_cols, -1)
     query_cols = torch.arange(total - q_len, total, device=key.device)
     out, _ = attend(
-        query, key, value, key_cols, query_cols, scaling,
-        sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
+        query,
+        key,
+        value,
+        key_cols,
+        query_cols,
+        scaling,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
     )
     return out, None
 

@@ -135,9 +135,18 @@ class KVKeepLayer(CacheLayerMixin):
         query_cols = torch.arange(first, self.seen, device=query.device)
         scorer = self._scorer(query_cols) if self.policy.needs_scores else None
         out, step_scores = attend(
-            query, self.keys, self.values, self.positions, query_cols, scaling,
-            sliding_window=self.sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
-            scorer=scorer, query_real=real, head_reduce=getattr(self.policy, "head_reduce", "mean"),
+            query,
+            self.keys,
+            self.values,
+            self.positions,
+            query_cols,
+            scaling,
+            sliding_window=self.sliding_window,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            scorer=scorer,
+            query_real=real,
+            head_reduce=getattr(self.policy, "head_reduce", "mean"),
         )
         if step_scores is not None:
             self.scores = self.policy.accumulate(self.scores, step_scores)
@@ -272,8 +281,9 @@ class KVKeepCache(Cache):
     v0.1, Phi-3), the policy applies to every layer inside the window.
     """
 
-    def __init__(self, model: torch.nn.Module, policy: str | Policy = "full", budget: float | int | None = None,
-                 **params):
+    def __init__(
+        self, model: torch.nn.Module, policy: str | Policy = "full", budget: float | int | None = None, **params
+    ):
         from .adapters import install
 
         self.policy = make_policy(policy, budget, **params)

@@ -33,8 +33,9 @@ def parse_budget(text: str) -> float | int:
     try:
         return float(text) if any(c in text.lower() for c in ".e") else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a ratio such as 0.5 or a token count such as 512, "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"budget must be a ratio such as 0.5 or a token count such as 512, got {text!r}"
+        ) from None
 
 
 def parse_value(text: str) -> int | float | bool | str | None:
@@ -61,26 +62,39 @@ def parse_param(text: str) -> tuple[str, int | float | bool | str | None]:
 # -- shared option groups -----------------------------------------------------------------------------
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="smollm2", help="registry name, local folder or Hugging Face id "
-                       "(default: %(default)s)")
+    group.add_argument(
+        "--model", default="smollm2", help="registry name, local folder or Hugging Face id (default: %(default)s)"
+    )
     group.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     group.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on cuda, else float32)")
 
 
 def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cache policy")
-    group.add_argument("--policy", default="full", choices=list(POLICIES), help="eviction policy "
-                       "(default: %(default)s)")
-    group.add_argument("--budget", type=parse_budget, help="kept tokens: a ratio of the prompt in (0, 1] "
-                       "such as 0.5, or a token count such as 512 (not for 'full')")
-    group.add_argument("--param", dest="params", metavar="KEY=VALUE", type=parse_param, action="append",
-                       default=[], help="a policy parameter, e.g. sinks=4 or tau_end=3 (repeatable)")
+    group.add_argument(
+        "--policy", default="full", choices=list(POLICIES), help="eviction policy (default: %(default)s)"
+    )
+    group.add_argument(
+        "--budget",
+        type=parse_budget,
+        help="kept tokens: a ratio of the prompt in (0, 1] such as 0.5, or a token count such as 512 (not for 'full')",
+    )
+    group.add_argument(
+        "--param",
+        dest="params",
+        metavar="KEY=VALUE",
+        type=parse_param,
+        action="append",
+        default=[],
+        help="a policy parameter, e.g. sinks=4 or tau_end=3 (repeatable)",
+    )
 
 
 # -- generate -----------------------------------------------------------------------------------------
 def _add_generate(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="generate text under a KV-cache policy",
+        "generate",
+        help="generate text under a KV-cache policy",
         description="Generate a continuation of one prompt with a KVKeepCache and report the KV memory kept.",
     )
     _add_model_options(parser)
@@ -124,8 +138,9 @@ def _generate(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat).to(model.device)
     cache = KVKeepCache(model, args.policy, args.budget, **dict(args.params))
     if args.sample:
@@ -140,8 +155,13 @@ def _generate(args: argparse.Namespace) -> int:
         if cuda:
             torch.cuda.synchronize(model.device)
         start = time.perf_counter()
-        output = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id, **options)
+        output = model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=args.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
+        )
         if cuda:
             torch.cuda.synchronize(model.device)
         seconds = time.perf_counter() - start
@@ -184,9 +204,11 @@ def _summary(result: dict) -> str:
     budget = "" if result["budget"] is None else f" budget={result['budget']}"
     share = "" if result["kv_ratio"] is None else f" ({100 * result['kv_ratio']:.1f}%)"
     speed = "" if result["tokens_per_second"] is None else f", {result['tokens_per_second']:.1f} tok/s"
-    return (f"[kvkeep] {result['policy']}{budget}: {result['prompt_tokens']} prompt + {result['new_tokens']} new "
-            f"tokens, KV {_mib(result['kv_bytes'])} of {_mib(result['kv_bytes_full'])}{share}, "
-            f"{result['seconds']:.2f} s{speed}")
+    return (
+        f"[kvkeep] {result['policy']}{budget}: {result['prompt_tokens']} prompt + {result['new_tokens']} new "
+        f"tokens, KV {_mib(result['kv_bytes'])} of {_mib(result['kv_bytes_full'])}{share}, "
+        f"{result['seconds']:.2f} s{speed}"
+    )
 
 
 def _mib(nbytes: int) -> str:
