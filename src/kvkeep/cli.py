@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -216,6 +217,12 @@ def _mib(nbytes: int) -> str:
 
 
 # -- entry point --------------------------------------------------------------------------------------
+def _eval_commands() -> tuple:
+    from .eval import report, search, sweep  # imported here: they build on this module's option helpers
+
+    return (sweep.add_parser, report.add_parser, search.add_parser)
+
+
 COMMANDS = (_add_generate,)
 
 
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvkeep", description="KV-cache compression for transformers models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
+    for add in (*COMMANDS, *_eval_commands()):
         add(subparsers)
     return parser
 
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, --version and usage errors (already printed by argparse)
         return exit_.code if isinstance(exit_.code, int) else 0
+    args.command_line = shlex.join(["kvkeep", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except ValueError as err:

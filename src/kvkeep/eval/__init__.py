@@ -1,0 +1,37 @@
+"""Evaluation harness: data sets, metrics, tasks, ``kvkeep sweep`` and ``kvkeep budget-search``.
+
+    kvkeep sweep --task summarization --data cnndm --budgets 0.2,0.5 --limit 20 --out runs/cnndm
+    kvkeep budget-search --data cnndm --policies h2o,keyformer,co2 --target 0.99 --out runs/cnndm
+
+Rows go to ``runs/NAME/results.jsonl``, one JSON object per sample and configuration; re-running a
+command skips the rows already there.
+"""
+
+from .data import DATASETS, Dataset, DatasetSpec, Sample, data_root, load_dataset, read_jsonl
+from .metrics import agreement, perplexity, rouge
+from .search import bisect_budget, meets_target
+from .sweep import Runner, build_configs, load_results, row_key
+from .tasks import TASKS, RunContext, Task, get_task
+
+__all__ = [
+    "DATASETS",
+    "TASKS",
+    "Dataset",
+    "DatasetSpec",
+    "RunContext",
+    "Runner",
+    "Sample",
+    "Task",
+    "agreement",
+    "bisect_budget",
+    "build_configs",
+    "data_root",
+    "get_task",
+    "load_dataset",
+    "load_results",
+    "meets_target",
+    "perplexity",
+    "read_jsonl",
+    "rouge",
+    "row_key",
+]

@@ -1,0 +1,350 @@
+"""Evaluation tasks: how one policy configuration is run on samples and scored.
+
+A :class:`Task` declares its command-line options, the options that enter a result's identity, how to run
+a batch of samples under one policy (``run``), how a row compares with the full-attention row of the same
+sample (``compare``) and which metrics define quality for the budget search.  Adding a task is one entry
+in :data:`TASKS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache import KVKeepCache
+from .data import Dataset, Sample
+from .metrics import agreement, perplexity, rouge
+
+__all__ = ["TASKS", "RunContext", "Task", "get_task", "window_starts"]
+
+
+@dataclass
+class RunContext:
+    """What a task's ``run`` needs: the model, its tokenizer, the data set, the task options and a memo."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    dataset: Dataset
+    options: dict
+    seed: int
+    memo: dict = field(default_factory=dict)  # per-sample work shared by every configuration (tokenisation)
+
+
+@dataclass(frozen=True)
+class Task:
+    """An evaluation task.
+
+    Attributes:
+        arguments: adds the task's options to an argument group.
+        options: the options (from parsed arguments) that enter every row and its identity.
+        run: ``run(ctx, samples, policy, params) -> [row part per sample]``; a part holds ``metrics`` and
+            ``prompt_tokens``, ``new_tokens``, ``kv_bytes``, ``kv_bytes_full``, ``seconds`` (a batch's wall time
+            split evenly), ``truncated`` (the document's end was cut to fit the prompt limit).
+        compare: ``compare(row, full_row) -> metrics`` against the full-attention row of the same sample.
+        quality: metric -> ``"max"`` (higher is better) or ``"min"``; what the budget search holds.
+        policy_defaults: parameters given to every policy that has them, unless set by ``--param``.
+        needs_refs: the samples must have references.
+        batched: ``run`` accepts several samples at once (``--batch-size``).
+    """
+
+    name: str
+    description: str
+    arguments: Callable[[argparse._ArgumentGroup], None]
+    options: Callable[[argparse.Namespace], dict]
+    run: Callable[[RunContext, list[Sample], str, dict], list[dict]]
+    compare: Callable[[dict, dict], dict]
+    quality: dict[str, str]
+    policy_defaults: Callable[[dict], dict] = lambda options: {}
+    needs_refs: bool = False
+    batched: bool = False
+
+
+# -- shared helpers -----------------------------------------------------------------------------------
+def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+
+
+def _context_length(model) -> int:
+    config = model.config.get_text_config(decoder=True)
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def _timed(model, fn: Callable[[], object]) -> tuple[object, float]:
+    """``fn()`` and its wall time, synchronising CUDA around it."""
+    cuda = model.device.type == "cuda"
+    with torch.inference_mode():
+        if cuda:
+            torch.cuda.synchronize(model.device)
+        start = time.perf_counter()
+        result = fn()
+        if cuda:
+            torch.cuda.synchronize(model.device)
+    return result, time.perf_counter() - start
+
+
+# -- summarization ------------------------------------------------------------------------------------
+def _summarization_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--max-new-tokens", type=int, default=96, help="default: %(default)s")
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--temperature", type=float, help="sampling temperature (with --sample)")
+    group.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --sample)")
+    group.add_argument("--num-beams", type=int, default=1, help="beam search width (default: %(default)s)")
+    group.add_argument(
+        "--template", help="prompt with {doc} and {query}, instruction included (default: the data set's)"
+    )
+    group.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="truncate the document's end to fit (default: the model's context minus --max-new-tokens)",
+    )
+
+
+def _summarization_options(args: argparse.Namespace) -> dict:
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        raise ValueError("--temperature and --top-p need --sample")
+    if args.max_new_tokens < 1 or args.num_beams < 1:
+        raise ValueError("--max-new-tokens and --num-beams must be >= 1")
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.sample,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "num_beams": args.num_beams,
+        "template": args.template,
+        "max_prompt_tokens": args.max_prompt_tokens,
+    }
+
+
+def _prompt_ids(ctx: RunContext, sample: Sample, limit: int) -> tuple[list[int], bool]:
+    """Token ids of the sample's prompt (chat template when the tokenizer has one) and whether the
+    document's end was cut to fit ``limit`` tokens."""
+    tok = ctx.tokenizer
+    template = ctx.options["template"] or ctx.dataset.template
+
+    def encode(doc: str) -> list[int]:
+        values = {"doc": doc, "query": sample.query or ""}
+        text = re.sub(r"\{(doc|query)\}", lambda m: values[m.group(1)], template)
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            return _encode(tok, text)
+        return _encode(tok, text, special=True)
+
+    ids = encode(sample.doc)
+    if len(ids) <= limit:
+        return ids, False
+    doc_ids = _encode(tok, sample.doc)
+    keep = len(doc_ids)
+    while len(ids) > limit:
+        keep -= len(ids) - limit
+        if keep <= 0:
+            raise ValueError(f"sample {sample.id}: the prompt without its document is longer than {limit} tokens")
+        ids = encode(tok.decode(doc_ids[:keep]))
+    return ids, True
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _split_bytes(cache: KVKeepCache, real: list[int]) -> list[tuple[int, int]]:
+    """Per sequence of a batch, (kept, full) KV bytes: the share of each layer's tensors its kept tokens fill
+    (padding slots excluded), and what a plain cache of its ``real`` tokens (no padding) would hold.
+
+    Both are exact for a batch of one.
+    """
+    n, kept_bytes = len(real), [0.0] * len(real)
+    for layer in cache.stats():
+        kept = layer["kept"]  # per row (sequence x beam): tokens kept, the most over KV heads
+        widest, group = max(kept, default=0), max(1, len(kept) // n)
+        for i in range(n if widest else 0):
+            kept_bytes[i] += layer["bytes"] * sum(kept[i * group : (i + 1) * group]) / (len(kept) * widest)
+    per_token = cache.full_nbytes() / (n * cache.get_seq_length())
+    return [(round(k), round(per_token * r)) for k, r in zip(kept_bytes, real, strict=True)]
+
+
+def _summarize(ctx: RunContext, samples: list[Sample], policy: str, params: dict) -> list[dict]:
+    """Generate a summary per sample (one batched ``generate`` call) and score it against the references."""
+    model, tok, opts = ctx.model, ctx.tokenizer, ctx.options
+    limit = opts["max_prompt_tokens"] or _context_length(model) - opts["max_new_tokens"]
+    prompts = []
+    for s in samples:
+        if ("prompt", s.id) not in ctx.memo:
+            ctx.memo["prompt", s.id] = _prompt_ids(ctx, s, limit)
+        prompts.append(ctx.memo["prompt", s.id])
+    input_ids, mask = _left_pad([ids for ids, _ in prompts], tok.pad_token_id, model.device)
+    cache = KVKeepCache(model, policy, **params)
+    generation = {"max_new_tokens": opts["max_new_tokens"], "num_beams": opts["num_beams"], "do_sample": False}
+    if opts["do_sample"]:
+        torch.manual_seed(ctx.seed)
+        generation["do_sample"] = True
+        generation.update({k: opts[k] for k in ("temperature", "top_p") if opts[k] is not None})
+    out, seconds = _timed(
+        model,
+        lambda: model.generate(
+            input_ids=input_ids, attention_mask=mask, past_key_values=cache, pad_token_id=tok.pad_token_id, **generation
+        ),
+    )
+    new = out[:, input_ids.shape[1] :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+    steps = cache.get_seq_length() - input_ids.shape[1]
+    kv = _split_bytes(cache, [int(m) + steps for m in mask.sum(-1).tolist()])
+    parts = []
+    for s, (ids, truncated), tokens, (kv_bytes, kv_full) in zip(samples, prompts, new, kv, strict=True):
+        tokens = tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+        text = tok.decode(tokens, skip_special_tokens=True).strip()
+        parts.append(
+            {
+                "metrics": {f"{k}_ref": v for k, v in rouge(text, s.refs).items()},
+                "prompt_tokens": len(ids),
+                "new_tokens": len(tokens),
+                "kv_bytes": kv_bytes,
+                "kv_bytes_full": kv_full,
+                "seconds": seconds / len(samples),
+                "truncated": truncated,
+                "output": text,
+                "output_ids": tokens,
+            }
+        )
+    return parts
+
+
+def _summary_vs_full(row: dict, full: dict) -> dict:
+    vs_full = {f"{k}_full": v for k, v in rouge(row["output"], full["output"]).items()}
+    return {**vs_full, **agreement(row["output_ids"], full["output_ids"])}
+
+
+# -- perplexity ---------------------------------------------------------------------------------------
+def _perplexity_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--prompt-tokens", type=int, default=1500, help="L, prefilled per window (default: %(default)s)")
+    group.add_argument(
+        "--eval-tokens", type=int, default=100, help="M, scored one at a time per window (default: %(default)s)"
+    )
+    group.add_argument(
+        "--windows", type=int, default=4, help="windows per document, evenly spaced (default: %(default)s)"
+    )
+
+
+def _perplexity_options(args: argparse.Namespace) -> dict:
+    if args.prompt_tokens < 1 or args.eval_tokens < 1 or args.windows < 1:
+        raise ValueError("--prompt-tokens, --eval-tokens and --windows must be >= 1")
+    return {"prompt_tokens": args.prompt_tokens, "eval_tokens": args.eval_tokens, "windows": args.windows}
+
+
+def window_starts(n_tokens: int, width: int, windows: int) -> list[int]:
+    """Start offsets of ``windows`` windows of ``width`` tokens spread evenly over ``n_tokens``."""
+    if n_tokens < width:
+        raise ValueError(f"the document has {n_tokens} tokens, fewer than one window of {width}")
+    if windows == 1:
+        return [0]
+    return sorted({round(i * (n_tokens - width) / (windows - 1)) for i in range(windows)})
+
+
+def _window_nll(model, window: torch.Tensor, prompt_tokens: int, cache: KVKeepCache) -> float:
+    """Sum of NLL of the tokens after the first ``prompt_tokens`` of ``window [1, L+M]``: prefill L tokens,
+    then feed the rest one at a time through the (compressed) cache."""
+    length = window.shape[1]
+    ones = torch.ones(1, length, dtype=torch.long, device=window.device)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(
+        input_ids=window[:, :prompt_tokens], attention_mask=ones[:, :prompt_tokens], past_key_values=cache, **last_only
+    )
+    logits = [out.logits[:, -1]]
+    for seen in range(prompt_tokens, length - 1):
+        out = model(input_ids=window[:, seen : seen + 1], attention_mask=ones[:, : seen + 1], past_key_values=cache)
+        logits.append(out.logits[:, -1])
+    logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
+    return float(-logp.gather(-1, window[0, prompt_tokens:, None]).sum())
+
+
+def _perplexity(ctx: RunContext, samples: list[Sample], policy: str, params: dict) -> list[dict]:
+    """Perplexity of each document's evaluated tokens (pooled over its windows) under the policy."""
+    model, opts = ctx.model, ctx.options
+    L, M = opts["prompt_tokens"], opts["eval_tokens"]
+    if L + M > _context_length(model):
+        raise ValueError(f"--prompt-tokens + --eval-tokens ({L + M}) exceed the model's context")
+    parts = []
+    for s in samples:
+        if ("ids", s.id) not in ctx.memo:
+            ctx.memo["ids", s.id] = _encode(ctx.tokenizer, s.doc)
+        ids = ctx.memo["ids", s.id]
+        try:
+            starts = window_starts(len(ids), L + M, opts["windows"])
+        except ValueError as err:
+            raise ValueError(f"sample {s.id}: {err} (--prompt-tokens + --eval-tokens)") from None
+        nll, per_window, seconds = 0.0, [], 0.0
+        for start in starts:
+            window = torch.tensor([ids[start : start + L + M]], device=model.device)
+            cache = KVKeepCache(model, policy, **params)
+            value, took = _timed(model, lambda w=window, c=cache: _window_nll(model, w, L, c))
+            nll, seconds = nll + value, seconds + took
+            per_window.append(perplexity(value, M))
+        count = M * len(starts)
+        parts.append(
+            {
+                "metrics": {"ppl": perplexity(nll, count), "nll": nll / count, "window_ppl": per_window},
+                "prompt_tokens": L,
+                "new_tokens": M,
+                "kv_bytes": cache.nbytes(),  # at the end of a window (the same for every window)
+                "kv_bytes_full": cache.full_nbytes(),
+                "seconds": seconds,
+                "truncated": False,
+                "windows": len(starts),
+            }
+        )
+    return parts
+
+
+def _ppl_vs_full(row: dict, full: dict) -> dict:
+    return {"ppl_vs_full": row["metrics"]["ppl"] / full["metrics"]["ppl"]}
+
+
+#: Registered tasks.
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="summarization",
+            description="generate a summary per sample; ROUGE vs the references and vs full attention's output",
+            arguments=_summarization_arguments,
+            options=_summarization_options,
+            run=_summarize,
+            compare=_summary_vs_full,
+            quality={"rouge1_ref": "max", "rouge2_ref": "max", "rougeL_ref": "max"},
+            needs_refs=True,
+            batched=True,
+        ),
+        Task(
+            name="perplexity",
+            description="CO2's protocol: prefill L tokens, score the next M one at a time through the cache",
+            arguments=_perplexity_arguments,
+            options=_perplexity_options,
+            run=_perplexity,
+            compare=_ppl_vs_full,
+            quality={"ppl": "min"},
+            # Keyformer's temperature schedule needs the number of decoding steps outside generate().
+            policy_defaults=lambda options: {"max_new_tokens": options["eval_tokens"]},
+        ),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; ``ValueError`` listing the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name]
