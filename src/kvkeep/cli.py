@@ -218,9 +218,9 @@ def _mib(nbytes: int) -> str:
 
 # -- entry point --------------------------------------------------------------------------------------
 def _eval_commands() -> tuple:
-    from .eval import report, search, sweep  # imported here: they build on this module's option helpers
+    from .eval import analyze, report, search, sweep  # imported here: they build on this module's option helpers
 
-    return (sweep.add_parser, report.add_parser, search.add_parser)
+    return (sweep.add_parser, report.add_parser, search.add_parser, analyze.add_parser)
 
 
 COMMANDS = (_add_generate,)
