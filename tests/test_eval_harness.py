@@ -7,6 +7,7 @@ one test on the real SmolLM2 and shared CNN/DM data is marked slow and skips whe
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import math
@@ -237,6 +238,16 @@ def test_sweep_resumes_without_duplicates(tiny_dir, news, tmp_path, monkeypatch)
     assert len(read_rows(out)) == len(rows)
     config = json.loads((out / "config.json").read_text())
     assert config["policies"] == "window,h2o" and config["params"] == ["recent_ratio=0.25,0.5"]
+
+    # the report of the resumed run, through the real command line
+    from kvkeep.cli import main
+
+    assert main(["report", str(out)]) == 0
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert {r["policy"] for r in summary} == {"full", "window", "h2o"} and all(r["n"] == "3" for r in summary)
+    assert "recent_ratio" in (out / "report.md").read_text()
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
 
 
 def test_rows_hold_every_field(tiny_dir, news, tmp_path) -> None:
