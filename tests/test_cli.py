@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
-from transformers import AutoModelForCausalLM
 
 import kvkeep
 from kvkeep.cli import main, parse_budget, parse_value
-from kvkeep.models import load_model
 
 PARAGRAPH = (
     "The lighthouse stood at the edge of the cliff for more than two hundred years. Every night its keeper climbed "
@@ -22,23 +19,6 @@ PARAGRAPH = (
     "When electricity finally reached the village, the keeper was told that his work was no longer needed, yet he "
     "kept climbing the stairs each evening, watching the sea and the lights of the ships that no longer needed him."
 )
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    return load_model("smollm2")[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer) -> str:
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    config_cls, kwargs = TINY_CONFIGS["llama"]
-    torch.manual_seed(0)
-    config = config_cls(**{**kwargs, "vocab_size": len(smollm2_tokenizer), "initializer_range": 0.3})
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIGS
-from transformers import AutoModelForCausalLM
+from conftest import smollm2_available
 
 from kvkeep.eval import (
     TASKS,
@@ -33,7 +32,7 @@ from kvkeep.eval import (
 )
 from kvkeep.eval.data import data_root
 from kvkeep.eval.tasks import window_starts
-from kvkeep.models import MODELS, find_gguf, load_model, model_cache_dir
+from kvkeep.models import load_model
 
 ROW_FIELDS = {
     "task", "dataset", "sample_id", "model", "policy", "params", "budget", "seed", "options", "metrics",
@@ -64,31 +63,6 @@ def cli(*argv: str) -> int:
 
 def read_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-
-
-def available_smollm2() -> bool:
-    if model_cache_dir("smollm2").is_dir():
-        return True
-    try:
-        find_gguf(MODELS["smollm2"])
-    except ValueError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """A tiny random Llama with SmolLM2's tokenizer (and chat template), saved as a local model folder."""
-    if not available_smollm2():
-        pytest.skip("the SmolLM2 tokenizer is not available")
-    tok = load_model("smollm2", device="cpu")[1]
-    config_cls, kwargs = TINY_CONFIGS["llama"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config_cls(**{**kwargs, "vocab_size": len(tok), "initializer_range": 0.3}))
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture
@@ -358,7 +332,7 @@ def test_budget_search_on_tiny_model(tiny_dir, news, tmp_path) -> None:
 def test_smollm2_on_two_cnndm_articles(tmp_path) -> None:
     if not (data_root() / "summarization" / "summeval_cnndm_100.jsonl").is_file():
         pytest.skip(f"CNN/DM data not found under {data_root()}")
-    if not available_smollm2():
+    if not smollm2_available():
         pytest.skip("SmolLM2 is not available")
     out = tmp_path / "cnndm"
     argv = ["sweep", "--data", "cnndm", "--limit", "2", "--policies", "h2o", "--budgets", "0.5", "--device", "cpu"]

