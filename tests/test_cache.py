@@ -44,10 +44,11 @@ POLICY_PARAMS = st.sampled_from(
     budget=st.one_of(st.floats(0.3, 1.0), st.integers(8, 40)),
     steps=st.integers(1, 12),
     seed=st.integers(0, 1000),
+    static=st.booleans(),
 )
-def test_kept_set_invariants(choice, prompt_len, budget, steps, seed):
+def test_kept_set_invariants(choice, prompt_len, budget, steps, seed, static):
     policy, params = choice
-    cache = kvkeep.KVKeepCache(MODEL, policy, budget=budget, **params)
+    cache = kvkeep.KVKeepCache(MODEL, policy, budget=budget, static=static, **params)
     spec = cache.policy
     k = spec.budget_tokens(prompt_len)
     if spec.sinks + spec.recent_size(k) > k or prompt_len < spec.sinks:

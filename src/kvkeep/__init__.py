@@ -9,6 +9,7 @@ out = model.generate(**tok(prompts, return_tensors="pt", padding=True), past_key
 
 from .adapters import SUPPORTED, install
 from .cache import KVKeepCache, KVKeepLayer
+from .generation import Generation, generate
 from .models import load_model
 from .policies import POLICIES, Policy, make_policy
 
@@ -18,9 +19,11 @@ __all__ = [
     "POLICIES",
     "SUPPORTED",
     "KVKeepCache",
+    "Generation",
     "KVKeepLayer",
     "Policy",
     "__version__",
+    "generate",
     "install",
     "load_model",
     "make_policy",

@@ -4,6 +4,12 @@ Each layer stores ``keys``/``values`` ``[batch, kv_heads, slots, head_dim]`` plu
 column in the (left-padded) sequence (``positions``, -1 for an empty slot) and the policy's running
 score.  The prompt is compressed layer by layer right after that layer's attention; during decoding the
 newcomer enters the recent window and one token per row leaves, so the cache stays at its budget.
+
+With ``static=True`` a layer switches, once the prompt is compressed, to fixed-capacity slot buffers
+(``budget + 1`` slots): each new token is written into the slot its row's last victim left, so decode
+steps never copy the cache, every tensor keeps its shape and address, and a whole decode step can be
+replayed as a CUDA graph (see :func:`kvkeep.generation.generate`).  On CUDA the step's attention and
+score update run in one fused Triton kernel (:mod:`kvkeep.kernels`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from transformers.generation.configuration_utils import GenerationConfig
 from .attention import attend, clear_pending, set_pending
 from .policies import FullPolicy, Policy, StepInfo, make_policy
 
+#: Decode-step attention backends of slot mode.
+KERNELS = ("auto", "triton", "torch")
 _REUSE_HINT = "call cache.reset() or build a new KVKeepCache for each generate call"
 
 
@@ -31,6 +39,8 @@ class KVKeepLayer(CacheLayerMixin):
         padding: ``[batch]`` int64 left-padding length of each sequence.
         seen: columns processed so far (the true sequence length, padding included).
         step: generation step (0 while the prompt is processed).
+        slots: True once the layer runs on fixed-capacity slot buffers (``static`` caches).
+        free: ``[batch, kv_heads]`` int64 slot the next token is written to (slot mode only).
     """
 
     is_compileable = False
@@ -50,6 +60,9 @@ class KVKeepLayer(CacheLayerMixin):
         self.positions = self.scores = self.budget = self.recent = self.padding = self.prompt_tokens = None
         self.seen = self.step = self.evicted = self._new = 0
         self.is_initialized = False
+        self.slots = False
+        self.free = None
+        self._slot_start = None  # (step, kept entries, evicted) when slot mode began
 
     def reset(self) -> None:
         self._clear()
@@ -61,6 +74,8 @@ class KVKeepLayer(CacheLayerMixin):
     # -- transformers' Cache contract -------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[batch, kv_heads, new, head_dim]`` states; return all kept + new states."""
+        if self.slots:
+            return self._update_slot(key_states, value_states)
         batch, kv_heads, new, _ = key_states.shape
         cols = torch.arange(self.seen, self.seen + new, device=key_states.device).expand(batch, kv_heads, new)
         if not self.is_initialized:
@@ -96,7 +111,8 @@ class KVKeepLayer(CacheLayerMixin):
         raise ValueError("a KVKeepCache cannot be cropped (evicted tokens are gone); use a new cache")
 
     def _index_batch(self, index: torch.Tensor) -> None:
-        for name in ("keys", "values", "positions", "scores", "budget", "recent", "padding", "prompt_tokens"):
+        names = ("keys", "values", "positions", "scores", "budget", "recent", "padding", "prompt_tokens", "free")
+        for name in names:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
@@ -125,6 +141,9 @@ class KVKeepLayer(CacheLayerMixin):
 
         Returns ``[batch, new, q_heads, head_dim]``.
         """
+        if self.slots:
+            self.step += 1
+            return self._attend_slots(query, scaling, softcap, alibi_slopes)
         new, first = self._new, self.seen - self._new
         real = self._mark_padding(attention_mask, new)
         if new > 1 or self.prompt_tokens is None:  # prompt phase: the first or a multi-token forward
@@ -151,6 +170,8 @@ class KVKeepLayer(CacheLayerMixin):
         if step_scores is not None:
             self.scores = self.policy.accumulate(self.scores, step_scores)
         self._evict()
+        if self.owner.static and self.step >= self.policy.evict_after():
+            self._to_slots()
         return out
 
     def _mark_padding(self, attention_mask: torch.Tensor | None, new: int) -> torch.Tensor:
@@ -239,6 +260,121 @@ class KVKeepLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores = torch.where(kept, self.scores.gather(-1, index), 0.0)
 
+    # -- slot mode (static caches): fixed shapes, no copies, no host synchronisation -------------------
+    def _to_slots(self) -> None:
+        """Move the kept tokens into ``capacity`` slots per row; later tokens overwrite victims in place."""
+        batch, kv_heads, width, _ = self.keys.shape
+        if self.budget is None:
+            total = self.owner.total_steps()
+            if total is None:
+                raise ValueError(
+                    f"a static cache under '{self.policy.name}' never evicts, so it must know the generation "
+                    "length: run it inside model.generate(max_new_tokens=N) or kvkeep.generate"
+                )
+            capacity = width + max(1, total - 1 - self.step)  # the last token is never fed back
+        else:
+            capacity = max(width, int(self.budget.amax()) + 1)
+
+        def slotted(tensor: torch.Tensor, fill) -> torch.Tensor:
+            buffer = tensor.new_full((*tensor.shape[:2], capacity, *tensor.shape[3:]), fill)
+            buffer[:, :, :width] = tensor
+            return buffer
+
+        kept = int((self.positions >= 0).sum())
+        self.keys, self.values = slotted(self.keys, 0), slotted(self.values, 0)
+        self.positions = slotted(self.positions, -1)
+        if self.scores is not None:
+            self.scores = slotted(self.scores, 0.0)
+        self.free = (self.positions < 0).to(torch.int8).argmax(-1)
+        self._slot_start = (self.step, kept, self.evicted)
+        self._slot_width = width
+        self.slots = True
+        self.owner._slots_ready(self)
+
+    def _update_slot(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write one new token per row ``[batch, kv_heads, 1, head_dim]`` into its row's free slot."""
+        batch, kv_heads, new, head_dim = key_states.shape
+        if new != 1 or batch != self.keys.shape[0]:
+            raise ValueError(
+                f"a static KVKeepCache takes one token per sequence and step after the prompt (got {new} tokens "
+                f"for {batch} sequences, cache holds {self.keys.shape[0]}): {_REUSE_HINT}"
+            )
+        if self.budget is None and self._slot_width + self.step - self._slot_start[0] >= self.keys.shape[2]:
+            raise ValueError(
+                f"the static cache was sized for {self.keys.shape[2]} tokens per row and is full: "
+                "generate no more tokens than the max_new_tokens it was built for"
+            )
+        if self.layer_idx == 0:
+            self.owner._advance()
+        slot = self.free[:, :, None]  # [B, H, 1]
+        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, head_dim), key_states)
+        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, value_states.shape[-1]), value_states)
+        self.positions.scatter_(2, slot, self.owner.column.expand(batch, kv_heads, 1))
+        if self.scores is not None:
+            self.scores.scatter_(2, slot, 0.0)
+        self._new = 1
+        self.seen += 1
+        set_pending(self)
+        return self.keys, self.values
+
+    def _attend_slots(self, query, scaling, softcap, alibi_slopes) -> torch.Tensor:
+        """One decode step over the slot buffers: attention, score update, then one victim per row."""
+        if self.owner.kernel_for(query) == "triton":
+            if softcap is not None or alibi_slopes is not None:
+                raise ValueError(
+                    "kvkeep's Triton decode kernel supports neither logit soft-capping nor ALiBi: "
+                    "build the cache with kernel='torch'"
+                )
+            from .kernels import decode_attention
+
+            args = {}
+            if self.scores is not None:
+                args = dict(self.policy.kernel_args(self.layer_idx), scores=self.scores)
+                args["head_reduce"] = self.policy.head_reduce
+                if args["score_mode"] == "gumbel":
+                    args.update(tau=self.owner.tau, query_pos=self.owner.query_positions, padding=self.padding)
+            out = decode_attention(query[:, :, 0], self.keys, self.values, self.positions, scaling, **args)
+            out = out[:, None]
+        else:
+            query_cols = self.owner.column
+            scorer = self._scorer(query_cols) if self.scores is not None else None
+            out, step_scores = attend(
+                query,
+                self.keys,
+                self.values,
+                self.positions,
+                query_cols,
+                scaling,
+                softcap=softcap,
+                alibi_slopes=alibi_slopes,
+                scorer=scorer,
+                head_reduce=getattr(self.policy, "head_reduce", "mean"),
+            )
+            if step_scores is not None:
+                self.scores.copy_(self.policy.accumulate(self.scores, step_scores))
+        self._evict_slot()
+        return out
+
+    def _evict_slot(self) -> None:
+        """Per row over budget, empty the lowest-priority unprotected slot; pick the next free slot.
+
+        Ties go to the newest token, as in :meth:`_evict`'s stable ranking of position-ordered slots.
+        """
+        positions = self.positions
+        if self.budget is not None:
+            valid = positions >= 0
+            over = valid.sum(-1, keepdim=True) > self.budget[:, None, None]  # [B, H, 1]
+            true_pos = positions - self.padding[:, None, None]
+            protected = (true_pos < self.policy.sinks) | (positions > self.owner.column - self.recent[:, None, None])
+            candidate = valid & ~protected
+            score = self.scores if self.scores is not None else torch.zeros_like(positions, dtype=torch.float32)
+            priority = torch.where(candidate, score, torch.inf)
+            lowest = candidate & (priority == priority.amin(-1, keepdim=True))
+            victim = torch.where(lowest, positions, -2).argmax(-1, keepdim=True)  # [B, H, 1]
+            kept_pos = positions.gather(-1, victim)
+            positions.scatter_(-1, victim, torch.where(over, -1, kept_pos))
+        self.free.copy_((positions < 0).to(torch.int8).argmax(-1))
+
     # -- reporting ------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         if self.keys is None:
@@ -252,6 +388,15 @@ class KVKeepLayer(CacheLayerMixin):
         batch, heads, _, kdim = self.keys.shape
         tokens = self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
         return batch * heads * tokens * (kdim + self.values.shape[-1]) * self.keys.element_size()
+
+    def evicted_entries(self) -> int:
+        """Entries (token x KV head) evicted so far; in slot mode every real token since is kept or evicted."""
+        if not self.slots:
+            return self.evicted
+        start_step, start_kept, start_evicted = self._slot_start
+        batch, kv_heads = self.positions.shape[:2]
+        kept = int((self.positions >= 0).sum())
+        return start_evicted + batch * kv_heads * (self.step - start_step) - (kept - start_kept)
 
     def kept_tokens(self) -> list[int]:
         """Per sequence, tokens kept (the largest over KV heads)."""
@@ -274,6 +419,13 @@ class KVKeepCache(Cache):
             attention for any other cache), through a small adapter for MPT and GPT-J.
         policy: a name from :data:`kvkeep.POLICIES` or a :class:`~kvkeep.policies.Policy` instance.
         budget: a ratio of the prompt in (0, 1] or an absolute token count (not for ``"full"``).
+        static: after the prompt, keep each layer in fixed-capacity slot buffers (``budget + 1`` slots;
+            for ``"full"``, prompt + generation length) that new tokens overwrite in place: no per-step
+            copies or host synchronisation, so a decode step can run as a CUDA graph.  Models with
+            sliding-window layers are not supported in this mode.
+        kernel: the decode-step attention in slot mode: ``"triton"`` (the fused kernel of
+            :mod:`kvkeep.kernels`), ``"torch"`` (the reference path) or ``"auto"`` (Triton on CUDA,
+            torch elsewhere).
         **params: the policy's parameters (``sinks``, ``recent_ratio``, ``tau_init``, ``alpha``, ...).
 
     On models that mix sliding-window and global layers (Gemma 3), sliding layers keep their native
@@ -282,14 +434,30 @@ class KVKeepCache(Cache):
     """
 
     def __init__(
-        self, model: torch.nn.Module, policy: str | Policy = "full", budget: float | int | None = None, **params
+        self,
+        model: torch.nn.Module,
+        policy: str | Policy = "full",
+        budget: float | int | None = None,
+        *,
+        static: bool = False,
+        kernel: str = "auto",
+        **params,
     ):
         from .adapters import install
 
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
         self.policy = make_policy(policy, budget, **params)
         install(model)
         config = model.config.get_text_config(decoder=True)
         layer_types = _layer_types(config)
+        if static and "sliding_attention" in layer_types:
+            raise ValueError(
+                f"static=True does not support models with sliding-window layers ({config.model_type}): "
+                "use static=False"
+            )
+        self.static, self.kernel = bool(static), kernel
+        self.column = self.step_counter = self.tau = self.query_positions = None
         hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types
         window = getattr(config, "sliding_window", None)
         layers = []
@@ -318,7 +486,48 @@ class KVKeepCache(Cache):
         for layer in self.layers:
             layer.reset()
         self._total_steps = None
+        self.column = self.step_counter = self.tau = self.query_positions = None
         clear_pending()
+
+    # -- slot mode: the step state every layer reads on the device ---------------------------------------
+    def kernel_for(self, query: torch.Tensor) -> str:
+        """The decode kernel a slot-mode step on ``query``'s device uses."""
+        if self.kernel == "auto":
+            return "triton" if query.is_cuda else "torch"
+        return self.kernel
+
+    def _slots_ready(self, layer: KVKeepLayer) -> None:
+        """The first layer entered slot mode: start the device counters from its state."""
+        if layer.layer_idx != 0:
+            return
+        device = layer.keys.device
+        self.column = torch.full((1,), layer.seen - 1, dtype=torch.long, device=device)
+        self.step_counter = torch.full((1,), layer.step, dtype=torch.long, device=device)
+        self.query_positions = self.column - layer.padding
+        self.tau = torch.ones(1, dtype=torch.float32, device=device)
+
+    def _advance(self) -> None:
+        """Move the device counters to the next token, in place (so a captured graph replays it)."""
+        self.column += 1
+        self.step_counter += 1
+        torch.sub(self.column, self.layers[0].padding, out=self.query_positions)
+        if hasattr(self.policy, "tau_tensor"):
+            self.tau.copy_(self.policy.tau_tensor(self.step_counter, self.total_steps()))
+
+    def _counters(self) -> list[tuple[int, int]]:
+        return [(layer.seen, layer.step) for layer in self.layers]
+
+    def _set_counters(self, counters: list[tuple[int, int]]) -> None:
+        for layer, (seen, step) in zip(self.layers, counters, strict=True):
+            layer.seen, layer.step = seen, step
+
+    def _count_replayed_step(self) -> None:
+        """A captured decode step was replayed: advance the host-side counters its Python did not run."""
+        self._set_counters([(seen + 1, step + 1) for seen, step in self._counters()])
+
+    def ready_for_graph(self) -> bool:
+        """True once every layer runs on slot buffers, so a decode step has fixed shapes and addresses."""
+        return self.static and all(layer.slots for layer in self.layers)
 
     def total_steps(self) -> int | None:
         """Tokens the running generation will produce (Keyformer's schedule length), if known."""
@@ -345,7 +554,7 @@ class KVKeepCache(Cache):
                 "policy": layer.policy.name,
                 "kept": layer.kept_tokens(),
                 "budget": None if layer.budget is None else layer.budget.tolist(),
-                "evicted": layer.evicted,
+                "evicted": layer.evicted_entries(),
                 "sliding_window": layer.sliding_window,
                 "seen": layer.seen,
                 "bytes": layer.nbytes(),

@@ -157,6 +157,10 @@ class ScoringPolicy(Policy):
 
     needs_scores: ClassVar[bool] = True
 
+    def kernel_args(self, layer_idx: int) -> dict:
+        """How the fused decode kernel computes this policy's score: ``score_mode`` and EWMA ``decay``."""
+        return {"score_mode": "probs", "decay": 0.0}
+
     def validate(self) -> None:
         super().validate()
         if self.head_reduce not in HEAD_REDUCTIONS:

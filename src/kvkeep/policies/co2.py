@@ -44,6 +44,9 @@ class CO2Policy(ScoringPolicy):
     def evict_after(self) -> int:
         return self.N
 
+    def kernel_args(self, layer_idx: int) -> dict:
+        return {"score_mode": "probs", "decay": float(self.alpha)}
+
     def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return masked_softmax(logits, allowed)
 

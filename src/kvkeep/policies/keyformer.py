@@ -19,6 +19,11 @@ def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     return x ^ (x >> 16)
 
 
+def noise_key(seed: int, layer_idx: int = 0) -> int:
+    """The 32-bit key of a layer's noise stream (the first two hash rounds of :func:`gumbel_noise`)."""
+    return _mix32(_mix32(seed & _M32) ^ layer_idx)
+
+
 def gumbel_noise(seed: int, info: StepInfo, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """Counter-based Gumbel(0, 1) noise for ``[batch, kv_heads, group, rows, slots]`` logits.
 
@@ -26,7 +31,7 @@ def gumbel_noise(seed: int, info: StepInfo, shape: torch.Size, device: torch.dev
     a sequence gets the same noise whether it runs alone or in a batch, and run after run.
     """
     _, kv_heads, group, _, _ = shape
-    h = _mix32(_mix32(seed & _M32) ^ info.layer_idx)
+    h = noise_key(seed, info.layer_idx)
     kv = torch.arange(kv_heads, device=device, dtype=torch.int64).view(1, kv_heads, 1, 1, 1)
     grp = torch.arange(group, device=device, dtype=torch.int64).view(1, 1, group, 1, 1)
     h = _mix32(_mix32(h ^ kv) ^ grp)
@@ -90,6 +95,24 @@ class KeyformerPolicy(ScoringPolicy):
                 "max_new_tokens=N to KVKeepCache (it is found automatically inside model.generate)"
             )
         return self.tau_init + min(step, total_steps) * (self.tau_end - self.tau_init) / total_steps
+
+    def tau_tensor(self, step: torch.Tensor, total_steps: int | None) -> torch.Tensor:
+        """:meth:`tau` for a device step counter ``[1]`` (no host synchronisation): ``[1]`` float32."""
+        if self.tau_end == self.tau_init:
+            return torch.full_like(step, float(self.tau_init), dtype=torch.float32)
+        self.tau(1, total_steps)  # raises when the schedule length is unknown
+        slope = (self.tau_end - self.tau_init) / total_steps
+        return torch.clamp(step, max=total_steps).to(torch.float32) * slope + self.tau_init
+
+    def kernel_args(self, layer_idx: int) -> dict:
+        if not self.noise and self.tau_init == self.tau_end == 1:
+            return {"score_mode": "probs", "decay": 0.0}
+        if not self.noise:
+            raise ValueError(
+                "the fused decode kernel scores keyformer with its Gumbel noise only: use noise=True, "
+                "or kernel='torch' for a noise-free tempered score"
+            )
+        return {"score_mode": "gumbel", "decay": 0.0, "noise_key": noise_key(self.seed, layer_idx)}
 
     def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
         tau = self.tau(info.step, info.total_steps)

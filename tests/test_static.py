@@ -1,0 +1,136 @@
+"""Static caches: slot buffers that new tokens overwrite in place, and the graph-ready decode loop.
+
+The slot path must choose exactly the tokens the compacting path chooses (same tokens out, same kept
+sets), while its tensors keep their shape and address from step to step.
+"""
+
+import pytest
+import torch
+from conftest import COVERING, HALF, greedy, left_pad, random_prompt, tiny_model
+
+import kvkeep
+
+#: Architectures without sliding-window layers (static caches do not take those).
+STATIC_ARCHS = ["llama", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox", "mpt", "gptj"]
+
+
+def _batch():
+    prompts = [random_prompt(40, seed=1)[0], random_prompt(27, seed=2)[0], random_prompt(33, seed=3)[0]]
+    return left_pad(prompts)
+
+
+def _kept_sets(cache) -> list:
+    return [
+        [[set(c for c in head if c >= 0) for head in row] for row in layer.positions.tolist()] for layer in cache.layers
+    ]
+
+
+@pytest.mark.parametrize("arch", STATIC_ARCHS)
+@pytest.mark.parametrize("policy", list(HALF))
+def test_static_slots_choose_what_the_compacting_path_chooses(get_model, arch, policy):
+    model = get_model(arch)
+    ids, mask = _batch()
+    dynamic = kvkeep.KVKeepCache(model, policy, **HALF[policy])
+    static = kvkeep.KVKeepCache(model, policy, static=True, kernel="torch", **HALF[policy])
+    assert torch.equal(greedy(model, ids, dynamic, 12, mask), greedy(model, ids, static, 12, mask))
+    assert static.ready_for_graph()
+    assert _kept_sets(static) == _kept_sets(dynamic)
+    assert [layer.evicted_entries() for layer in static.layers] == [layer.evicted for layer in dynamic.layers]
+
+
+@pytest.mark.parametrize("policy", list(COVERING))
+def test_static_with_covering_budget_reproduces_full_attention(get_model, policy):
+    model = get_model("llama")
+    ids, mask = _batch()
+    full = kvkeep.generate(model, ids, mask, max_new_tokens=12).tokens  # transformers' DynamicCache
+    cache = kvkeep.KVKeepCache(model, policy, static=True, kernel="torch", **COVERING[policy])
+    assert torch.equal(kvkeep.generate(model, ids, mask, cache=cache, max_new_tokens=12).tokens, full)
+
+
+@pytest.mark.parametrize("policy", list(HALF))
+def test_generate_loop_matches_for_static_and_compacting_caches(get_model, policy):
+    model = get_model("qwen2")
+    ids, mask = _batch()
+    runs = [
+        kvkeep.generate(
+            model, ids, mask, cache=kvkeep.KVKeepCache(model, policy, static=s, **HALF[policy]), max_new_tokens=10
+        )
+        for s in (False, True)
+    ]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert runs[0].tokens.shape == (3, 10) and runs[1].graph_steps == 0  # no CUDA graph on the CPU
+    assert runs[0].prefill_s > 0 and runs[0].decode_s > 0
+
+
+def test_slot_buffers_keep_shape_address_and_bytes_while_decoding():
+    model = tiny_model("llama")
+    prompt = random_prompt(64, seed=1)
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=True)
+    with torch.no_grad():
+        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+    layer = cache.layers[0]
+    assert layer.slots and layer.keys.shape[2] == 33  # the budget plus the newcomer's slot
+    pointers = [(lay.keys.data_ptr(), lay.values.data_ptr(), lay.positions.data_ptr()) for lay in cache.layers]
+    nbytes = cache.nbytes()
+    assert nbytes <= 0.55 * cache.full_nbytes()
+    for t in range(1, 10):
+        with torch.no_grad():
+            logits = model(token, past_key_values=cache, attention_mask=torch.ones(1, 64 + t, dtype=torch.long)).logits
+        token = logits[:, -1:].argmax(-1)
+        assert cache.nbytes() == nbytes
+        assert [
+            (lay.keys.data_ptr(), lay.values.data_ptr(), lay.positions.data_ptr()) for lay in cache.layers
+        ] == pointers
+        assert all(int((lay.positions >= 0).sum(-1).max()) == 32 for lay in cache.layers)
+        assert all(int(lay.positions.max()) == 63 + t for lay in cache.layers)  # newest at its true column
+    assert cache.get_seq_length() == 73
+    assert cache.stats()[0]["evicted"] == 2 * (64 + 9 - 32)  # 2 KV heads
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"policy": "h2o", "budget": 0.5, "kernel": "cuda"}, "unknown kernel"),
+    ],
+)
+def test_static_bad_input_errors(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        kvkeep.KVKeepCache(tiny_model("llama"), **kwargs)
+
+
+def test_static_refuses_sliding_window_models():
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        kvkeep.KVKeepCache(tiny_model("gemma3"), "h2o", budget=0.5, static=True)
+
+
+def test_static_full_cache_needs_the_generation_length():
+    model = tiny_model("llama")
+    cache = kvkeep.KVKeepCache(model, "full", static=True)
+    with pytest.raises(ValueError, match="generation length"), torch.no_grad():
+        model(random_prompt(10), past_key_values=cache)
+    cache.reset()
+    out = kvkeep.generate(model, random_prompt(10), cache=cache, max_new_tokens=5)
+    assert cache.layers[0].keys.shape[2] == 10 + 4  # the prompt plus every token fed back
+    with pytest.raises(ValueError, match="is full"), torch.no_grad():
+        model(out.tokens[:, -1:], past_key_values=cache)
+
+
+def test_static_takes_one_token_per_step():
+    model = tiny_model("llama")
+    cache = kvkeep.KVKeepCache(model, "window", budget=0.5, static=True)
+    with torch.no_grad():
+        model(random_prompt(20), past_key_values=cache)
+        with pytest.raises(ValueError, match="one token per sequence"):
+            model(random_prompt(3), past_key_values=cache)
+
+
+def test_cuda_graph_needs_a_static_cache_on_cuda():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        kvkeep.generate(
+            model,
+            random_prompt(10),
+            cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5),
+            max_new_tokens=3,
+            cuda_graph=True,
+        )
