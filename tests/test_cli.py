@@ -189,3 +189,50 @@ def test_smollm2_window(capsys, tmp_path: Path) -> None:
     assert result["prompt_tokens"] > 50
     assert 1 <= result["new_tokens"] <= 16
     assert result["kv_bytes"] <= 0.6 * result["kv_bytes_full"]
+
+
+def test_static_generate_gives_the_same_text(capsys, tiny_dir) -> None:
+    compact = run_json(capsys, *tiny(tiny_dir, "--policy", "keyformer", "--budget", "0.5", tokens=8))
+    static = run_json(capsys, *tiny(tiny_dir, "--policy", "keyformer", "--budget", "0.5", "--static", tokens=8))
+    assert static["text"] == compact["text"] and static["new_tokens"] == compact["new_tokens"]
+    assert static["kv_bytes"] < static["kv_bytes_full"]
+
+
+def test_bench_prints_a_table_and_writes_json(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    status, stdout, err = run(
+        capsys, "bench", "--arch", "tiny-llama", "--methods", "hf-sdpa,full,h2o,co2", "--budgets", "0.5",
+        "--prompts", "48", "--gens", "6", "--batches", "1,2", "--param", "co2.N=2", "--json", str(out),
+        "--markdown", str(md),
+    )  # fmt: skip
+    assert status == 0, err
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [(r["method"], r["batch"]) for r in rows] == [
+        (m, b) for m in ("hf-sdpa", "full", "h2o", "co2") for b in (1, 2)
+    ]
+    for row in rows:
+        assert row["prefill_s"] > 0 and row["step_ms"] > 0 and row["floor_ms"] > 0 and row["tok_s"] > 0
+    by = {(r["method"], r["batch"]): r for r in rows}
+    assert by[("h2o", 2)]["cache_gib"] < 0.6 * by[("hf-sdpa", 2)]["cache_gib"]
+    assert by[("h2o", 2)]["cache_gib"] == pytest.approx(2 * by[("h2o", 1)]["cache_gib"])
+    assert data["meta"]["weights"] == "random" and data["meta"]["bandwidth_gb_s"] > 0
+    assert "| h2o | 0.5 | 48 | 6 | 2 |" in md.read_text() and "| method |" in stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--methods", "h2o,foo"], "unknown method foo"),
+        (["--arch", "gpt-5"], "unknown architecture"),
+        pytest.param(
+            ["--batches", "1,max"],
+            "batch 'max' needs",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU"),
+        ),
+    ],
+)
+def test_bench_errors(capsys, argv, fragment) -> None:
+    status, _, err = run(capsys, "bench", "--prompts", "16", "--gens", "2", "--batches", "1", *argv)
+    assert status == 2 and fragment in err

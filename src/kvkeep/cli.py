@@ -22,6 +22,7 @@ import transformers
 
 from . import __version__
 from .cache import KVKeepCache
+from .generation import generate as kvkeep_generate
 from .models import load_model
 from .policies import POLICIES
 
@@ -89,6 +90,11 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="a policy parameter, e.g. sinks=4 or tau_end=3 (repeatable)",
     )
+    group.add_argument(
+        "--static",
+        action="store_true",
+        help="fixed-capacity slot buffers after the prompt (the fast GPU decode path: fused kernel, CUDA graph)",
+    )
 
 
 # -- generate -----------------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def _generate(args: argparse.Namespace) -> int:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat).to(model.device)
-    cache = KVKeepCache(model, args.policy, args.budget, **dict(args.params))
+    cache = KVKeepCache(model, args.policy, args.budget, static=args.static, **dict(args.params))
     if args.sample:
         if args.seed is not None:
             torch.manual_seed(args.seed)
@@ -156,19 +162,23 @@ def _generate(args: argparse.Namespace) -> int:
         if cuda:
             torch.cuda.synchronize(model.device)
         start = time.perf_counter()
-        output = model.generate(
-            **inputs,
-            past_key_values=cache,
-            max_new_tokens=args.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            **options,
-        )
+        prompt_tokens = inputs["input_ids"].shape[1]
+        if args.static and not args.sample:  # kvkeep's own loop: CUDA-graph decode steps on a GPU
+            run = kvkeep_generate(model, **inputs, cache=cache, max_new_tokens=args.max_new_tokens)
+            new_ids = _until_eos(run.tokens[0], tokenizer.eos_token_id)
+        else:
+            output = model.generate(
+                **inputs,
+                past_key_values=cache,
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **options,
+            )
+            new_ids = output[0, prompt_tokens:]
         if cuda:
             torch.cuda.synchronize(model.device)
         seconds = time.perf_counter() - start
 
-    prompt_tokens = inputs["input_ids"].shape[1]
-    new_ids = output[0, prompt_tokens:]
     kv_bytes, kv_full = cache.nbytes(), cache.full_nbytes()
     result = {
         "text": tokenizer.decode(new_ids, skip_special_tokens=True),
@@ -200,6 +210,12 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _until_eos(tokens: torch.Tensor, eos: int | list[int] | None) -> torch.Tensor:
+    """``tokens [T]`` up to and including the first end-of-sequence token."""
+    stops = torch.isin(tokens, torch.tensor([] if eos is None else eos, device=tokens.device).flatten())
+    return tokens[: int(stops.int().argmax()) + 1] if bool(stops.any()) else tokens
+
+
 def _summary(result: dict) -> str:
     """One line: policy, budget, tokens, KV bytes kept vs full, time."""
     budget = "" if result["budget"] is None else f" budget={result['budget']}"
@@ -218,9 +234,10 @@ def _mib(nbytes: int) -> str:
 
 # -- entry point --------------------------------------------------------------------------------------
 def _eval_commands() -> tuple:
-    from .eval import analyze, report, search, sweep  # imported here: they build on this module's option helpers
+    from . import bench  # imported here: they build on this module's option helpers
+    from .eval import analyze, report, search, sweep
 
-    return (sweep.add_parser, report.add_parser, search.add_parser, analyze.add_parser)
+    return (sweep.add_parser, report.add_parser, search.add_parser, analyze.add_parser, bench.add_parser)
 
 
 COMMANDS = (_add_generate,)

@@ -24,14 +24,19 @@ class Generation:
     Attributes:
         tokens: ``[batch, max_new_tokens]`` generated token ids.
         prefill_s: seconds of the prompt forward (which also compresses a kvkeep cache).
-        decode_s: seconds of the ``max_new_tokens - 1`` decode steps after it.
-        graph_steps: decode steps replayed from a CUDA graph.
+        step_s: seconds of each of the ``max_new_tokens - 1`` decode steps after it.
+        graph_steps: decode steps replayed from a CUDA graph (the last ones).
     """
 
     tokens: torch.Tensor
     prefill_s: float
-    decode_s: float
+    step_s: list[float]
     graph_steps: int
+
+    @property
+    def decode_s(self) -> float:
+        """Seconds of all decode steps."""
+        return sum(self.step_s)
 
 
 class _Clock:
@@ -107,8 +112,8 @@ def generate(
         logits_to_keep=1,
     )
     token = logits.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-    clock.mark()
     tokens = [token.clone()]
+    clock.mark()
     graph, graph_steps, slot_steps = None, 0, 0
     for _ in range(max_new_tokens - 1):
         if graph is None and use_graph and slot_steps > 0:
@@ -118,6 +123,7 @@ def generate(
             cache._count_replayed_step()
             tokens.append(next_token.clone())
             graph_steps += 1
+            clock.mark()
             continue
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
@@ -133,9 +139,9 @@ def generate(
         token = logits[:, -1].argmax(-1, keepdim=True)
         position = position + 1
         tokens.append(token.clone())
-    clock.mark()
-    prefill_s, decode_s = clock.seconds()
-    return Generation(torch.cat(tokens, dim=-1), prefill_s, decode_s, graph_steps)
+        clock.mark()
+    prefill_s, *step_s = clock.seconds()
+    return Generation(torch.cat(tokens, dim=-1), prefill_s, step_s, graph_steps)
 
 
 def _capture(model, cache: KVKeepCache, token: torch.Tensor, position: torch.Tensor):

@@ -1,0 +1,74 @@
+"""Where a decode step's time goes: kernel times of a few eager slot-mode steps, and graph vs eager.
+
+    python scripts/profile_decode.py --arch llama-2-7b --policy keyformer --budget 0.5 --batch 8 --prompt 2048
+
+Random weights (the step's cost does not depend on them). Prints the CUDA kernels by total time over the
+profiled steps, then the median time of an eager step and of a CUDA-graph replay.
+"""
+
+import argparse
+import statistics
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import kvkeep
+from kvkeep.bench import copy_bandwidth, kv_bytes_per_token, random_model, weight_bytes
+from kvkeep.generation import _capture
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", default="llama-2-7b")
+    parser.add_argument("--policy", default="keyformer")
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+
+    model = random_model(args.arch, "cuda", torch.bfloat16)
+    budget = None if args.policy == "full" else args.budget
+    cache = kvkeep.KVKeepCache(model, args.policy, budget, static=True, **({"N": 0} if args.policy == "co2" else {}))
+    cache._total_steps = 64
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), device="cuda")
+    position = torch.full((args.batch, 1), args.prompt, device="cuda")
+
+    def step(token):
+        return model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    with torch.inference_mode():
+        token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        assert cache.ready_for_graph()
+        step(token)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step(token)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+        def timed(fn, repeats=20):
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            return statistics.median(times)
+
+        eager = timed(lambda: step(token))
+        graph, _ = _capture(model, cache, token, position)
+        replay = timed(graph.replay)
+    slots = cache.layers[0].keys.shape[2]
+    floor = (weight_bytes(model) + slots * args.batch * kv_bytes_per_token(model)) / copy_bandwidth(
+        torch.device("cuda")
+    )
+    print(f"{args.arch} {args.policy} budget={budget} batch={args.batch} prompt={args.prompt} slots={slots}")
+    print(f"eager step {eager:.2f} ms, graph replay {replay:.2f} ms, bandwidth floor {1e3 * floor:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
