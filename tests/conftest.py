@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-import transformers as tf
+
+if not torch.cuda.is_available():  # Triton kernels run through its interpreter; it must know before import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers as tf  # noqa: E402
 
 # One entry per architecture: the config class and the keyword arguments of a tiny model.  Weights use a
 # large init range so greedy decoding has clear margins (ties would make token comparisons flaky).

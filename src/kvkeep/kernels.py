@@ -1,0 +1,657 @@
+"""Triton decode attention that also updates the eviction policy's per-token score in the same pass.
+
+One new query token per sequence attends over a layer's slot buffers (``[batch, kv_heads, slots, head_dim]``,
+empty slots marked by column -1).  Split-K ("flash-decoding"): kernel 1 runs one program per (sequence,
+KV head, slot range), handles the ``group`` query heads of that KV head together, reads every K and V
+element once, and writes online-softmax partials plus, when scores are wanted, the per-slot logits (or the
+Gumbel-noised tempered logits) to a float32 scratch.  Kernel 2 combines the partials into the output and
+turns the scratch into the score step (softmax, reduced over the group's heads), folded into ``scores``.
+
+Everything a step changes is read through pointers and nothing synchronises with the host, so the call
+can be captured in a CUDA graph.  With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError("kvkeep's Triton kernels need triton: pip install 'kvkeep[gpu]'") from exc
+
+__all__ = ["decode_attention"]
+
+_SCORE_MODES = ("probs", "gumbel")
+_REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}
+#: Slots per inner iteration of kernel 1.
+BLOCK_N = 64
+#: Slots per program of kernel 2's score update.
+BLOCK_C = 256
+#: Programs per SM that the split count aims for.
+PROGRAMS_PER_SM = 4
+_M32 = 0xFFFFFFFF
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM; also the default off CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def num_splits_for(batch: int, kv_heads: int, slots: int, block_n: int = BLOCK_N, sm_count: int = 132) -> int:
+    """Slot ranges per (sequence, KV head): about ``PROGRAMS_PER_SM`` programs per SM, at least a block each."""
+    wanted = math.ceil(PROGRAMS_PER_SM * sm_count / max(1, batch * kv_heads))
+    return max(1, min(wanted, math.ceil(slots / block_n)))
+
+
+@triton.jit
+def _mix32(x):
+    """``kvkeep.policies.keyformer._mix32`` on uint32 (wrap-around multiplication)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x68E31DA5
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _gumbel(row_hash, key_pos):
+    """Gumbel(0, 1) noise of ``keyformer.gumbel_noise``: ``row_hash`` [R] uint32, ``key_pos`` [N] int64 -> [R, N]."""
+    h = _mix32(row_hash[:, None] ^ key_pos.to(tl.uint32)[None, :])
+    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(u)), h
+
+
+@triton.jit
+def _row_hash(noise_key, kv_head, rows, query_pos):
+    """Per query-head hash prefix ``mix(mix(mix(key ^ kv) ^ gi) ^ qpos)``: ``rows`` [R] -> [R] uint32."""
+    h = _mix32(noise_key.to(tl.uint32) ^ kv_head.to(tl.uint32))
+    h = _mix32(h ^ rows.to(tl.uint32))
+    return _mix32(h ^ query_pos.to(tl.uint32))
+
+
+@triton.jit
+def _attend_block(
+    q,
+    n0,
+    stop,
+    k_base,
+    v_base,
+    p_base,
+    stride_kc,
+    stride_vc,
+    stride_pc,
+    offs_d,
+    d_ok,
+    scaling,
+    m_i,
+    l_i,
+    acc,
+    m2,
+    l2,
+    row_hash,
+    tau,
+    shift,
+    s_rows,
+    row_ok,
+    SCORES: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Slots ``[n0, min(n0 + BLOCK_N, stop))``: online-softmax update of ``(m_i, l_i, acc)`` (and the gumbel
+    pair ``(m2, l2)``); with ``SCORES`` the block's (tempered, noised) logits go to the scratch rows."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    in_range = offs_n < stop
+    pos = tl.load(p_base + offs_n * stride_pc, mask=in_range, other=-1)
+    valid = pos >= 0
+    kv_mask = valid[:, None] & d_ok[None, :]  # empty slots are never read (they may hold garbage)
+    k = tl.load(k_base + offs_n[:, None] * stride_kc + offs_d[None, :], mask=kv_mask, other=0.0)
+    if INTERPRET:
+        k = k.to(tl.float32)
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [GROUP_PAD, BLOCK_N] float32
+    logits = tl.where(valid[None, :], logits, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(logits, 1))
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(logits - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * stride_vc + offs_d[None, :], mask=kv_mask, other=0.0)
+    p_v = p.to(v.dtype)
+    if INTERPRET:
+        p_v = p_v.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)
+
+    if SCORES:
+        if GUMBEL:
+            noise, _ = _gumbel(row_hash, pos - shift)
+            logits = tl.where(valid[None, :], (logits + noise) / tau, float("-inf"))
+            m2_new = tl.maximum(m2, tl.max(logits, 1))
+            m2_use = tl.where(m2_new > float("-inf"), m2_new, 0.0)
+            l2 = l2 * tl.exp(m2 - m2_use) + tl.sum(tl.exp(logits - m2_use[:, None]), 1)
+            m2 = m2_new
+        tl.store(s_rows[:, None] + offs_n[None, :], logits, mask=row_ok[:, None] & in_range[None, :])
+    return m_new, l_i, acc, m2, l2
+
+
+@triton.jit(do_not_specialize=["noise_key"])
+def _split_kernel(
+    Q,
+    K,
+    V,
+    POS,
+    QPOS,
+    PAD,
+    TAU,
+    SCRATCH,
+    PM,
+    PL,
+    PM2,
+    PL2,
+    PACC,
+    OUT,
+    scaling,
+    noise_key,
+    slots,
+    group,
+    kv_heads,
+    q_heads,
+    head_dim,
+    num_splits,
+    split_size,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_kc,
+    stride_vb,
+    stride_vh,
+    stride_vc,
+    stride_pb,
+    stride_ph,
+    stride_pc,
+    SCORES: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One (sequence, KV head, slot range): online softmax of the group's query heads over the range."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // kv_heads).to(tl.int64)
+    kvh = (pid % kv_heads).to(tl.int64)
+    rows = tl.arange(0, GROUP_PAD)
+    row_ok = rows < group
+    head_rows = b * q_heads + kvh * group + rows  # flat (batch, query head) index
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+
+    q_ptrs = Q + b * stride_qb + (kvh * group + rows)[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(K.dtype.element_ty)
+    if INTERPRET:  # the interpreter's tl.dot gets bfloat16 wrong: dots in float32 there
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    p_base = POS + b * stride_pb + kvh * stride_ph
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    m2 = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l2 = tl.zeros([GROUP_PAD], tl.float32)
+    row_hash = rows.to(tl.uint32)
+    tau = 1.0
+    shift = 0
+    if GUMBEL:
+        row_hash = _row_hash(noise_key, kvh, rows, tl.load(QPOS + b))
+        tau = tl.load(TAU)
+        if HAS_PAD:
+            shift = tl.load(PAD + b)
+    s_rows = SCRATCH + head_rows * slots
+
+    start = split * split_size
+    stop = tl.minimum(start + split_size, slots)
+    if INTERPRET:  # the interpreter cannot take tensor loop bounds (NumPy >= 2.3): same body, while loop
+        n0 = start
+        while n0 < stop:
+            m_i, l_i, acc, m2, l2 = _attend_block(
+                q,
+                n0,
+                stop,
+                k_base,
+                v_base,
+                p_base,
+                stride_kc,
+                stride_vc,
+                stride_pc,
+                offs_d,
+                d_ok,
+                scaling,
+                m_i,
+                l_i,
+                acc,
+                m2,
+                l2,
+                row_hash,
+                tau,
+                shift,
+                s_rows,
+                row_ok,
+                SCORES,
+                GUMBEL,
+                INTERPRET,
+                DOT_PRECISION,
+                BLOCK_N,
+            )
+            n0 += BLOCK_N
+    else:
+        for n0 in range(start, stop, BLOCK_N):
+            m_i, l_i, acc, m2, l2 = _attend_block(
+                q,
+                n0,
+                stop,
+                k_base,
+                v_base,
+                p_base,
+                stride_kc,
+                stride_vc,
+                stride_pc,
+                offs_d,
+                d_ok,
+                scaling,
+                m_i,
+                l_i,
+                acc,
+                m2,
+                l2,
+                row_hash,
+                tau,
+                shift,
+                s_rows,
+                row_ok,
+                SCORES,
+                GUMBEL,
+                INTERPRET,
+                DOT_PRECISION,
+                BLOCK_N,
+            )
+
+    part = head_rows * num_splits + split
+    if ONE_SPLIT:
+        inv_l = tl.where(l_i > 0, 1.0 / tl.maximum(l_i, 1e-30), 0.0)
+        o_ptrs = OUT + head_rows[:, None] * head_dim + offs_d[None, :]
+        tl.store(o_ptrs, (acc * inv_l[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        a_ptrs = PACC + part[:, None] * head_dim + offs_d[None, :]
+        tl.store(a_ptrs, acc, mask=row_ok[:, None] & d_ok[None, :])
+    if SCORES or not ONE_SPLIT:
+        tl.store(PM + part, m_i, mask=row_ok)
+        tl.store(PL + part, l_i, mask=row_ok)
+    if GUMBEL:
+        tl.store(PM2 + part, m2, mask=row_ok)
+        tl.store(PL2 + part, l2, mask=row_ok)
+
+
+@triton.jit
+def _global_max_sum(PM, PL, head_rows, row_ok, num_splits, S_PAD: tl.constexpr):
+    """Combine split partials ``(max, sum)`` of each row: -> (max with 0 for empty rows, 1 / sum or 0)."""
+    offs_s = tl.arange(0, S_PAD)
+    idx = head_rows[:, None] * num_splits + offs_s[None, :]
+    mask = row_ok[:, None] & (offs_s < num_splits)[None, :]
+    m = tl.load(PM + idx, mask=mask, other=float("-inf"))
+    l_part = tl.load(PL + idx, mask=mask, other=0.0)
+    big = tl.max(m, 1)
+    big = tl.where(big > float("-inf"), big, 0.0)
+    total = tl.sum(l_part * tl.exp(m - big[:, None]), 1)
+    return big, tl.where(total > 0, 1.0 / tl.maximum(total, 1e-30), 0.0)
+
+
+@triton.jit
+def _add_split(acc, PM, PACC, part, big, row_ok, offs_d, mask, head_dim):
+    """``acc + exp(m_split - big) * acc_split`` for one split ``part`` [GROUP_PAD] of each row."""
+    w = tl.exp(tl.load(PM + part, mask=row_ok, other=float("-inf")) - big)
+    return acc + w[:, None] * tl.load(PACC + part[:, None] * head_dim + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _combine_kernel(
+    PM,
+    PL,
+    PM2,
+    PL2,
+    PACC,
+    OUT,
+    SCRATCH,
+    POS,
+    SC,
+    keep,
+    decay,
+    slots,
+    group,
+    kv_heads,
+    q_heads,
+    head_dim,
+    num_splits,
+    stride_pb,
+    stride_ph,
+    stride_pc,
+    stride_sb,
+    stride_sh,
+    stride_sc,
+    WRITE_OUT: tl.constexpr,
+    SCORES: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    REDUCE: tl.constexpr,
+    EWMA: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One (sequence, KV head, slot block): output (block 0 only) and the score update of the block."""
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = (pid // kv_heads).to(tl.int64)
+    kvh = (pid % kv_heads).to(tl.int64)
+    rows = tl.arange(0, GROUP_PAD)
+    row_ok = rows < group
+    head_rows = b * q_heads + kvh * group + rows
+    big, inv_total = _global_max_sum(PM, PL, head_rows, row_ok, num_splits, S_PAD)
+
+    if WRITE_OUT:
+        if blk == 0:
+            offs_d = tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+            acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+            if INTERPRET:
+                s = 0
+                while s < num_splits:
+                    acc = _add_split(acc, PM, PACC, head_rows * num_splits + s, big, row_ok, offs_d, mask, head_dim)
+                    s += 1
+            else:
+                for s in range(0, num_splits):
+                    acc = _add_split(acc, PM, PACC, head_rows * num_splits + s, big, row_ok, offs_d, mask, head_dim)
+            o_ptrs = OUT + head_rows[:, None] * head_dim + offs_d[None, :]
+            tl.store(o_ptrs, (acc * inv_total[:, None]).to(OUT.dtype.element_ty), mask=mask)
+
+    if SCORES:
+        if GUMBEL:
+            big, inv_total = _global_max_sum(PM2, PL2, head_rows, row_ok, num_splits, S_PAD)
+        offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < slots
+        pos = tl.load(POS + b * stride_pb + kvh * stride_ph + offs_c * stride_pc, mask=c_ok, other=-1)
+        take = row_ok[:, None] & (pos >= 0)[None, :]
+        x = tl.load(SCRATCH + head_rows[:, None] * slots + offs_c[None, :], mask=take, other=float("-inf"))
+        s = tl.where(take, tl.exp(x - big[:, None]) * inv_total[:, None], 0.0)
+        if REDUCE == 0:
+            step = tl.sum(s, 0) / group
+        elif REDUCE == 1:
+            step = tl.sum(s, 0)
+        else:
+            step = tl.max(s, 0)
+        sc_ptrs = SC + b * stride_sb + kvh * stride_sh + offs_c * stride_sc
+        old = tl.load(sc_ptrs, mask=c_ok, other=0.0)
+        if EWMA:
+            new = keep * old + decay * step
+        else:
+            new = old + step
+        tl.store(sc_ptrs, new, mask=c_ok)
+
+
+#: True when ``TRITON_INTERPRET=1`` turned the kernels into Python (CPU tensors).
+_INTERPRET = not isinstance(_split_kernel, JITFunction)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    scaling: float,
+    *,
+    scores: torch.Tensor | None = None,
+    score_mode: str = "probs",
+    head_reduce: str = "mean",
+    decay: float = 0.0,
+    tau: torch.Tensor | None = None,
+    noise_key: int = 0,
+    query_pos: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None,
+    _num_splits: int | None = None,
+    _block_n: int | None = None,
+    _poison: bool = False,
+) -> torch.Tensor:
+    """Attention of one new token per sequence over slot buffers, with an optional in-place score update.
+
+    Args:
+        query: ``[B, Hq, D]`` (bf16, fp16 or fp32; last dim contiguous or it is copied).
+        keys, values: ``[B, Hkv, C, D]`` slot buffers, last dim contiguous; ``Hq`` a multiple of ``Hkv``.
+        positions: ``[B, Hkv, C]`` int64 column of each slot, -1 for an empty slot (never attended or read).
+        scaling: factor applied to ``q . k``.
+        scores: ``[B, Hkv, C]`` float32 running score, updated in place when given.
+        score_mode: ``"probs"`` (the softmax probabilities, H2O/CO2) or ``"gumbel"`` (Keyformer's
+            ``softmax((logits + g) / tau)``, ``g`` the counter-based noise of ``keyformer.gumbel_noise``).
+        head_reduce: how the query heads of a group combine their score: ``"mean"``, ``"sum"`` or ``"max"``.
+        decay: 0 adds the step (``scores += s``); ``a > 0`` gives ``scores = (1 - a) * scores + a * s``.
+        tau: ``[1]`` float32 temperature on the device (gumbel only).
+        noise_key: ``_mix32(_mix32(seed & 0xFFFFFFFF) ^ layer_idx)`` (gumbel only).
+        query_pos: ``[B]`` int64 true position of each query (gumbel only).
+        padding: ``[B]`` int64 left padding; a key's true position is ``positions - padding[b]`` (gumbel only).
+        _num_splits, _block_n: force the split count / slots per block (tests).
+        _poison: fill output and workspaces with NaN before the launch (tests: every read value is written).
+
+    Returns:
+        ``[B, Hq, D]`` attention output in ``query.dtype`` (zeros for a sequence without any filled slot).
+    """
+    batch, q_heads, head_dim = query.shape
+    _, kv_heads, slots, _ = keys.shape
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("keys and values must be contiguous in their last (head_dim) dimension")
+    if values.shape != keys.shape or positions.shape != keys.shape[:3]:
+        raise ValueError(
+            f"shapes disagree: keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions "
+            f"{tuple(positions.shape)} (want keys == values == [B, Hkv, C, D], positions [B, Hkv, C])"
+        )
+    if score_mode not in _SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {', '.join(_SCORE_MODES)}, got {score_mode!r}")
+    if head_reduce not in _REDUCE_CODES:
+        raise ValueError(f"head_reduce must be one of {', '.join(_REDUCE_CODES)}, got {head_reduce!r}")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    device = query.device
+    group = q_heads // kv_heads
+    want_scores = scores is not None
+    gumbel = want_scores and score_mode == "gumbel"
+    if want_scores:
+        if scores.shape != positions.shape or scores.dtype != torch.float32:
+            raise ValueError(
+                f"scores must be float32 {tuple(positions.shape)}, got {scores.dtype} {tuple(scores.shape)}"
+            )
+        if gumbel and (tau is None or query_pos is None):
+            raise ValueError("score_mode='gumbel' needs tau ([1] float32) and query_pos ([B] int64)")
+
+    block_n = _block_n or BLOCK_N
+    blocks = max(1, math.ceil(slots / block_n))
+    splits = _num_splits or num_splits_for(batch, kv_heads, slots, block_n, _sm_count(device))
+    split_size = math.ceil(blocks / max(1, min(splits, blocks))) * block_n
+    splits = max(1, math.ceil(slots / split_size))
+    one_split = splits == 1
+
+    fill = torch.full if _poison else None
+
+    def buffer(*shape, dtype=torch.float32):
+        if fill is not None:
+            return fill(shape, float("nan"), dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    out = buffer(batch, q_heads, head_dim, dtype=query.dtype)
+    need_parts = want_scores or not one_split
+    part_m = buffer(batch * q_heads, splits) if need_parts else out
+    part_l = buffer(batch * q_heads, splits) if need_parts else out
+    part_acc = buffer(batch * q_heads, splits, head_dim) if not one_split else out
+    part_m2 = buffer(batch * q_heads, splits) if gumbel else out
+    part_l2 = buffer(batch * q_heads, splits) if gumbel else out
+    scratch = buffer(batch, q_heads, slots) if want_scores else out
+    key32 = noise_key & _M32
+    key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32  # always an int32 argument
+
+    group_pad = max(16, _next_pow2(group))
+    block_d = max(16, _next_pow2(head_dim))
+    _split_kernel[(batch * kv_heads, splits)](
+        query,
+        keys,
+        values,
+        positions,
+        query_pos if gumbel else positions,
+        padding if (gumbel and padding is not None) else positions,
+        tau if gumbel else out,
+        scratch,
+        part_m,
+        part_l,
+        part_m2,
+        part_l2,
+        part_acc,
+        out,
+        float(scaling),
+        key32,
+        slots,
+        group,
+        kv_heads,
+        q_heads,
+        head_dim,
+        splits,
+        split_size,
+        query.stride(0),
+        query.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        positions.stride(0),
+        positions.stride(1),
+        positions.stride(2),
+        SCORES=want_scores,
+        GUMBEL=gumbel,
+        HAS_PAD=padding is not None,
+        ONE_SPLIT=one_split,
+        INTERPRET=_INTERPRET,
+        DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
+        GROUP_PAD=group_pad,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    if one_split and not want_scores:
+        return out
+    score_blocks = max(1, math.ceil(slots / BLOCK_C)) if want_scores else 1
+    sc = scores if want_scores else out
+    _combine_kernel[(batch * kv_heads, score_blocks)](
+        part_m,
+        part_l,
+        part_m2,
+        part_l2,
+        part_acc,
+        out,
+        scratch,
+        positions,
+        sc,
+        1.0 - float(decay),
+        float(decay),
+        slots,
+        group,
+        kv_heads,
+        q_heads,
+        head_dim,
+        splits,
+        positions.stride(0),
+        positions.stride(1),
+        positions.stride(2),
+        sc.stride(0),
+        sc.stride(1),
+        sc.stride(2) if want_scores else 0,
+        WRITE_OUT=not one_split,
+        SCORES=want_scores,
+        GUMBEL=gumbel,
+        REDUCE=_REDUCE_CODES[head_reduce],
+        EWMA=decay > 0,
+        INTERPRET=_INTERPRET,
+        GROUP_PAD=group_pad,
+        S_PAD=max(2, _next_pow2(splits)),
+        BLOCK_C=BLOCK_C,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
+
+
+def _noise_kernel_probe(
+    noise_key: int, kv_heads: int, group: int, query_pos: torch.Tensor, key_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's Gumbel hash and noise for ``[B, kv_heads, group, C]`` (tests compare with ``gumbel_noise``).
+
+    Args:
+        query_pos: ``[B]`` int64 true query positions; key_pos: ``[B, kv_heads, C]`` int64 true key positions.
+    Returns:
+        ``(hash int64, noise float32)``, both ``[B, kv_heads, group, C]``.
+    """
+    batch, _, slots = key_pos.shape
+    key_pos = key_pos.contiguous()
+    hashes = torch.empty(batch, kv_heads, group, slots, dtype=torch.int64, device=key_pos.device)
+    noise = torch.empty(batch, kv_heads, group, slots, dtype=torch.float32, device=key_pos.device)
+    key32 = noise_key & _M32
+    key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32
+    _noise_kernel[(batch * kv_heads,)](
+        query_pos,
+        key_pos,
+        hashes,
+        noise,
+        key32,
+        kv_heads,
+        group,
+        slots,
+        GROUP_PAD=max(16, _next_pow2(group)),
+        BLOCK_N=max(16, _next_pow2(slots)),
+    )
+    return hashes, noise
+
+
+@triton.jit
+def _noise_kernel(
+    QPOS, KPOS, HASH, NOISE, noise_key, kv_heads, group, slots, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    pid = tl.program_id(0)
+    b = pid // kv_heads
+    kvh = pid % kv_heads
+    rows = tl.arange(0, GROUP_PAD)
+    offs = tl.arange(0, BLOCK_N)
+    kpos = tl.load(KPOS + pid * slots + offs, mask=offs < slots, other=0)
+    noise, h = _gumbel(_row_hash(noise_key, kvh, rows, tl.load(QPOS + b)), kpos)
+    idx = (pid * group + rows)[:, None] * slots + offs[None, :]
+    mask = (rows < group)[:, None] & (offs < slots)[None, :]
+    tl.store(HASH + idx, h.to(tl.int64), mask=mask)
+    tl.store(NOISE + idx, noise, mask=mask)

@@ -1,0 +1,83 @@
+"""The GPU decode path end to end: static cache + fused Triton kernel + CUDA graph.
+
+On a machine without CUDA these tests run the same Triton kernel through Triton's interpreter on the
+CPU (slow, so on a tiny model), and the CUDA-graph tests are skipped.
+"""
+
+import pytest
+import torch
+from conftest import COVERING, HALF, left_pad, random_prompt
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()  # without it, conftest runs Triton in its interpreter
+
+import transformers as tf  # noqa: E402
+
+import kvkeep  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _model(device: str, dtype=torch.float32, layers: int = 2, hidden: int = 64):
+    """A random Llama (GQA 4/2 heads) with peaked logits, so greedy tokens are not near-ties."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, initializer_range=0.3, max_position_embeddings=4096,
+    )  # fmt: skip
+    return tf.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+
+
+def _batch(device: str, lengths=(40, 27, 33)):
+    ids, mask = left_pad([random_prompt(n, seed=i, vocab=256)[0] for i, n in enumerate(lengths)])
+    return ids.to(device), mask.to(device)
+
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.mark.parametrize("policy", list(HALF))
+def test_triton_slot_path_matches_torch_slot_path(policy):
+    model = _model(DEVICE)
+    ids, mask = _batch(DEVICE)
+    runs = {}
+    for kernel in ("torch", "triton"):
+        cache = kvkeep.KVKeepCache(model, policy, static=True, kernel=kernel, **HALF[policy])
+        runs[kernel] = (kvkeep.generate(model, ids, mask, cache=cache, max_new_tokens=8, cuda_graph=False), cache)
+    assert torch.equal(runs["torch"][0].tokens, runs["triton"][0].tokens)
+    for a, b in zip(runs["torch"][1].layers, runs["triton"][1].layers, strict=True):
+        assert torch.equal(a.positions.sort(-1).values, b.positions.sort(-1).values)  # the same kept sets
+        if a.scores is not None:
+            order_a, order_b = a.positions.argsort(-1), b.positions.argsort(-1)
+            torch.testing.assert_close(a.scores.gather(-1, order_a), b.scores.gather(-1, order_b), rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", list(COVERING))
+def test_gpu_tokens_identical_to_torch_path_at_covering_budget(policy):
+    model = _model("cuda", layers=4, hidden=256)
+    ids, mask = _batch("cuda", lengths=(300, 217, 256))
+    reference = kvkeep.generate(
+        model, ids, mask, cache=kvkeep.KVKeepCache(model, policy, **COVERING[policy]), max_new_tokens=48
+    )
+    fast = kvkeep.KVKeepCache(model, policy, static=True, **COVERING[policy])
+    run = kvkeep.generate(model, ids, mask, cache=fast, max_new_tokens=48)
+    assert run.graph_steps > 40
+    assert torch.equal(run.tokens, reference.tokens)
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", list(HALF))
+def test_cuda_graph_replay_equals_eager_slot_steps(policy):
+    model = _model("cuda", dtype=torch.bfloat16, layers=4, hidden=256)
+    ids, mask = _batch("cuda", lengths=(300, 217, 256))
+    runs = []
+    for graph in (False, True):
+        cache = kvkeep.KVKeepCache(model, policy, static=True, **HALF[policy])
+        runs.append((kvkeep.generate(model, ids, mask, cache=cache, max_new_tokens=40, cuda_graph=graph), cache))
+    assert runs[1][0].graph_steps > 30
+    assert torch.equal(runs[0][0].tokens, runs[1][0].tokens)
+    for a, b in zip(runs[0][1].layers, runs[1][1].layers, strict=True):
+        assert torch.equal(a.positions, b.positions)
+        assert a.get_seq_length() == b.get_seq_length() == 300 + 39
+    assert runs[1][1].stats()[0]["evicted"] == runs[0][1].stats()[0]["evicted"]
