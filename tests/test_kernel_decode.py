@@ -18,7 +18,7 @@ CUDA = torch.cuda.is_available()
 pytest.importorskip("triton")
 
 from kvkeep.attention import attend  # noqa: E402
-from kvkeep.kernels import _noise_kernel_probe, decode_attention  # noqa: E402
+from kvkeep.kernels.decode import _noise_kernel_probe, decode_attention  # noqa: E402
 from kvkeep.policies import CO2Policy, H2OPolicy, KeyformerPolicy, StepInfo  # noqa: E402
 from kvkeep.policies.keyformer import _M32, _mix32, gumbel_noise  # noqa: E402
 
