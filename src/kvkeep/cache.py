@@ -306,12 +306,18 @@ class KVKeepLayer(CacheLayerMixin):
             )
         if self.layer_idx == 0:
             self.owner._advance()
-        slot = self.free[:, :, None]  # [B, H, 1]
-        self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, head_dim), key_states)
-        self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, value_states.shape[-1]), value_states)
-        self.positions.scatter_(2, slot, self.owner.column.expand(batch, kv_heads, 1))
-        if self.scores is not None:
-            self.scores.scatter_(2, slot, 0.0)
+        if self.owner.kernel_for(key_states) == "triton":
+            from .kernels.slots import append_slot
+
+            append_slot(self.keys, self.values, self.positions, self.scores, self.free, key_states, value_states,
+                        self.owner.column)  # fmt: skip
+        else:
+            slot = self.free[:, :, None]  # [B, H, 1]
+            self.keys.scatter_(2, slot[..., None].expand(-1, -1, -1, head_dim), key_states)
+            self.values.scatter_(2, slot[..., None].expand(-1, -1, -1, value_states.shape[-1]), value_states)
+            self.positions.scatter_(2, slot, self.owner.column.expand(batch, kv_heads, 1))
+            if self.scores is not None:
+                self.scores.scatter_(2, slot, 0.0)
         self._new = 1
         self.seen += 1
         set_pending(self)
@@ -352,15 +358,21 @@ class KVKeepLayer(CacheLayerMixin):
             )
             if step_scores is not None:
                 self.scores.copy_(self.policy.accumulate(self.scores, step_scores))
-        self._evict_slot()
+        self._evict_slot(triton=self.owner.kernel_for(query) == "triton")
         return out
 
-    def _evict_slot(self) -> None:
+    def _evict_slot(self, triton: bool = False) -> None:
         """Per row over budget, empty the lowest-priority unprotected slot; pick the next free slot.
 
         Ties go to the newest token, as in :meth:`_evict`'s stable ranking of position-ordered slots.
+        ``triton``: the same in one kernel (:func:`kvkeep.kernels.slots.evict_slot`).
         """
         positions = self.positions
+        if triton:
+            from .kernels.slots import evict_slot
+
+            return evict_slot(positions, self.scores, self.free, self.owner.column, budget=self.budget,
+                              recent=self.recent, padding=self.padding, sinks=self.policy.sinks)  # fmt: skip
         if self.budget is not None:
             valid = positions >= 0
             over = valid.sum(-1, keepdim=True) > self.budget[:, None, None]  # [B, H, 1]

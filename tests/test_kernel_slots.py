@@ -1,0 +1,83 @@
+"""The slot-bookkeeping kernels against the torch ops of ``KVKeepLayer`` (in Triton's interpreter on CPU)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+import kvkeep  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODEL = tiny_model("llama")
+
+
+def _layer(policy: str, batch: int, heads: int, slots: int, seed: int, ties: bool):
+    """A slot-mode layer in a random state: unique columns per row, some empty slots, random scores."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = kvkeep.KVKeepCache(MODEL, policy, budget=0.5)
+    layer = cache.layers[0]
+    column = slots + 20
+    positions = torch.stack([torch.randperm(column, generator=gen)[:slots] for _ in range(batch * heads)])
+    positions = positions.view(batch, heads, slots)
+    positions[torch.rand(batch, heads, slots, generator=gen) < 0.2] = -1
+    positions[..., 0] = column  # the newcomer
+    layer.positions = positions.to(DEVICE)
+    scores = (
+        torch.randint(0, 3, (batch, heads, slots), generator=gen).float()
+        if ties
+        else torch.rand(batch, heads, slots, generator=gen)
+    )
+    layer.scores = scores.to(DEVICE) if cache.policy.needs_scores else None
+    layer.padding = torch.randint(0, 3, (batch,), generator=gen).to(DEVICE)
+    layer.budget = torch.randint(slots // 3, slots, (batch,), generator=gen).to(DEVICE)
+    layer.recent = torch.randint(0, slots // 3, (batch,), generator=gen).to(DEVICE)
+    layer.free = torch.zeros(batch, heads, dtype=torch.long, device=DEVICE)
+    cache.column = torch.tensor([column], device=DEVICE)
+    return layer
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    policy=st.sampled_from(["window", "streaming", "h2o", "keyformer"]),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    slots=st.integers(6, 40),
+    seed=st.integers(0, 10_000),
+    ties=st.booleans(),
+)
+def test_evict_kernel_matches_torch(policy, batch, heads, slots, seed, ties):
+    reference = _layer(policy, batch, heads, slots, seed, ties)
+    fused = copy.copy(reference)
+    fused.positions, fused.free = reference.positions.clone(), reference.free.clone()
+    reference._evict_slot(triton=False)
+    fused._evict_slot(triton=True)
+    assert torch.equal(fused.positions, reference.positions)
+    assert torch.equal(fused.free, reference.free)
+
+
+def test_append_kernel_writes_the_free_slot():
+    batch, heads, slots, dim = 2, 3, 7, 16
+    keys = torch.randn(batch, heads, slots, dim, device=DEVICE)
+    values, positions = torch.randn_like(keys), torch.randint(0, 50, (batch, heads, slots), device=DEVICE)
+    scores = torch.rand(batch, heads, slots, device=DEVICE)
+    free = torch.randint(0, slots, (batch, heads), device=DEVICE)
+    new_k, new_v = (
+        torch.randn(batch, 1, heads, dim, device=DEVICE).transpose(1, 2),
+        torch.randn(batch, heads, 1, dim, device=DEVICE),
+    )
+    expected = [t.clone() for t in (keys, values, positions, scores)]
+    idx = free[..., None]
+    expected[0].scatter_(2, idx[..., None].expand(-1, -1, -1, dim), new_k)
+    expected[1].scatter_(2, idx[..., None].expand(-1, -1, -1, dim), new_v)
+    expected[2].scatter_(2, idx, 99)
+    expected[3].scatter_(2, idx, 0.0)
+    from kvkeep.kernels.slots import append_slot
+
+    append_slot(keys, values, positions, scores, free, new_k, new_v, torch.tensor([99], device=DEVICE))
+    for got, want in zip((keys, values, positions, scores), expected, strict=True):
+        assert torch.equal(got, want)
