@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 ATTN_NAME = "kvkeep"
 #: Float32 elements per logits chunk (64 MiB): bounds prompt-phase memory whatever the prompt length.
@@ -127,6 +128,33 @@ def attend(
     if head_reduce == "max":
         return output, head_scores.amax(dim=2)
     return output, head_scores.mean(dim=2)
+
+
+def prompt_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_cols: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Causal attention of a fresh prompt through PyTorch's fused SDPA kernels (flash without padding).
+
+    Args:
+        query: ``[batch, q_heads, n, head_dim]``; keys, values: ``[batch, kv_heads, n, head_dim]``, key ``j``
+            at column ``j`` of the prompt, the same ``n`` columns as the query rows.
+        key_cols: ``[batch, kv_heads or 1, n]`` int64 column of each key, -1 for padding.
+
+    Returns:
+        ``[batch, n, q_heads, head_dim]``.  Rows with no key to attend (left padding) attend to every key,
+        so they stay finite; nothing real ever attends to them.
+    """
+    gqa = query.shape[1] != keys.shape[1]
+    real_keys = key_cols[:, :1] >= 0  # [B, 1, n]: padding is the same for every KV head of a fresh prompt
+    if bool(real_keys.all()):
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
+    else:
+        n = query.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        allowed = causal & real_keys[:, :, None, :]  # [B, 1, n, n]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)
 
 
 def kvkeep_attention(

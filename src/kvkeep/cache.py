@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.configuration_utils import GenerationConfig
 
-from .attention import attend, clear_pending, set_pending
+from .attention import attend, clear_pending, prompt_attention, set_pending
 from .policies import FullPolicy, Policy, StepInfo, make_policy
 
 #: Decode-step attention backends of slot mode.
@@ -151,28 +151,48 @@ class KVKeepLayer(CacheLayerMixin):
             self._set_budget()
         else:
             self.step += 1
-        query_cols = torch.arange(first, self.seen, device=query.device)
-        scorer = self._scorer(query_cols) if self.policy.needs_scores else None
-        out, step_scores = attend(
-            query,
-            self.keys,
-            self.values,
-            self.positions,
-            query_cols,
-            scaling,
-            sliding_window=self.sliding_window,
-            softcap=softcap,
-            alibi_slopes=alibi_slopes,
-            scorer=scorer,
-            query_real=real,
-            head_reduce=getattr(self.policy, "head_reduce", "mean"),
-        )
+        fused = first == 0 and new > 1 and self.sliding_window is None and softcap is None and alibi_slopes is None
+        if fused and self.owner.kernel_for(query) == "triton":
+            out, step_scores = self._attend_prompt(query, scaling, real)
+        else:
+            query_cols = torch.arange(first, self.seen, device=query.device)
+            scorer = self._scorer(query_cols) if self.policy.needs_scores else None
+            out, step_scores = attend(
+                query,
+                self.keys,
+                self.values,
+                self.positions,
+                query_cols,
+                scaling,
+                sliding_window=self.sliding_window,
+                softcap=softcap,
+                alibi_slopes=alibi_slopes,
+                scorer=scorer,
+                query_real=real,
+                head_reduce=getattr(self.policy, "head_reduce", "mean"),
+            )
         if step_scores is not None:
             self.scores = self.policy.accumulate(self.scores, step_scores)
         self._evict()
         if self.owner.static and self.step >= self.policy.evict_after():
             self._to_slots()
         return out
+
+    def _attend_prompt(self, query: torch.Tensor, scaling: float, real: torch.Tensor):
+        """A fresh prompt on the GPU path: output from PyTorch's fused SDPA, scores from a Triton kernel.
+
+        Returns ``(output [B, n, q_heads, D], scores [B, kv_heads, n] or None)``; neither builds an n x n tensor.
+        """
+        out = prompt_attention(query, self.keys, self.values, self.positions, scaling)
+        if not self.policy.needs_scores:
+            return out, None
+        from .kernels.prefill import prefill_scores
+
+        args = dict(self.policy.kernel_args(self.layer_idx), head_reduce=self.policy.head_reduce)
+        args.pop("decay")
+        if args["score_mode"] == "gumbel":
+            args.update(tau=self.policy.tau(0, None), padding=self.padding)
+        return out, prefill_scores(query, self.keys, self.positions, scaling, query_real=real, **args)
 
     def _mark_padding(self, attention_mask: torch.Tensor | None, new: int) -> torch.Tensor:
         """Turn padding columns of the new tokens into empty slots; return ``[batch, new]`` real flags."""

@@ -1,0 +1,491 @@
+"""Triton prompt (prefill) scores of the scoring policies, without an ``n x n`` attention matrix.
+
+The prompt's attention output comes from elsewhere (SDPA); this computes only what H2O / CO2 (``"probs"``)
+and Keyformer (``"gumbel"``) add to the running score for the prompt: for every key, the sum over the
+real query rows of its softmax probability (or of ``softmax((logits + g) / tau)``), per query head, then
+reduced over the group's query heads.  Two passes, no atomics, deterministic:
+
+1. per block of query rows, an online softmax over the causal key blocks gives each row's log-sum-exp
+   (base 2, ``+inf`` for a row with no allowed key) in a ``[B, Hq, n]`` float32 scratch;
+2. per block of keys, a loop over the query-row blocks at or below it recomputes the logits (and the
+   same counter-based noise) and sums ``exp2(x - lse_row)`` over the rows: ``[B, Hq, n]`` column sums,
+   which torch reduces over the group (a cheap ``[B, Hkv, group, n]`` mean / sum / amax).
+
+Assumption (a fresh prompt, the cache empty before it): key ``j`` has column ``j`` or ``-1`` (padding), and
+query row ``r`` has column ``r``.  The loops then stop at the causal limit by index (rows ``r`` see keys
+``j <= r``); the masks themselves compare the loaded key columns.  Padding keys and padding query rows are
+never read (their keys/queries may hold anything, NaN included).  With ``TRITON_INTERPRET=1`` the
+kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError("kvkeep's Triton kernels need triton: pip install 'kvkeep[gpu]'") from exc
+
+from .decode import _INTERPRET, _M32, _gumbel, _mix32, _next_pow2, _row_hash
+
+__all__ = ["prefill_scores"]
+
+_SCORE_MODES = ("probs", "gumbel")
+_REDUCTIONS = ("mean", "sum", "max")
+_LOG2E = 1.4426950408889634
+
+#: ``(big, small, num_warps, num_stages)`` by input dtype.  Pass 1 takes ``big`` query rows per program and
+#: ``small`` keys per iteration; pass 2 ``big`` keys per program and ``small`` rows per iteration (``big`` a
+#: multiple of ``small``, so the diagonal is exactly ``big / small`` masked iterations).  16-bit inputs: the
+#: flash-attention forward shape for ``D = 128`` on Hopper (two warpgroups of m64 wgmma tiles, a 32 KiB
+#: resident Q or K tile plus 3 stages of 16 KiB streamed tiles).  float32 (an exact "ieee" dot on CUDA cores,
+#: tests only): half-size tiles and 2 stages to stay within registers and shared memory.
+_CONFIG = {torch.float32: (64, 32, 4, 2)}
+_CONFIG_16 = (128, 64, 8, 3)
+
+
+@triton.jit
+def _gumbel_cols(key_pos, row_hash):
+    """``_gumbel`` transposed (same ops, same bits): ``key_pos`` [N] int64, ``row_hash`` [R] uint32 -> [N, R]."""
+    h = _mix32(row_hash[None, :] ^ key_pos.to(tl.uint32)[:, None])
+    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _lse_block(
+    q,
+    n0,
+    rows,
+    k_base,
+    c_base,
+    stride_kn,
+    stride_cn,
+    n,
+    offs_d,
+    qk_scale,
+    noise_scale,
+    m_i,
+    l_i,
+    row_hash,
+    shift,
+    CAUSAL: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Keys ``[n0, n0 + BLOCK_N)`` of the rows ``rows`` [M]: online (max, sum) update in base 2."""
+    keys = n0 + tl.arange(0, BLOCK_N)
+    col = tl.load(c_base + keys * stride_cn, mask=keys < n, other=-1)
+    valid = col >= 0
+    if EVEN_D:
+        k_mask = valid[:, None]
+    else:
+        k_mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_base + keys[:, None] * stride_kn + offs_d[None, :], mask=k_mask, other=0.0)  # padding never read
+    if INTERPRET:
+        k = k.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N] float32
+    bias = tl.where(valid, 0.0, float("-inf"))
+    if GUMBEL:
+        noise, _ = _gumbel(row_hash, col - shift)
+        x = qk * qk_scale + noise * noise_scale + bias[None, :]
+    else:
+        x = qk * qk_scale + bias[None, :]
+    if CAUSAL:
+        x = tl.where(col[None, :] <= rows[:, None], x, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit(do_not_specialize=["noise_key"])
+def _lse_kernel(
+    Q,
+    K,
+    COLS,
+    REAL,
+    PAD,
+    LSE,
+    qk_scale,
+    noise_scale,
+    noise_key,
+    n,
+    q_heads,
+    group,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_cb,
+    stride_ch,
+    stride_cn,
+    stride_rb,
+    stride_rn,
+    GUMBEL: tl.constexpr,
+    HAS_REAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Pass 1, one (query row block, sequence x query head): ``LSE[bh, r] = log2 sum_j exp2(x[r, j])``."""
+    blk = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) row blocks start first
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // q_heads
+    h = bh % q_heads
+    kvh = h // group
+    m0 = blk * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_in = rows < n
+    q_ok = row_in
+    if HAS_REAL:
+        q_ok = q_ok & (tl.load(REAL + b * stride_rb + rows * stride_rn, mask=row_in, other=0) != 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        q_mask = q_ok[:, None]
+    else:
+        q_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    q = q.to(K.dtype.element_ty)
+    if INTERPRET:  # the interpreter's tl.dot gets bfloat16 wrong: dots in float32 there
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    c_base = COLS + b * stride_cb + kvh * stride_ch
+
+    shift = 0
+    row_hash = rows.to(tl.uint32)
+    if GUMBEL:
+        if HAS_PAD:
+            shift = tl.load(PAD + b)
+        row_hash = _row_hash(noise_key, kvh, h % group, rows - shift)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    diag_end = tl.minimum(m0 + BLOCK_M, n)
+    if INTERPRET:  # the interpreter cannot take tensor loop bounds (NumPy >= 2.3): same bodies, while loops
+        n0 = 0
+        while n0 < m0:
+            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
+                                  m_i, l_i, row_hash, shift, False, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  BLOCK_N)  # fmt: skip
+            n0 += BLOCK_N
+        n0 = m0
+        while n0 < diag_end:
+            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
+                                  m_i, l_i, row_hash, shift, True, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  BLOCK_N)  # fmt: skip
+            n0 += BLOCK_N
+    else:
+        # Key blocks wholly left of the row block: key column j < m0 <= r, no causal mask needed.
+        for n0 in range(0, m0, BLOCK_N):
+            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
+                                  m_i, l_i, row_hash, shift, False, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  BLOCK_N)  # fmt: skip
+        for n0 in range(m0, diag_end, BLOCK_N):
+            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
+                                  m_i, l_i, row_hash, shift, True, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  BLOCK_N)  # fmt: skip
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # +inf: no allowed key, p = 0
+    tl.store(LSE + bh * n + rows, lse, mask=row_in)
+
+
+@triton.jit
+def _colsum_block(
+    k,
+    col,
+    m0,
+    q_base,
+    lse_base,
+    r_base,
+    stride_qn,
+    stride_rn,
+    n,
+    offs_d,
+    qk_scale,
+    noise_scale,
+    noise_key,
+    kvh,
+    gi,
+    shift,
+    acc,
+    CAUSAL: tl.constexpr,
+    GUMBEL: tl.constexpr,
+    HAS_REAL: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Rows ``[m0, m0 + BLOCK_M)`` against the program's keys ``k`` [N, D]: ``acc [N] += sum_r p[r, key]``."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q_ok = rows < n
+    if HAS_REAL:
+        q_ok = q_ok & (tl.load(r_base + rows * stride_rn, mask=q_ok, other=0) != 0)
+    if EVEN_D:
+        q_mask = q_ok[:, None]
+    else:
+        q_mask = q_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    # Rows out of range or padding: q = 0 and lse = +inf, so x = -inf and p = 0 without a per-element mask.
+    q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0).to(k.dtype)
+    lse = tl.load(lse_base + rows, mask=q_ok, other=float("inf"))
+    qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [N, M] float32
+    if GUMBEL:
+        noise = _gumbel_cols(col - shift, _row_hash(noise_key, kvh, gi, rows - shift))
+        x = qk * qk_scale + noise * noise_scale - lse[None, :]
+    else:
+        x = qk * qk_scale - lse[None, :]
+    if CAUSAL:
+        x = tl.where(col[:, None] <= rows[None, :], x, float("-inf"))
+    return acc + tl.sum(tl.exp2(x), 1)
+
+
+@triton.jit(do_not_specialize=["noise_key"])
+def _colsum_kernel(
+    Q,
+    K,
+    COLS,
+    REAL,
+    PAD,
+    LSE,
+    OUT,
+    qk_scale,
+    noise_scale,
+    noise_key,
+    n,
+    q_heads,
+    group,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_cb,
+    stride_ch,
+    stride_cn,
+    stride_rb,
+    stride_rn,
+    GUMBEL: tl.constexpr,
+    HAS_REAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Pass 2, one (key block, sequence x query head): ``OUT[bh, j] = sum_r exp2(x[r, j] - LSE[bh, r])``."""
+    n0 = tl.program_id(0) * BLOCK_N  # the first key blocks (the most rows) start first
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // q_heads
+    h = bh % q_heads
+    kvh = h // group
+    keys = n0 + tl.arange(0, BLOCK_N)
+    key_in = keys < n
+    col = tl.load(COLS + b * stride_cb + kvh * stride_ch + keys * stride_cn, mask=key_in, other=-1)
+    valid = col >= 0
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        k_mask = valid[:, None]
+    else:
+        k_mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k_ptrs = K + b * stride_kb + kvh * stride_kh + keys[:, None] * stride_kn + offs_d[None, :]
+    k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # padding keys never read
+    if INTERPRET:
+        k = k.to(tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    lse_base = LSE + bh * n
+    r_base = REAL + b * stride_rb
+    shift = 0
+    if GUMBEL:
+        if HAS_PAD:
+            shift = tl.load(PAD + b)
+    gi = h % group
+
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    diag_end = tl.minimum(n0 + BLOCK_N, n)
+    if INTERPRET:
+        m0 = n0
+        while m0 < diag_end:
+            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
+                                noise_scale, noise_key, kvh, gi, shift, acc, True, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+            m0 += BLOCK_M
+        m0 = n0 + BLOCK_N
+        while m0 < n:
+            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
+                                noise_scale, noise_key, kvh, gi, shift, acc, False, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+            m0 += BLOCK_M
+    else:
+        for m0 in range(n0, diag_end, BLOCK_M):
+            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
+                                noise_scale, noise_key, kvh, gi, shift, acc, True, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+        # Row blocks wholly below the key block: every key column j < n0 + BLOCK_N <= r, no causal mask needed.
+        for m0 in range(n0 + BLOCK_N, n, BLOCK_M):
+            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
+                                noise_scale, noise_key, kvh, gi, shift, acc, False, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+    tl.store(OUT + bh * n + keys, tl.where(valid, acc, 0.0), mask=key_in)  # padding keys: 0 (NaN never leaks)
+
+
+def prefill_scores(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_cols: torch.Tensor,
+    scaling: float,
+    *,
+    query_real: torch.Tensor | None = None,
+    score_mode: str = "probs",
+    head_reduce: str = "mean",
+    tau: float = 1.0,
+    noise_key: int = 0,
+    padding: torch.Tensor | None = None,
+    _blocks: tuple[int, int] | None = None,
+    _poison: bool = False,
+) -> torch.Tensor:
+    """The prompt's score step: per key, the summed (noisy, tempered) softmax probability of the real query rows.
+
+    Query row ``r`` has column ``r`` and may attend key ``j`` when ``0 <= key_cols[b, h, j] <= r``; a fresh
+    prompt is assumed (``key_cols[b, h, j]`` is ``j`` or ``-1``: only the shapes are checked).
+
+    Args:
+        query: ``[B, Hq, n, D]`` the prompt's queries (bf16, fp16 or fp32; last dim contiguous or copied).
+        keys: ``[B, Hkv, n, D]`` the prompt's keys, ``Hq`` a multiple of ``Hkv``.
+        key_cols: ``[B, Hkv or 1, n]`` int64 column of each key, -1 for padding (never attended nor read).
+        scaling: factor applied to ``q . k``.
+        query_real: ``[B, n]`` bool, the real query rows (padding rows contribute nothing; never read).
+        score_mode: ``"probs"`` (softmax, H2O / CO2) or ``"gumbel"`` (Keyformer's ``softmax((x + g) / tau)``).
+        head_reduce: ``"mean"``, ``"sum"`` or ``"max"`` over the group's query heads, after the row sum.
+        tau: Keyformer temperature (gumbel only; the prompt uses ``tau_init``).
+        noise_key: ``keyformer.noise_key(seed, layer_idx)`` (gumbel only).
+        padding: ``[B]`` int64 left padding: true position = column - padding (gumbel hash only).
+        _blocks: ``(big, small)`` block sizes (tests); _poison: NaN-fill scratch and output before launch.
+
+    Returns:
+        ``[B, Hkv, n]`` float32 (0 for padding keys).
+    """
+    if query.dim() != 4 or keys.dim() != 4:
+        raise ValueError(f"query and keys must be 4-D [B, H, n, D], got {tuple(query.shape)}, {tuple(keys.shape)}")
+    batch, q_heads, n, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    if q_heads % kv_heads:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    # The fresh-prompt assumption, by shape: as many keys as query rows, one column per key.
+    if keys.shape != (batch, kv_heads, n, head_dim) or key_cols.dim() != 3:
+        raise ValueError(f"keys {tuple(keys.shape)} must be [B, Hkv, n, D] for query {tuple(query.shape)}")
+    if key_cols.shape[0] != batch or key_cols.shape[1] not in (1, kv_heads) or key_cols.shape[2] != n:
+        raise ValueError(f"key_cols {tuple(key_cols.shape)} must be [B, Hkv or 1, n] = [{batch}, {kv_heads}, {n}]")
+    if query_real is not None and query_real.shape != (batch, n):
+        raise ValueError(f"query_real {tuple(query_real.shape)} must be [B, n] = [{batch}, {n}]")
+    if padding is not None and padding.shape != (batch,):
+        raise ValueError(f"padding {tuple(padding.shape)} must be [B] = [{batch}]")
+    if score_mode not in _SCORE_MODES:
+        raise ValueError(f"score_mode must be one of {', '.join(_SCORE_MODES)}, got {score_mode!r}")
+    if head_reduce not in _REDUCTIONS:
+        raise ValueError(f"head_reduce must be one of {', '.join(_REDUCTIONS)}, got {head_reduce!r}")
+    if score_mode == "gumbel" and not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    if key_cols.dtype != torch.int64:
+        key_cols = key_cols.long()
+    device = query.device
+    group = q_heads // kv_heads
+    gumbel = score_mode == "gumbel"
+    fill = torch.full if _poison else None
+
+    def buffer(*shape):
+        if fill is not None:
+            return fill(shape, float("nan"), dtype=torch.float32, device=device)
+        return torch.empty(shape, dtype=torch.float32, device=device)
+
+    lse = buffer(batch, q_heads, n)
+    colsum = buffer(batch, q_heads, n)
+    if n == 0:
+        return colsum.new_zeros(batch, kv_heads, 0)
+
+    big, small, num_warps, num_stages = _CONFIG.get(keys.dtype, _CONFIG_16)
+    if _blocks is not None:
+        big, small = _blocks
+    if big % small or min(big, small) < 16:
+        raise ValueError(f"blocks {(big, small)}: need small >= 16 dividing big")
+    block_d = max(16, _next_pow2(head_dim))
+    # Base-2 logits: x = (q.k * scaling + g) / tau * log2(e).
+    inv_tau = 1.0 / float(tau) if gumbel else 1.0
+    qk_scale = float(scaling) * inv_tau * _LOG2E
+    noise_scale = inv_tau * _LOG2E
+    key32 = noise_key & _M32
+    key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32  # always an int32 argument
+    real = query_real.view(torch.uint8) if query_real is not None and query_real.dtype == torch.bool else query_real
+    has_pad = gumbel and padding is not None
+    stride_ch = key_cols.stride(1) if key_cols.shape[1] == kv_heads else 0
+    args = (
+        query,
+        keys,
+        key_cols,
+        real if real is not None else key_cols,
+        padding if has_pad else key_cols,
+        lse,
+    )
+    scalars = (
+        qk_scale,
+        noise_scale,
+        key32,
+        n,
+        q_heads,
+        group,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        key_cols.stride(0),
+        stride_ch,
+        key_cols.stride(2),
+        real.stride(0) if real is not None else 0,
+        real.stride(1) if real is not None else 0,
+    )
+    meta = dict(
+        GUMBEL=gumbel,
+        HAS_REAL=real is not None,
+        HAS_PAD=has_pad,
+        EVEN_D=block_d == head_dim,
+        HEAD_DIM=head_dim,
+        INTERPRET=_INTERPRET,
+        DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    _lse_kernel[(math.ceil(n / big), batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
+    _colsum_kernel[(math.ceil(n / big), batch * q_heads)](*args, colsum, *scalars, BLOCK_M=small, BLOCK_N=big, **meta)
+    if group == 1:
+        return colsum.view(batch, kv_heads, n)
+    per_head = colsum.view(batch, kv_heads, group, n)
+    if head_reduce == "sum":
+        return per_head.sum(dim=2)
+    if head_reduce == "max":
+        return per_head.amax(dim=2)
+    return per_head.mean(dim=2)
