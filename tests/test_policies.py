@@ -123,6 +123,14 @@ def test_gumbel_noise_is_standard_gumbel_and_reproducible():
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
 
 
+def test_gumbel_noise_is_finite_at_the_extreme_hashes():
+    from kvkeep.policies.keyformer import uniform
+
+    u = uniform(torch.tensor([0, 1, 2**31, 2**32 - 2, 2**32 - 1]))
+    assert bool(((u > 0) & (u < 1)).all())
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
 def test_keyformer_is_reproducible_run_to_run(gqa_model):
     prompt = random_prompt(50, seed=9)
     runs = [kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.4, seed=3) for _ in range(2)]

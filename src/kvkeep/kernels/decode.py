@@ -70,7 +70,7 @@ def _mix32(x):
 def _gumbel(row_hash, key_pos):
     """Gumbel(0, 1) noise of ``keyformer.gumbel_noise``: ``row_hash`` [R] uint32, ``key_pos`` [N] int64 -> [R, N]."""
     h = _mix32(row_hash[:, None] ^ key_pos.to(tl.uint32)[None, :])
-    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: u < 1 exactly in float32
     return -tl.log(-tl.log(u)), h
 
 

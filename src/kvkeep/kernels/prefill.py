@@ -52,7 +52,7 @@ _CONFIG_16 = (128, 64, 8, 3)
 def _gumbel_cols(key_pos, row_hash):
     """``_gumbel`` transposed (same ops, same bits): ``key_pos`` [N] int64, ``row_hash`` [R] uint32 -> [N, R]."""
     h = _mix32(row_hash[None, :] ^ key_pos.to(tl.uint32)[:, None])
-    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: u < 1 exactly in float32
     return -tl.log(-tl.log(u))
 
 

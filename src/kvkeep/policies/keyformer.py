@@ -19,6 +19,11 @@ def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     return x ^ (x >> 16)
 
 
+def uniform(h: torch.Tensor) -> torch.Tensor:
+    """A float32 in (0, 1) from the top 23 bits of a 32-bit hash (24 would round up to exactly 1.0)."""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
 def noise_key(seed: int, layer_idx: int = 0) -> int:
     """The 32-bit key of a layer's noise stream (the first two hash rounds of :func:`gumbel_noise`)."""
     return _mix32(_mix32(seed & _M32) ^ layer_idx)
@@ -38,8 +43,7 @@ def gumbel_noise(seed: int, info: StepInfo, shape: torch.Size, device: torch.dev
     qpos = (info.query_positions.to(device=device, dtype=torch.int64) & _M32)[:, None, None, :, None]
     kpos = (info.key_positions.to(device=device, dtype=torch.int64) & _M32)[:, :, None, None, :]
     h = _mix32(_mix32(h ^ qpos) ^ kpos)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(uniform(h)))
 
 
 @register
