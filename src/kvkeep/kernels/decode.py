@@ -35,6 +35,8 @@ BLOCK_N = 64
 BLOCK_C = 256
 #: Programs per SM that the split count aims for.
 PROGRAMS_PER_SM = 4
+#: Launch shape of kernel 1.
+NUM_WARPS, NUM_STAGES = 4, 3
 _M32 = 0xFFFFFFFF
 
 
@@ -194,6 +196,7 @@ def _split_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """One (sequence, KV head, slot range): online softmax of the group's query heads over the range."""
     pid = tl.program_id(0)
@@ -204,7 +207,10 @@ def _split_kernel(
     row_ok = rows < group
     head_rows = b * q_heads + kvh * group + rows  # flat (batch, query head) index
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    if EVEN_D:  # a compile-time all-true mask keeps K/V loads 16 bytes wide
+        d_ok = offs_d < BLOCK_D
+    else:
+        d_ok = offs_d < head_dim
 
     q_ptrs = Q + b * stride_qb + (kvh * group + rows)[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(K.dtype.element_ty)
@@ -440,6 +446,8 @@ def decode_attention(
     padding: torch.Tensor | None = None,
     _num_splits: int | None = None,
     _block_n: int | None = None,
+    _num_warps: int | None = None,
+    _num_stages: int | None = None,
     _poison: bool = False,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over slot buffers, with an optional in-place score update.
@@ -458,7 +466,7 @@ def decode_attention(
         noise_key: ``_mix32(_mix32(seed & 0xFFFFFFFF) ^ layer_idx)`` (gumbel only).
         query_pos: ``[B]`` int64 true position of each query (gumbel only).
         padding: ``[B]`` int64 left padding; a key's true position is ``positions - padding[b]`` (gumbel only).
-        _num_splits, _block_n: force the split count / slots per block (tests).
+        _num_splits, _block_n, _num_warps, _num_stages: override the launch shape (tests, tuning).
         _poison: fill output and workspaces with NaN before the launch (tests: every read value is written).
 
     Returns:
@@ -564,7 +572,9 @@ def decode_attention(
         GROUP_PAD=group_pad,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4,
+        EVEN_D=block_d == head_dim,
+        num_warps=_num_warps or NUM_WARPS,
+        num_stages=_num_stages or NUM_STAGES,
     )
     if one_split and not want_scores:
         return out
