@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The runs behind BENCHMARKS.md, on one GPU (random weights of real architectures, bfloat16).
-# Usage: scripts/benchmarks.sh [A|B1|B2|B3|C ...]   (default: all); JSON and markdown go to ${OUT:-runs/bench}.
+# Usage: scripts/benchmarks.sh [A|B1|B2|B3|B4|C ...]   (default: all); JSON and markdown go to ${OUT:-runs/bench}.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-runs/bench}; mkdir -p "$out"
 kvkeep=(python3 -m kvkeep.cli bench)
-stages=("$@"); [ $# -eq 0 ] && stages=(A B1 B2 B3 C)
+stages=("$@"); [ $# -eq 0 ] && stages=(A B1 B2 B3 B4 C)
 for stage in "${stages[@]}"; do
   case $stage in
     # A: every method at both budgets, 2k prompt + 256 new tokens, batch 1 and 8 (Llama-2-7B, MHA)
     A) "${kvkeep[@]}" --arch llama-2-7b --prompts 2048 --gens 256 --batches 1,8 \
          --json "$out/A_llama2_2k.json" --markdown "$out/A_llama2_2k.md" ;;
-    # B1-B3: 4k prompt + 1k new tokens at budget 0.5, batch 1, 8 and the largest that fits in 76 GiB
-    # (three runs, so that each fits the GPU machine's 10-minute command limit)
-    B1|B2|B3) methods=$(case $stage in B1) echo hf-sdpa,hf-eager,full ;; B2) echo window,streaming,h2o ;;
-                        B3) echo keyformer,co2 ;; esac)
+    # B1-B4: 4k prompt + 1k new tokens at budget 0.5, batch 1, 8 and the largest that fits in 76 GiB
+    # (four runs, so that each fits the GPU machine's 10-minute command limit)
+    B1|B2|B3|B4) methods=$(case $stage in B1) echo hf-sdpa ;; B2) echo hf-eager ;; B3) echo full,window,streaming ;;
+                           B4) echo h2o,keyformer,co2 ;; esac)
        "${kvkeep[@]}" --arch llama-2-7b --methods "$methods" --budgets 0.5 --prompts 4096 --gens 1024 \
          --batches 1,8,max --memory-gib 76 --json "$out/${stage}_llama2_4k.json" --markdown "$out/${stage}_llama2_4k.md" ;;
     # C: a GQA architecture (Llama-3-8B: 32 query / 8 KV heads), 2k prompt + 256 new tokens

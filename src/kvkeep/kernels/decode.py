@@ -30,13 +30,13 @@ __all__ = ["decode_attention"]
 _SCORE_MODES = ("probs", "gumbel")
 _REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}
 #: Slots per inner iteration of kernel 1.
-BLOCK_N = 64
+BLOCK_N = 128
 #: Slots per program of kernel 2's score update.
 BLOCK_C = 256
 #: Programs per SM that the split count aims for.
 PROGRAMS_PER_SM = 4
 #: Launch shape of kernel 1.
-NUM_WARPS, NUM_STAGES = 4, 3
+NUM_WARPS, NUM_STAGES = 4, 2
 _M32 = 0xFFFFFFFF
 
 
