@@ -32,7 +32,7 @@ import transformers as tf
 from . import __version__
 from .cache import KVKeepCache
 from .generation import generate
-from .policies import POLICIES
+from .policies import POLICIES, make_policy
 
 #: Random-weight models of real architectures (the speed of a decode step does not depend on the weights).
 ARCHITECTURES: dict[str, tuple[type, dict]] = {
@@ -215,7 +215,15 @@ def bench(args: argparse.Namespace) -> list[dict]:
         if case.batch == 0:
             case.batch = largest_batch(rows, case, memory_gib)
         if (case.method, case.budget, case.prompt) not in warmed:  # compile kernels outside the timings
-            run_case(model, Case(case.method, case.budget, case.prompt, gen=4, batch=1), bandwidth, params)
+            warm = (
+                4
+                if case.method in HF_METHODS
+                else 4
+                + make_policy(
+                    case.method, None if POLICIES[case.method].keeps_all else case.budget, **params.get(case.method, {})
+                ).evict_after()
+            )  # CO2 reaches its slot-mode decode kernel only after N steps
+            run_case(model, Case(case.method, case.budget, case.prompt, gen=warm, batch=1), bandwidth, params)
             warmed.add((case.method, case.budget, case.prompt))
         for attempt in range(2):
             try:
