@@ -193,7 +193,22 @@ def largest_batch(rows: list[dict], case: Case, memory_gib: float) -> int:
         raise ValueError("batch 'max' needs two smaller batches of the same case measured first: add e.g. 1,8")
     (b0, p0), (b1, p1) = same[0], same[-1]
     per_sequence = (p1 - p0) / (b1 - b0)
-    return max(1, int((memory_gib - (p0 - b0 * per_sequence)) / per_sequence))
+    # 3% headroom for what a straight line misses (allocator fragmentation, a growing cache's copies)
+    return max(1, int((0.97 * memory_gib - (p0 - b0 * per_sequence)) / per_sequence))
+
+
+def _run_fitting(model, case: Case, bandwidth: float, params: dict, tries: int) -> dict:
+    """Run ``case``; on running out of memory, free everything and retry with 10% fewer sequences."""
+    for _ in range(tries):
+        try:
+            return run_case(model, case, bandwidth, params)
+        except torch.OutOfMemoryError:
+            failed = {**asdict(case), "error": "out of memory"}
+        print(_row_line(failed), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        case.batch = max(1, int(case.batch * 0.9))
+    return failed
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
@@ -225,15 +240,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
             )  # CO2 reaches its slot-mode decode kernel only after N steps
             run_case(model, Case(case.method, case.budget, case.prompt, gen=warm, batch=1), bandwidth, params)
             warmed.add((case.method, case.budget, case.prompt))
-        for attempt in range(2):
-            try:
-                row = run_case(model, case, bandwidth, params)
-                break
-            except torch.OutOfMemoryError:
-                row = {**asdict(case), "error": "out of memory"}
-                case.batch = max(1, int(case.batch * 0.9))
-                if attempt == 0:
-                    torch.cuda.empty_cache()
+        row = _run_fitting(model, case, bandwidth, params, tries=4 if case.batch > 8 else 1)
         rows.append(row)
         print(_row_line(row), flush=True)
     meta = {
