@@ -2,7 +2,7 @@
 # The runs behind BENCHMARKS.md, on one GPU (random weights of real architectures, bfloat16).
 # Usage: scripts/benchmarks.sh [A|B1|B2|B3|B4|C ...]   (default: all); JSON and markdown go to ${OUT:-runs/bench}.
 set -uo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation near the memory limit
 out=${OUT:-runs/bench}; mkdir -p "$out"
 kvkeep=(python3 -m kvkeep.cli bench)
 stages=("$@"); [ $# -eq 0 ] && stages=(A B1 B2 B3 B4 C)
