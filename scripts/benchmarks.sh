@@ -11,10 +11,10 @@ for stage in "${stages[@]}"; do
     # A: every method at both budgets, 2k prompt + 256 new tokens, batch 1 and 8 (Llama-2-7B, MHA)
     A) "${kvkeep[@]}" --arch llama-2-7b --prompts 2048 --gens 256 --batches 1,8 \
          --json "$out/A_llama2_2k.json" --markdown "$out/A_llama2_2k.md" ;;
-    # B1-B4: 4k prompt + 1k new tokens at budget 0.5, batch 1, 8 and the largest that fits in 76 GiB
+    # B1-B4 (B5: keyformer alone): 4k prompt + 1k new tokens at budget 0.5, batch 1, 8 and the largest that fits in 76 GiB
     # (four runs, so that each fits the GPU machine's 10-minute command limit)
-    B1|B2|B3|B4) methods=$(case $stage in B1) echo hf-sdpa ;; B2) echo hf-eager ;; B3) echo full,window,streaming ;;
-                           B4) echo h2o,keyformer,co2 ;; esac)
+    B1|B2|B3|B4|B5) methods=$(case $stage in B1) echo hf-sdpa ;; B2) echo hf-eager ;; B3) echo full,window,streaming ;;
+                           B4) echo h2o,keyformer,co2 ;; B5) echo keyformer ;; esac)
        "${kvkeep[@]}" --arch llama-2-7b --methods "$methods" --budgets 0.5 --prompts 4096 --gens 1024 \
          --batches 1,8,max --memory-gib 76 --json "$out/${stage}_llama2_4k.json" --markdown "$out/${stage}_llama2_4k.md" ;;
     # C: a GQA architecture (Llama-3-8B: 32 query / 8 KV heads), 2k prompt + 256 new tokens

@@ -77,6 +77,14 @@ def _gumbel(row_hash, key_pos):
 
 
 @triton.jit
+def _gumbel_row(row_hash, key_pos):
+    """:func:`_gumbel` for a single query row: ``row_hash`` scalar uint32, ``key_pos`` [N] int64 -> [N]."""
+    h = _mix32(row_hash ^ key_pos.to(tl.uint32))
+    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
 def _row_hash(noise_key, kv_head, rows, query_pos):
     """Per query-head hash prefix ``mix(mix(mix(key ^ kv) ^ gi) ^ qpos)``: ``rows`` [R] -> [R] uint32."""
     h = _mix32(noise_key.to(tl.uint32) ^ kv_head.to(tl.uint32))
@@ -110,6 +118,7 @@ def _attend_block(
     row_ok,
     SCORES: tl.constexpr,
     GUMBEL: tl.constexpr,
+    ONE_ROW: tl.constexpr,
     INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -141,7 +150,10 @@ def _attend_block(
 
     if SCORES:
         if GUMBEL:
-            noise, _ = _gumbel(row_hash, pos - shift)
+            if ONE_ROW:  # MHA: noise for the one real query row only, not the padded tile
+                noise = _gumbel_row(row_hash, pos - shift)[None, :]
+            else:
+                noise, _ = _gumbel(row_hash, pos - shift)
             logits = tl.where(valid[None, :], (logits + noise) / tau, float("-inf"))
             m2_new = tl.maximum(m2, tl.max(logits, 1))
             m2_use = tl.where(m2_new > float("-inf"), m2_new, 0.0)
@@ -197,6 +209,7 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
+    ONE_ROW: tl.constexpr,
 ):
     """One (sequence, KV head, slot range): online softmax of the group's query heads over the range."""
     pid = tl.program_id(0)
@@ -229,7 +242,10 @@ def _split_kernel(
     tau = 1.0
     shift = 0
     if GUMBEL:
-        row_hash = _row_hash(noise_key, kvh, rows, tl.load(QPOS + b))
+        if ONE_ROW:
+            row_hash = _row_hash(noise_key, kvh, kvh * 0, tl.load(QPOS + b))
+        else:
+            row_hash = _row_hash(noise_key, kvh, rows, tl.load(QPOS + b))
         tau = tl.load(TAU)
         if HAS_PAD:
             shift = tl.load(PAD + b)
@@ -265,6 +281,7 @@ def _split_kernel(
                 row_ok,
                 SCORES,
                 GUMBEL,
+                ONE_ROW,
                 INTERPRET,
                 DOT_PRECISION,
                 BLOCK_N,
@@ -297,6 +314,7 @@ def _split_kernel(
                 row_ok,
                 SCORES,
                 GUMBEL,
+                ONE_ROW,
                 INTERPRET,
                 DOT_PRECISION,
                 BLOCK_N,
@@ -573,6 +591,7 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         EVEN_D=block_d == head_dim,
+        ONE_ROW=group == 1,
         num_warps=_num_warps or NUM_WARPS,
         num_stages=_num_stages or NUM_STAGES,
     )
