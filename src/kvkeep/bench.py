@@ -11,7 +11,8 @@ sequences, through :func:`kvkeep.generate` (timed with device events).  Methods:
 The memory-bandwidth floor of a decode step is the time to read the weights (less the input embedding)
 and the K/V the step attends to once, at the device-to-device copy bandwidth measured at the start.
 ``batch`` may be ``max``: the largest batch whose peak memory fits ``--memory-gib``, extrapolated from
-the peaks measured at two smaller batches of the same method and then run.
+the peaks measured at two smaller batches of the same method (in this run or in ``--fit-from`` files)
+and then run.
 """
 
 from __future__ import annotations
@@ -225,10 +226,11 @@ def bench(args: argparse.Namespace) -> list[dict]:
         method, _, name = key.partition(".")
         params.setdefault(method, {})[name] = value
     rows: list[dict] = []
+    earlier = [row for path in args.fit_from for row in json.loads(Path(path).read_text())["rows"]]
     warmed = set()
     for case in matrix(args.methods, args.budgets, args.prompts, args.gens, args.batches):
         if case.batch == 0:
-            case.batch = largest_batch(rows, case, memory_gib)
+            case.batch = largest_batch(earlier + rows, case, memory_gib)
         if (case.method, case.budget, case.prompt) not in warmed:  # compile kernels outside the timings
             warm = (
                 4
@@ -353,6 +355,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--param", dest="params", metavar="METHOD.KEY=VALUE", type=parse_param, action="append", default=[],
         help="a policy parameter, e.g. co2.N=20 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fit-from", metavar="JSON", nargs="+", default=[],
+        help="earlier bench JSON whose measured peaks size batch 'max' (then --batches max alone suffices)",
     )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
