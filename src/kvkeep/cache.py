@@ -156,27 +156,31 @@ class KVKeepLayer(CacheLayerMixin):
             out, step_scores = self._attend_prompt(query, scaling, real)
         else:
             query_cols = torch.arange(first, self.seen, device=query.device)
-            scorer = self._scorer(query_cols) if self.policy.needs_scores else None
-            out, step_scores = attend(
-                query,
-                self.keys,
-                self.values,
-                self.positions,
-                query_cols,
-                scaling,
-                sliding_window=self.sliding_window,
-                softcap=softcap,
-                alibi_slopes=alibi_slopes,
-                scorer=scorer,
-                query_real=real,
-                head_reduce=getattr(self.policy, "head_reduce", "mean"),
-            )
+            out, step_scores = self._attend_torch(query, query_cols, scaling, softcap, alibi_slopes, real)
         if step_scores is not None:
             self.scores = self.policy.accumulate(self.scores, step_scores)
         self._evict()
         if self.owner.static and self.step >= self.policy.evict_after():
             self._to_slots()
         return out
+
+    def _attend_torch(self, query, query_cols, scaling, softcap, alibi_slopes, real=None):
+        """The reference path, :func:`kvkeep.attention.attend` over this layer's slots: ``(output, scores)``."""
+        scorer = self._scorer(query_cols) if self.policy.needs_scores else None
+        return attend(
+            query,
+            self.keys,
+            self.values,
+            self.positions,
+            query_cols,
+            scaling,
+            sliding_window=self.sliding_window,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            scorer=scorer,
+            query_real=real,
+            head_reduce=getattr(self.policy, "head_reduce", "mean"),
+        )
 
     def _attend_prompt(self, query: torch.Tensor, scaling: float, real: torch.Tensor):
         """A fresh prompt on the GPU path: output from PyTorch's fused SDPA, scores from a Triton kernel.
@@ -362,20 +366,7 @@ class KVKeepLayer(CacheLayerMixin):
             out = decode_attention(query[:, :, 0], self.keys, self.values, self.positions, scaling, **args)
             out = out[:, None]
         else:
-            query_cols = self.owner.column
-            scorer = self._scorer(query_cols) if self.scores is not None else None
-            out, step_scores = attend(
-                query,
-                self.keys,
-                self.values,
-                self.positions,
-                query_cols,
-                scaling,
-                softcap=softcap,
-                alibi_slopes=alibi_slopes,
-                scorer=scorer,
-                head_reduce=getattr(self.policy, "head_reduce", "mean"),
-            )
+            out, step_scores = self._attend_torch(query, self.owner.column, scaling, softcap, alibi_slopes)
             if step_scores is not None:
                 self.scores.copy_(self.policy.accumulate(self.scores, step_scores))
         self._evict_slot(triton=self.owner.kernel_for(query) == "triton")
