@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import kvkeep
 from kvkeep.cli import main, parse_budget, parse_value
@@ -236,3 +237,34 @@ def test_bench_prints_a_table_and_writes_json(capsys, tmp_path: Path) -> None:
 def test_bench_errors(capsys, argv, fragment) -> None:
     status, _, err = run(capsys, "bench", "--prompts", "16", "--gens", "2", "--batches", "1", *argv)
     assert status == 2 and fragment in err
+
+
+def test_largest_batch_extrapolates_measured_peaks_with_headroom() -> None:
+    from kvkeep.bench import Case, largest_batch
+
+    case = Case("h2o", 0.5, 4096, 1024, 0)
+    rows = [
+        {"method": "h2o", "budget": 0.5, "prompt": 4096, "gen": 1024, "batch": 1, "peak_gib": 14.0},
+        {"method": "h2o", "budget": 0.5, "prompt": 4096, "gen": 1024, "batch": 8, "peak_gib": 23.8},
+        {"method": "window", "budget": 0.5, "prompt": 4096, "gen": 1024, "batch": 8, "peak_gib": 99.0},
+    ]
+    per_sequence = (23.8 - 14.0) / 7
+    expected = int((0.97 * 76 - (14.0 - per_sequence)) / per_sequence)
+    assert largest_batch(rows, case, 76) == expected == 43
+    with pytest.raises(ValueError, match="two smaller batches"):
+        largest_batch(rows[:1], case, 76)
+
+
+def test_bench_floor_counts_the_kv_each_step_reads() -> None:
+    from kvkeep.bench import Case, _kv_tokens_read
+
+    model = tiny_model("llama")
+    hf = kvkeep.KVKeepCache(model, "full")
+    assert _kv_tokens_read(Case("full", None, 100, 11, 1), hf) == pytest.approx(105.5)  # 101 ... 110 tokens
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=True)
+    kvkeep.generate(model, torch.randint(3, 90, (1, 100)), cache=cache, max_new_tokens=3)
+    assert _kv_tokens_read(Case("h2o", 0.5, 100, 11, 1), cache) == 51  # the slot buffers: budget + 1
+    co2 = kvkeep.KVKeepCache(model, "co2", budget=0.5, N=4, static=True)
+    kvkeep.generate(model, torch.randint(3, 90, (1, 100)), cache=co2, max_new_tokens=6)
+    # 4 measurement steps over the growing cache, then the slots
+    assert _kv_tokens_read(Case("co2", 0.5, 100, 11, 1), co2) == pytest.approx((101 + 102 + 103 + 104 + 6 * 51) / 10)
