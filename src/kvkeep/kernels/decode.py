@@ -112,7 +112,7 @@ def _attend_block(
     m2,
     l2,
     row_hash,
-    tau,
+    inv_tau,
     shift,
     s_rows,
     row_ok,
@@ -154,7 +154,7 @@ def _attend_block(
                 noise = _gumbel_row(row_hash, pos - shift)[None, :]
             else:
                 noise, _ = _gumbel(row_hash, pos - shift)
-            logits = tl.where(valid[None, :], (logits + noise) / tau, float("-inf"))
+            logits = tl.where(valid[None, :], (logits + noise) * inv_tau, float("-inf"))
             m2_new = tl.maximum(m2, tl.max(logits, 1))
             m2_use = tl.where(m2_new > float("-inf"), m2_new, 0.0)
             l2 = l2 * tl.exp(m2 - m2_use) + tl.sum(tl.exp(logits - m2_use[:, None]), 1)
@@ -239,14 +239,14 @@ def _split_kernel(
     m2 = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l2 = tl.zeros([GROUP_PAD], tl.float32)
     row_hash = rows.to(tl.uint32)
-    tau = 1.0
+    inv_tau = 1.0
     shift = 0
     if GUMBEL:
         if ONE_ROW:
             row_hash = _row_hash(noise_key, kvh, kvh * 0, tl.load(QPOS + b))
         else:
             row_hash = _row_hash(noise_key, kvh, rows, tl.load(QPOS + b))
-        tau = tl.load(TAU)
+        inv_tau = 1.0 / tl.load(TAU)  # one division per program, not one per (row, slot)
         if HAS_PAD:
             shift = tl.load(PAD + b)
     s_rows = SCRATCH + head_rows * slots
@@ -275,7 +275,7 @@ def _split_kernel(
                 m2,
                 l2,
                 row_hash,
-                tau,
+                inv_tau,
                 shift,
                 s_rows,
                 row_ok,
@@ -308,7 +308,7 @@ def _split_kernel(
                 m2,
                 l2,
                 row_hash,
-                tau,
+                inv_tau,
                 shift,
                 s_rows,
                 row_ok,
