@@ -32,6 +32,7 @@ import transformers as tf
 
 from . import __version__
 from .cache import KVKeepCache
+from .cli import comma_list, parse_param
 from .generation import generate
 from .policies import POLICIES, make_policy
 
@@ -313,18 +314,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _csv(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(item) for item in text.split(",") if item]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-
-    return parse
-
-
 def _methods(text: str) -> list[str]:
-    methods = _csv(str)(text)
+    methods = comma_list(str, "h2o,keyformer")(text)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
@@ -336,8 +327,6 @@ def _batch(item: str) -> str | int:
 
 
 def add_parser(subparsers) -> None:
-    from .cli import parse_param
-
     parser = subparsers.add_parser(
         "bench",
         help="measure prefill, decode latency, throughput and memory of every policy against transformers",
@@ -347,10 +336,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available)")
     parser.add_argument("--dtype", help="default: bfloat16 on cuda, else float32")
     parser.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated (default: all)")
-    parser.add_argument("--budgets", type=_csv(float), default=[0.2, 0.5], help="default: 0.2,0.5")
-    parser.add_argument("--prompts", type=_csv(int), default=[2048, 4096], help="default: 2048,4096")
-    parser.add_argument("--gens", type=_csv(int), default=[256, 1024], help="default: 256,1024")
-    parser.add_argument("--batches", type=_csv(_batch), default=[1, 8, "max"], help="default: 1,8,max")
+    parser.add_argument("--budgets", type=comma_list(float, "0.2,0.5"), default=[0.2, 0.5], help="default: 0.2,0.5")
+    parser.add_argument("--prompts", type=comma_list(int, "2048,4096"), default=[2048, 4096], help="default: 2048,4096")
+    parser.add_argument("--gens", type=comma_list(int, "256,1024"), default=[256, 1024], help="default: 256,1024")
+    parser.add_argument("--batches", type=comma_list(_batch, "1,8,max"), default=[1, 8, "max"], help="default: 1,8,max")
     parser.add_argument("--memory-gib", type=float, help="memory for batch 'max' (default: the GPU's, less 2 GiB)")
     parser.add_argument(
         "--param", dest="params", metavar="METHOD.KEY=VALUE", type=parse_param, action="append", default=[],

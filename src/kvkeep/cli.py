@@ -50,6 +50,19 @@ def parse_value(text: str) -> int | float | bool | str | None:
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
+def comma_list(kind, example: str):
+    """An argparse type: ``"a,b,c"`` -> ``[kind(a), kind(b), kind(c)]``, one line naming ``example`` otherwise."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(item.strip()) for item in text.split(",") if item.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            message = f"expected a comma-separated list such as {example}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+
+    return parse
+
+
 def parse_param(text: str) -> tuple[str, int | float | bool | str | None]:
     """``"KEY=VALUE"`` -> ``(key, parse_value(value))``."""
     key, sep, value = text.partition("=")

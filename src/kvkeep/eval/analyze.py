@@ -944,20 +944,6 @@ POLICY_KINDS = ("cached", "replacement", "scores")
 
 
 # -- command line -------------------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,15,-1, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def add_parser(subparsers) -> None:
     """Register ``kvkeep analyze KIND``."""
     parser = subparsers.add_parser(
@@ -1010,23 +996,27 @@ def add_parser(subparsers) -> None:
     group = parser.add_argument_group("analysis")
     group.add_argument(
         "--layers",
-        type=_int_list,
+        type=_cli.comma_list(int, "0,15,-1"),
         help="layers, negative from the end: heatmap's maps (default: first, middle, last); the per-step view of "
         "cached (the first one; default: middle); replacement and scores pool them (default: all)",
     )
     group.add_argument(
         "--heads",
-        type=_int_list,
+        type=_cli.comma_list(int, "0,15,-1"),
         help="heatmap: query heads (default: 0); cached: the KV head of the per-step view (default: 0)",
     )
     group.add_argument("--gamma", type=float, default=0.01, help="cached: activation threshold (default: %(default)s)")
     group.add_argument(
         "--thresholds",
-        type=_float_list,
+        type=_cli.comma_list(float, "0.01,0.05"),
         default=list(THRESHOLDS),
         help="sparsity: thresholds as shares of the row max (default: 0.001,0.005,0.01,0.05,0.1)",
     )
-    group.add_argument("--steps", type=_int_list, help="scores: decode steps of the snapshots (default: 4, evenly)")
+    group.add_argument(
+        "--steps",
+        type=_cli.comma_list(int, "0,15,-1"),
+        help="scores: decode steps of the snapshots (default: 4, evenly)",
+    )
     group.add_argument("--out", required=True, metavar="DIR", help="where KIND.json and KIND.png go")
     parser.set_defaults(func=_analyze)
 
