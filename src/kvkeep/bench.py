@@ -201,12 +201,14 @@ def largest_batch(rows: list[dict], case: Case, memory_gib: float) -> int:
 
 def _run_fitting(model, case: Case, bandwidth: float, params: dict, tries: int) -> dict:
     """Run ``case``; on running out of memory, free everything and retry with 10% fewer sequences."""
-    for _ in range(tries):
+    for attempt in range(tries):
         try:
             return run_case(model, case, bandwidth, params)
         except torch.OutOfMemoryError:
             failed = {**asdict(case), "error": "out of memory"}
-        print(_row_line(failed), flush=True)
+        if attempt == tries - 1:
+            break
+        print(_row_line(failed), flush=True)  # the caller prints the row it gets back
         gc.collect()
         torch.cuda.empty_cache()
         case.batch = max(1, int(case.batch * 0.9))

@@ -127,11 +127,12 @@ def generate(
             continue
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-        slot_steps += int(static and cache.ready_for_graph())
+        slot_mode = static and cache.ready_for_graph()  # a slot-mode step ignores the padding mask
+        slot_steps += slot_mode
         logits = model(
             input_ids=token,
             position_ids=position,
-            attention_mask=None if (static and cache.ready_for_graph()) else mask,
+            attention_mask=None if slot_mode else mask,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,

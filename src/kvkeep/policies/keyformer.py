@@ -93,20 +93,24 @@ class KeyformerPolicy(ScoringPolicy):
         """Temperature at generation ``step`` of ``total_steps`` (``tau_init`` at the prompt)."""
         if step == 0 or self.tau_end == self.tau_init:
             return float(self.tau_init)
-        if total_steps is None:
-            raise ValueError(
-                "keyformer's temperature schedule needs the number of tokens to generate: pass "
-                "max_new_tokens=N to KVKeepCache (it is found automatically inside model.generate)"
-            )
-        return self.tau_init + min(step, total_steps) * (self.tau_end - self.tau_init) / total_steps
+        total = self._schedule_length(total_steps)
+        return self.tau_init + min(step, total) * (self.tau_end - self.tau_init) / total
 
     def tau_tensor(self, step: torch.Tensor, total_steps: int | None) -> torch.Tensor:
         """:meth:`tau` for a device step counter ``[1]`` (no host synchronisation): ``[1]`` float32."""
         if self.tau_end == self.tau_init:
             return torch.full_like(step, float(self.tau_init), dtype=torch.float32)
-        self.tau(1, total_steps)  # raises when the schedule length is unknown
-        slope = (self.tau_end - self.tau_init) / total_steps
-        return torch.clamp(step, max=total_steps).to(torch.float32) * slope + self.tau_init
+        total = self._schedule_length(total_steps)
+        return torch.clamp(step, max=total).to(torch.float32) * (self.tau_end - self.tau_init) / total + self.tau_init
+
+    @staticmethod
+    def _schedule_length(total_steps: int | None) -> int:
+        if total_steps is None:
+            raise ValueError(
+                "keyformer's temperature schedule needs the number of tokens to generate: pass "
+                "max_new_tokens=N to KVKeepCache (it is found automatically inside model.generate)"
+            )
+        return total_steps
 
     def kernel_args(self, layer_idx: int) -> dict:
         if not self.noise and self.tau_init == self.tau_end == 1:
