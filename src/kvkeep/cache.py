@@ -62,7 +62,7 @@ class KVKeepLayer(CacheLayerMixin):
         self.is_initialized = False
         self.slots = False
         self.free = None
-        self._slot_start = None  # (step, kept entries, evicted) when slot mode began
+        self._slot_start = None  # (step, kept entries, evicted entries, slots in use per row) when slot mode began
 
     def reset(self) -> None:
         self._clear()
@@ -310,8 +310,7 @@ class KVKeepLayer(CacheLayerMixin):
         if self.scores is not None:
             self.scores = slotted(self.scores, 0.0)
         self.free = (self.positions < 0).to(torch.int8).argmax(-1)
-        self._slot_start = (self.step, kept, self.evicted)
-        self._slot_width = width
+        self._slot_start = (self.step, kept, self.evicted, width)
         self.slots = True
         self.owner._slots_ready(self)
 
@@ -323,7 +322,8 @@ class KVKeepLayer(CacheLayerMixin):
                 f"a static KVKeepCache takes one token per sequence and step after the prompt (got {new} tokens "
                 f"for {batch} sequences, cache holds {self.keys.shape[0]}): {_REUSE_HINT}"
             )
-        if self.budget is None and self._slot_width + self.step - self._slot_start[0] >= self.keys.shape[2]:
+        start_step, *_, width = self._slot_start
+        if self.budget is None and width + self.step - start_step >= self.keys.shape[2]:
             raise ValueError(
                 f"the static cache was sized for {self.keys.shape[2]} tokens per row and is full: "
                 "generate no more tokens than the max_new_tokens it was built for"
@@ -349,7 +349,8 @@ class KVKeepLayer(CacheLayerMixin):
 
     def _attend_slots(self, query, scaling, softcap, alibi_slopes) -> torch.Tensor:
         """One decode step over the slot buffers: attention, score update, then one victim per row."""
-        if self.owner.kernel_for(query) == "triton":
+        triton = self.owner.kernel_for(query) == "triton"
+        if triton:
             if softcap is not None or alibi_slopes is not None:
                 raise ValueError(
                     "kvkeep's Triton decode kernel supports neither logit soft-capping nor ALiBi: "
@@ -369,7 +370,7 @@ class KVKeepLayer(CacheLayerMixin):
             out, step_scores = self._attend_torch(query, self.owner.column, scaling, softcap, alibi_slopes)
             if step_scores is not None:
                 self.scores.copy_(self.policy.accumulate(self.scores, step_scores))
-        self._evict_slot(triton=self.owner.kernel_for(query) == "triton")
+        self._evict_slot(triton=triton)
         return out
 
     def _evict_slot(self, triton: bool = False) -> None:
@@ -416,7 +417,7 @@ class KVKeepLayer(CacheLayerMixin):
         """Entries (token x KV head) evicted so far; in slot mode every real token since is kept or evicted."""
         if not self.slots:
             return self.evicted
-        start_step, start_kept, start_evicted = self._slot_start
+        start_step, start_kept, start_evicted, _ = self._slot_start
         batch, kv_heads = self.positions.shape[:2]
         kept = int((self.positions >= 0).sum())
         return start_evicted + batch * kv_heads * (self.step - start_step) - (kept - start_kept)
