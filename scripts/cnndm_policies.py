@@ -20,6 +20,7 @@ import torch
 from rouge_score import rouge_scorer
 
 from kvkeep import KVKeepCache, load_model
+from kvkeep.hf import with_cache
 
 try:
     from tqdm import tqdm
@@ -66,7 +67,7 @@ def summarize(model, tok, article: str, policy: str, budget: float, max_new_toke
         start = time.perf_counter()
         out = model.generate(
             **inputs,
-            past_key_values=cache,
+            **with_cache(model, cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,

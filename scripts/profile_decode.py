@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 import kvkeep
 from kvkeep.bench import copy_bandwidth, kv_bytes_per_token, random_model, weight_bytes
 from kvkeep.generation import _capture
+from kvkeep.hf import with_cache
 
 
 def main() -> None:
@@ -35,10 +36,12 @@ def main() -> None:
     position = torch.full((args.batch, 1), args.prompt, device="cuda")
 
     def step(token):
-        return model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return model(
+            input_ids=token, position_ids=position, **with_cache(model, cache), use_cache=True, logits_to_keep=1
+        )
 
     with torch.inference_mode():
-        token = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        token = model(ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
         assert cache.ready_for_graph()
         step(token)
         torch.cuda.synchronize()

@@ -12,6 +12,8 @@ if not torch.cuda.is_available():  # Triton kernels run through its interpreter;
 import pytest  # noqa: E402
 import transformers as tf  # noqa: E402
 
+from kvkeep.hf import with_cache  # noqa: E402
+
 # One entry per architecture: the config class and the keyword arguments of a tiny model.  Weights use a
 # large init range so greedy decoding has clear margins (ties would make token comparisons flaky).
 _COMMON = dict(vocab_size=96, initializer_range=0.3)
@@ -168,7 +170,7 @@ def greedy(model, input_ids, cache=None, new_tokens: int = 10, attention_mask=No
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
-        past_key_values=cache,
+        **with_cache(model, cache),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,

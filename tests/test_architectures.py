@@ -1,10 +1,13 @@
 """Every supported architecture: equivalence with full attention, batching, compression, positions."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import ARCHS, COVERING, HALF, greedy, left_pad, random_prompt, tiny_model
 
 import kvkeep
+from kvkeep.hf import with_cache
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -64,9 +67,9 @@ def test_first_decode_step_after_window_compression_sees_true_positions(arch):
     prompt = random_prompt(n, seed=4)
     cache = kvkeep.KVKeepCache(model, "window", budget=k)
     with torch.no_grad():
-        first = model(prompt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        first = model(prompt, **with_cache(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         step = model(
-            first, past_key_values=cache, attention_mask=torch.ones(1, n + 1, dtype=torch.long), use_cache=True
+            first, **with_cache(model, cache), attention_mask=torch.ones(1, n + 1, dtype=torch.long), use_cache=True
         ).logits[:, -1]
         kept = torch.cat([prompt[:, n - k :], first], dim=1)
         kwargs = {"position_ids": torch.arange(n - k, n + 1)[None]}
@@ -75,3 +78,18 @@ def test_first_decode_step_after_window_compression_sees_true_positions(arch):
         reference = model(kept, **kwargs).logits[:, -1]
     assert cache.layers[0].positions.tolist()[0][0] == list(range(n - k + 1, n + 1))
     torch.testing.assert_close(step, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("old_name", [False, True], ids=["cache-arg", "past_key_values"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_layer_stores_the_prompt_in_the_cache_it_was_given(arch, old_name, get_model):
+    """Fails loudly if an adapter's (or the model's) forward ever runs without the cache it was given."""
+    model = get_model(arch)
+    cache = kvkeep.KVKeepCache(model, "full")
+    prompt = random_prompt(17, seed=5)
+    kwargs = {"past_key_values": cache} if old_name else with_cache(model, cache)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name is deprecated from transformers 5.24
+        model(prompt, use_cache=True, **kwargs)
+    assert [layer.get_seq_length() for layer in cache.layers] == [17] * len(cache.layers)
+    assert all(layer.nbytes() > 0 for layer in cache.layers)

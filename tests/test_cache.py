@@ -8,13 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvkeep
+from kvkeep.hf import with_cache
 
 MODEL = tiny_model("llama")  # GQA: 4 query heads, 2 KV heads, 2 layers
 
 
 def _step(model, cache, token, length):
     with torch.no_grad():
-        logits = model(token, past_key_values=cache, attention_mask=torch.ones(1, length, dtype=torch.long)).logits
+        logits = model(token, **with_cache(MODEL, cache), attention_mask=torch.ones(1, length, dtype=torch.long)).logits
     return logits[:, -1:].argmax(-1)
 
 
@@ -57,7 +58,7 @@ def test_kept_set_invariants(choice, prompt_len, budget, steps, seed, static):
         return
     prompt = random_prompt(prompt_len, seed)
     with torch.no_grad():
-        token = MODEL(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = MODEL(prompt, **with_cache(MODEL, cache)).logits[:, -1:].argmax(-1)
     before = [_kept(layer) for layer in cache.layers]
     for t in range(1, steps + 1):
         newest = prompt_len + t - 1
@@ -86,7 +87,7 @@ def test_kv_bytes_drop_at_half_budget_and_stay_constant():
         params = {"N": 0} if policy == "co2" else {"max_new_tokens": 8} if policy == "keyformer" else {}
         cache = kvkeep.KVKeepCache(MODEL, policy, budget=0.5, **params)
         with torch.no_grad():
-            token = MODEL(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = MODEL(prompt, **with_cache(MODEL, cache)).logits[:, -1:].argmax(-1)
         after_prefill = cache.nbytes()
         assert after_prefill <= 0.55 * cache.full_nbytes(), policy
         for t in range(1, 8):
@@ -100,7 +101,7 @@ def test_co2_keeps_everything_for_N_steps_then_cuts_to_budget():
     prompt = random_prompt(40, seed=2)
     cache = kvkeep.KVKeepCache(MODEL, "co2", budget=0.5, N=4)
     with torch.no_grad():
-        token = MODEL(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = MODEL(prompt, **with_cache(MODEL, cache)).logits[:, -1:].argmax(-1)
     sizes = []
     for t in range(1, 7):
         token = _step(MODEL, cache, token, 40 + t)
@@ -113,7 +114,7 @@ def test_padding_is_never_kept_and_each_sequence_has_its_budget():
     ids, mask = left_pad(prompts)
     cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5)
     with torch.no_grad():
-        MODEL(ids, attention_mask=mask, past_key_values=cache)
+        MODEL(ids, attention_mask=mask, **with_cache(MODEL, cache))
     for layer in cache.layers:
         assert layer.budget.tolist() == [5, 15]
         short, long = _kept(layer)
@@ -207,7 +208,7 @@ def test_unsupported_architecture_names_supported_families():
 def test_keyformer_outside_generate_needs_schedule_length():
     cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
     with torch.no_grad():
-        token = MODEL(random_prompt(30), past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = MODEL(random_prompt(30), **with_cache(MODEL, cache)).logits[:, -1:].argmax(-1)
         with pytest.raises(ValueError, match="max_new_tokens"):
             _step(MODEL, cache, token, 31)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvkeep import KVKeepCache
+from kvkeep.hf import with_cache
 from kvkeep.models import MODELS, find_gguf, load_model, model_cache_dir
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,11 @@ def chat_inputs(tok, text: str) -> dict:
 def generate(model, tok, inputs: dict, cache: KVKeepCache, new_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            **inputs,
+            **with_cache(model, cache),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
         )
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
@@ -144,13 +149,13 @@ def test_window_nbytes_stay_at_budget(smollm2) -> None:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     cache = KVKeepCache(model, "window", budget=0.5)
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, attention_mask=mask, **with_cache(model, cache), use_cache=True).logits
         kept, full = cache.nbytes(), cache.full_nbytes()
         assert 0 < kept <= 0.55 * full
         for _ in range(5):
             next_id = logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(next_id)], dim=-1)
-            logits = model(input_ids=next_id, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=next_id, attention_mask=mask, **with_cache(model, cache), use_cache=True).logits
             assert cache.nbytes() == kept
             assert cache.full_nbytes() > full
             full = cache.full_nbytes()

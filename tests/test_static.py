@@ -9,6 +9,7 @@ import torch
 from conftest import COVERING, HALF, greedy, left_pad, random_prompt, tiny_model
 
 import kvkeep
+from kvkeep.hf import with_cache
 
 #: Architectures without sliding-window layers (static caches do not take those).
 STATIC_ARCHS = ["llama", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox", "mpt", "gptj"]
@@ -67,7 +68,7 @@ def test_slot_buffers_keep_shape_address_and_bytes_while_decoding():
     prompt = random_prompt(64, seed=1)
     cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=True)
     with torch.no_grad():
-        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = model(prompt, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
     layer = cache.layers[0]
     assert layer.slots and layer.keys.shape[2] == 33  # the budget plus the newcomer's slot
     pointers = [(lay.keys.data_ptr(), lay.values.data_ptr(), lay.positions.data_ptr()) for lay in cache.layers]
@@ -75,7 +76,9 @@ def test_slot_buffers_keep_shape_address_and_bytes_while_decoding():
     assert nbytes <= 0.55 * cache.full_nbytes()
     for t in range(1, 10):
         with torch.no_grad():
-            logits = model(token, past_key_values=cache, attention_mask=torch.ones(1, 64 + t, dtype=torch.long)).logits
+            logits = model(
+                token, **with_cache(model, cache), attention_mask=torch.ones(1, 64 + t, dtype=torch.long)
+            ).logits
         token = logits[:, -1:].argmax(-1)
         assert cache.nbytes() == nbytes
         assert [
@@ -107,21 +110,21 @@ def test_static_full_cache_needs_the_generation_length():
     model = tiny_model("llama")
     cache = kvkeep.KVKeepCache(model, "full", static=True)
     with pytest.raises(ValueError, match="generation length"), torch.no_grad():
-        model(random_prompt(10), past_key_values=cache)
+        model(random_prompt(10), **with_cache(model, cache))
     cache.reset()
     out = kvkeep.generate(model, random_prompt(10), cache=cache, max_new_tokens=5)
     assert cache.layers[0].keys.shape[2] == 10 + 4  # the prompt plus every token fed back
     with pytest.raises(ValueError, match="is full"), torch.no_grad():
-        model(out.tokens[:, -1:], past_key_values=cache)
+        model(out.tokens[:, -1:], **with_cache(model, cache))
 
 
 def test_static_takes_one_token_per_step():
     model = tiny_model("llama")
     cache = kvkeep.KVKeepCache(model, "window", budget=0.5, static=True)
     with torch.no_grad():
-        model(random_prompt(20), past_key_values=cache)
+        model(random_prompt(20), **with_cache(model, cache))
         with pytest.raises(ValueError, match="one token per sequence"):
-            model(random_prompt(3), past_key_values=cache)
+            model(random_prompt(3), **with_cache(model, cache))
 
 
 def test_cuda_graph_needs_a_static_cache_on_cuda():

@@ -16,6 +16,7 @@ from transformers.models.gptj.modeling_gptj import GPTJAttention
 from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
 
 from .attention import ATTN_NAME, kvkeep_attention, kvkeep_mask
+from .hf import cache_from
 
 #: model_type -> family name, for the architectures kvkeep is tested on.
 INTERFACE_MODELS = {
@@ -34,7 +35,9 @@ INTERFACE_MODELS = {
 class MptKVKeepAttention(MptAttention):
     """MPT attention whose softmax(QK^T + ALiBi)V runs through kvkeep (weights untouched)."""
 
-    def forward(self, hidden_states, position_bias, past_key_values=None, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
+        # transformers < 5.24 passes the cache as ``past_key_values`` (a keyword), >= 5.24 as ``cache``
+        cache = cache_from(kwargs, cache=cache)
         batch, length = hidden_states.shape[:2]
         mixed = self.Wqkv(hidden_states)
         if self.clip_qkv:
@@ -42,8 +45,8 @@ class MptKVKeepAttention(MptAttention):
         query, key, value = (
             t.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for t in mixed.chunk(3, dim=2)
         )
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         out, _ = kvkeep_attention(
             self, query, key, value, attention_mask, scaling=self.softmax_scale, alibi_slopes=self.alibi_slopes
         )
@@ -69,6 +72,9 @@ def _adapt_mpt(model: torch.nn.Module) -> None:
 
 
 def _adapt_gptj(model: torch.nn.Module) -> None:
+    if not hasattr(GPTJAttention, "_attn"):  # transformers >= 5.24: GPT-J calls the AttentionInterface
+        model.set_attn_implementation(ATTN_NAME)
+        return
     for module in model.modules():
         if isinstance(module, GPTJAttention):
             module.__class__ = GPTJKVKeepAttention

@@ -23,6 +23,7 @@ import transformers
 from . import __version__
 from .cache import KVKeepCache
 from .generation import generate as kvkeep_generate
+from .hf import with_cache
 from .models import load_model
 from .policies import POLICIES
 
@@ -182,7 +183,7 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             output = model.generate(
                 **inputs,
-                past_key_values=cache,
+                **with_cache(model, cache),
                 max_new_tokens=args.max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 **options,

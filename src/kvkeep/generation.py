@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import KVKeepCache
+from .hf import with_cache
 
 
 @dataclass
@@ -107,7 +108,7 @@ def generate(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=prompt_positions,
-        past_key_values=cache,
+        **with_cache(model, cache),
         use_cache=True,
         logits_to_keep=1,
     )
@@ -133,7 +134,7 @@ def generate(
             input_ids=token,
             position_ids=position,
             attention_mask=None if slot_mode else mask,
-            past_key_values=cache,
+            **with_cache(model, cache),
             use_cache=True,
             logits_to_keep=1,
         ).logits
@@ -154,7 +155,9 @@ def _capture(model, cache: KVKeepCache, token: torch.Tensor, position: torch.Ten
     counters = cache._counters()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = model(
+            input_ids=token, position_ids=position, **with_cache(model, cache), use_cache=True, logits_to_keep=1
+        )
         next_token = logits.logits[:, -1].argmax(-1, keepdim=True)
         token.copy_(next_token)
         position.add_(1)

@@ -50,6 +50,7 @@ import torch
 
 from .. import cli as _cli  # attributes are read at call time: cli imports this module while it loads
 from ..cache import KVKeepCache, KVKeepLayer
+from ..hf import with_cache
 from ..policies import POLICIES
 from ..policies.base import masked_softmax
 
@@ -225,7 +226,7 @@ def _generate(
     generated: list[int] = []
     with torch.inference_mode(), _observe(cache, on_evict):
         mask = torch.ones(1, ids.shape[1] + max_new_tokens, dtype=torch.long, device=ids.device)
-        out = model(input_ids=ids, attention_mask=mask[:, : ids.shape[1]], past_key_values=cache, **keep_last)
+        out = model(input_ids=ids, attention_mask=mask[:, : ids.shape[1]], **with_cache(model, cache), **keep_last)
         for i in range(max_new_tokens):
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
@@ -233,7 +234,7 @@ def _generate(
                 break
             seen = ids.shape[1] + len(generated)
             step = torch.tensor([[token]], device=ids.device)
-            out = model(input_ids=step, attention_mask=mask[:, :seen], past_key_values=cache)
+            out = model(input_ids=step, attention_mask=mask[:, :seen], **with_cache(model, cache))
     full = torch.cat([ids, torch.tensor([generated], dtype=ids.dtype, device=ids.device)], dim=1)
     return _Generation(full, ids.shape[1], len(generated), cache)
 

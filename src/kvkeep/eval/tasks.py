@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVKeepCache
+from ..hf import with_cache
 from .data import Dataset, Sample
 from .metrics import agreement, perplexity, rouge
 
@@ -195,7 +196,11 @@ def _summarize(ctx: RunContext, samples: list[Sample], policy: str, params: dict
     out, seconds = _timed(
         model,
         lambda: model.generate(
-            input_ids=input_ids, attention_mask=mask, past_key_values=cache, pad_token_id=tok.pad_token_id, **generation
+            input_ids=input_ids,
+            attention_mask=mask,
+            **with_cache(model, cache),
+            pad_token_id=tok.pad_token_id,
+            **generation,
         ),
     )
     new = out[:, input_ids.shape[1] :].tolist()
@@ -261,11 +266,16 @@ def _window_nll(model, window: torch.Tensor, prompt_tokens: int, cache: KVKeepCa
     ones = torch.ones(1, length, dtype=torch.long, device=window.device)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(
-        input_ids=window[:, :prompt_tokens], attention_mask=ones[:, :prompt_tokens], past_key_values=cache, **last_only
+        input_ids=window[:, :prompt_tokens],
+        attention_mask=ones[:, :prompt_tokens],
+        **with_cache(model, cache),
+        **last_only,
     )
     logits = [out.logits[:, -1]]
     for seen in range(prompt_tokens, length - 1):
-        out = model(input_ids=window[:, seen : seen + 1], attention_mask=ones[:, : seen + 1], past_key_values=cache)
+        out = model(
+            input_ids=window[:, seen : seen + 1], attention_mask=ones[:, : seen + 1], **with_cache(model, cache)
+        )
         logits.append(out.logits[:, -1])
     logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
     return float(-logp.gather(-1, window[0, prompt_tokens:, None]).sum())
