@@ -10,9 +10,10 @@ stage() { echo "=== $*"; "$@" 2>&1 | tee -a "$out/gpu_check.log"; }
 stages=("$@"); [ $# -eq 0 ] && stages=(tests profile bench)
 for s in "${stages[@]}"; do
   case $s in
-    tests) stage python3 -m pytest -q -x -s -p no:cacheprovider tests/test_kernels.py tests/test_gpu.py ;;
+    tests) stage python3 -m pytest -q -x -s -p no:cacheprovider tests/test_kernel_decode.py tests/test_kernel_prefill.py \
+             tests/test_kernel_slots.py tests/test_gpu.py tests/test_static.py ;;
     profile) for p in window keyformer; do stage python3 scripts/profile_decode.py --policy $p; done ;;
-    bench) stage python3 -m kvkeep.cli bench --methods hf-sdpa,full,window,h2o,keyformer,co2 --budgets 0.5 \
+    bench) stage python3 -m kvkeep.cli.main bench --methods hf-sdpa,full,window,h2o,keyformer,co2 --budgets 0.5 \
              --prompts 2048 --gens 64 --batches 1,8 --json "$out/bench_smoke.json" ;;
   esac
 done

@@ -13,8 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kvkeep
-from kvkeep.bench import copy_bandwidth, kv_bytes_per_token, random_model, weight_bytes
-from kvkeep.generation import _capture
+from kvkeep.bench.speed import copy_bandwidth, kv_bytes_per_token, random_model, weight_bytes
+from kvkeep.generation import capture_step
 from kvkeep.hf import with_cache
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     model = random_model(args.arch, "cuda", torch.bfloat16)
     budget = None if args.policy == "full" else args.budget
     cache = kvkeep.KVKeepCache(model, args.policy, budget, static=True, **({"N": 0} if args.policy == "co2" else {}))
-    cache._total_steps = 64
+    cache.set_generation_length(64)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), device="cuda")
     position = torch.full((args.batch, 1), args.prompt, device="cuda")
 
@@ -42,8 +42,8 @@ def main() -> None:
 
     with torch.inference_mode():
         token = model(ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        step(token)  # the first decode step moves every layer into its slots
         assert cache.ready_for_graph()
-        step(token)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
@@ -63,7 +63,7 @@ def main() -> None:
             return statistics.median(times)
 
         eager = timed(lambda: step(token))
-        graph, _ = _capture(model, cache, token, position)
+        graph, _, _ = capture_step(model, cache, token, position)
         replay = timed(graph.replay)
     slots = cache.layers[0].keys.shape[2]
     floor = (weight_bytes(model) + slots * args.batch * kv_bytes_per_token(model)) / copy_bandwidth(

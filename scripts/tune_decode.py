@@ -14,6 +14,7 @@ import torch
 import triton
 
 import kvkeep.kernels.decode as dec
+from kvkeep.policies import ScoreSpec
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
 
             def run(it=rotation, launch=launch):
                 q, k, v, pos, sc = next(it)
-                dec.decode_attention(q, k, v, pos, 0.088, scores=sc, **launch)
+                dec.decode_attention(q, k, v, pos, 0.088, scores=sc, spec=ScoreSpec(), **launch)
 
             ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
             results.append((ms, block_n, warps, stages, per_sm))

@@ -166,7 +166,15 @@ def get_model(models):
 
 
 def greedy(model, input_ids, cache=None, new_tokens: int = 10, attention_mask=None) -> torch.Tensor:
-    """Greedy generation of exactly ``new_tokens`` tokens (EOS cannot stop it early); returns only them."""
+    """Greedy generation of exactly ``new_tokens`` tokens (EOS cannot stop it early); returns only them.
+
+    A kvkeep cache is told the generation's length first, as a user of ``model.generate`` does with
+    ``KVKeepCache(..., max_new_tokens=N)``.
+    """
+    from kvkeep.cache import KVKeepCache
+
+    if isinstance(cache, KVKeepCache) and cache.state.max_new_tokens is None:
+        cache.set_generation_length(new_tokens)
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),

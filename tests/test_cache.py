@@ -118,7 +118,8 @@ def test_padding_is_never_kept_and_each_sequence_has_its_budget():
     for layer in cache.layers:
         assert layer.budget.tolist() == [5, 15]
         short, long = _kept(layer)
-        assert all(min(head) >= 20 and len(head) == 5 for head in short)  # columns 0-19 are padding
+        assert all(head <= set(range(10)) and len(head) == 5 for head in short)  # true positions of real tokens
+        assert (layer.positions[0] >= 0).sum(-1).tolist() == [5, 5]  # no slot holds one of the 20 padding columns
         assert all(len(head) == 15 for head in long)
         assert layer.padding.tolist() == [20, 0]
 
@@ -213,10 +214,20 @@ def test_keyformer_outside_generate_needs_schedule_length():
             _step(MODEL, cache, token, 31)
 
 
-def test_keyformer_schedule_length_comes_from_generate():
-    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+def test_keyformer_schedule_length_comes_from_the_cache_or_kvkeep_generate():
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5, max_new_tokens=7)
     greedy(MODEL, random_prompt(30), cache, 7)
-    assert cache.total_steps() == 7
+    assert cache.state.max_new_tokens == 7
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+    kvkeep.generate(MODEL, random_prompt(30), cache=cache, max_new_tokens=5)
+    assert cache.state.max_new_tokens == 5
+
+
+def test_keyformer_in_model_generate_without_its_length_is_a_one_line_error():
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+    with pytest.raises(ValueError, match="max_new_tokens=N to KVKeepCache") as info:
+        MODEL.generate(random_prompt(30), max_new_tokens=4, do_sample=False, pad_token_id=0, **with_cache(MODEL, cache))
+    assert "\n" not in str(info.value)
 
 
 def test_model_outside_kvkeep_cache_still_computes_plain_attention():

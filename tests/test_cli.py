@@ -240,7 +240,7 @@ def test_bench_errors(capsys, argv, fragment) -> None:
 
 
 def test_largest_batch_extrapolates_measured_peaks_with_headroom() -> None:
-    from kvkeep.bench import Case, largest_batch
+    from kvkeep.bench.speed import Case, largest_batch
 
     case = Case("h2o", 0.5, 4096, 1024, 0)
     rows = [
@@ -256,7 +256,7 @@ def test_largest_batch_extrapolates_measured_peaks_with_headroom() -> None:
 
 
 def test_bench_floor_counts_the_kv_each_step_reads() -> None:
-    from kvkeep.bench import Case, _kv_tokens_read
+    from kvkeep.bench.speed import Case, _kv_tokens_read
 
     model = tiny_model("llama")
     hf = kvkeep.KVKeepCache(model, "full")

@@ -7,6 +7,7 @@ Each case prints a row of relative errors (``pytest -s`` shows the table).
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -18,9 +19,9 @@ CUDA = torch.cuda.is_available()
 pytest.importorskip("triton")
 
 from kvkeep.attention import attend  # noqa: E402
-from kvkeep.kernels.decode import _noise_kernel_probe, decode_attention  # noqa: E402
-from kvkeep.policies import CO2Policy, H2OPolicy, KeyformerPolicy, StepInfo  # noqa: E402
-from kvkeep.policies.keyformer import _M32, _mix32, gumbel_noise  # noqa: E402
+from kvkeep.kernels.decode import decode_attention, noise_probe  # noqa: E402
+from kvkeep.policies import CO2Policy, H2OPolicy, KeyformerPolicy, ScoreSpec, StepInfo  # noqa: E402
+from kvkeep.policies.noise import M32, gumbel_noise, mix32  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 LAYER, STEP, TOTAL = 3, 5, 8
@@ -60,6 +61,7 @@ if CUDA:
         _case("gqa4-probs-mean-fp16-small", 64, 32, 8, 16, 128, f16, "probs", "mean", 0.0, None, None),
         _case("gqa4-out-only-bf16", 8, 32, 8, 1500, 128, bf16, None, "mean", 0.0, None, None),
         _case("mha-out-only-bf16-1split", 16, 32, 32, 900, 128, bf16, None, "mean", 0.0, 1, None),
+        _case("gqa4-tempered-mean-bf16", 8, 32, 8, 1500, 128, bf16, "tempered", "mean", 0.0, None, None),
     ]
 else:
     CASES = [
@@ -72,6 +74,7 @@ else:
         _case("gqa4-probs-mean-fp16-default", 2, 8, 2, 100, 16, f16, "probs", "mean", 0.0, None, None),
         _case("gqa4-out-only-fp32", 2, 8, 2, 40, 32, f32, None, "mean", 0.0, 3, 16),
         _case("mha-out-only-bf16-1split", 2, 2, 2, 20, 32, bf16, None, "mean", 0.0, 1, 16),
+        _case("gqa4-tempered-sum-fp32", 2, 8, 2, 40, 32, f32, "tempered", "sum", 0.0, 3, 16),
     ]
 
 
@@ -89,16 +92,14 @@ def _slots(shape, dtype, strided: bool) -> torch.Tensor:
 
 
 def _inputs(c: dict, gen: torch.Generator) -> dict:
-    """Random query, slot buffers, columns (about 20% empty slots, one (sequence, KV head) row all empty)."""
+    """Random query, slot buffers, positions (about 20% empty slots, one (sequence, KV head) row all empty)."""
     b, hq, hkv, n, d, dtype = c["batch"], c["q_heads"], c["kv_heads"], c["slots"], c["head_dim"], c["dtype"]
-    padding = torch.randint(0, 7, (b,), generator=gen)
     true_pos = torch.stack([torch.randperm(2 * n, generator=gen)[:n] for _ in range(b * hkv)]).view(b, hkv, n)
-    cols = true_pos + padding[:, None, None]
-    cols[torch.rand(b, hkv, n, generator=gen) < 0.2] = -1
-    cols[-1, 0] = -1
     query_pos = true_pos.flatten(1).amax(1) + 1
+    true_pos[torch.rand(b, hkv, n, generator=gen) < 0.2] = -1
+    true_pos[-1, 0] = -1
     positions = _slots((b, hkv, n), torch.int64, c["strided"])
-    positions.copy_(cols)
+    positions.copy_(true_pos)
     keys = _slots((b, hkv, n, d), dtype, c["strided"])
     values = _slots((b, hkv, n, d), dtype, c["strided"])
     keys.copy_(torch.randn(b, hkv, n, d, generator=gen) * 1.5)
@@ -112,16 +113,14 @@ def _inputs(c: dict, gen: torch.Generator) -> dict:
         values=values,
         positions=positions,
         scores=scores,
-        padding=padding.to(DEVICE),
         query_pos=query_pos.to(DEVICE),
     )
 
 
 def _reference(c: dict, x: dict, policy, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``attend`` (float32) with the policy's ``step_scores`` and ``accumulate``: output [B, Hq, D], new scores."""
-    positions, padding = x["positions"], x["padding"]
-    key_pos = torch.where(positions >= 0, positions - padding[:, None, None], -1)
-    info = StepInfo(LAYER, STEP, x["query_pos"][:, None], key_pos, TOTAL)
+    positions = x["positions"]
+    info = StepInfo(LAYER, STEP, x["query_pos"][:, None], positions, TOTAL)
     scorer = None
     if policy is not None:
 
@@ -133,7 +132,7 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> tuple[torch.Tensor, 
         x["keys"],
         x["values"],
         positions,
-        positions.amax().clamp_min(0).view(1),
+        x["query_pos"][:, None],
         scaling,
         scorer=scorer,
         head_reduce=c["reduce"],
@@ -154,14 +153,11 @@ def test_decode_attention_matches_reference(c: dict) -> None:
     policy = None
     if c["mode"] == "probs":
         policy = H2OPolicy(budget=0.5, head_reduce=c["reduce"])
-    elif c["mode"] == "gumbel":
-        policy = KeyformerPolicy(budget=0.5, head_reduce=c["reduce"], tau_init=1.0, tau_end=2.0, seed=seed)
-        kwargs.update(
-            tau=torch.tensor([policy.tau(STEP, TOTAL)], dtype=torch.float32, device=DEVICE),
-            noise_key=_mix32(_mix32(seed & _M32) ^ LAYER),
-            query_pos=x["query_pos"],
-            padding=x["padding"],
-        )
+    elif c["mode"] in ("gumbel", "tempered"):  # tempered: Keyformer's schedule without its noise
+        noise = c["mode"] == "gumbel"
+        policy = KeyformerPolicy(budget=0.5, head_reduce=c["reduce"], tau_init=1.0, tau_end=2.0, seed=seed, noise=noise)
+        tau = torch.tensor([policy.tau(STEP, TOTAL)] * c["batch"], dtype=torch.float32, device=DEVICE)
+        kwargs.update(tau=tau, query_pos=x["query_pos"])
     ref_out, ref_scores = _reference(c, x, policy, scaling)
 
     # Garbage in empty slots must never be read.
@@ -171,7 +167,8 @@ def test_decode_attention_matches_reference(c: dict) -> None:
     scores = None
     if policy is not None:
         scores = x["scores"].clone()
-        kwargs.update(scores=scores, score_mode=c["mode"], head_reduce=c["reduce"], decay=c["decay"])
+        spec = dataclasses.replace(policy.score_spec(), decay=c["decay"])
+        kwargs.update(scores=scores, spec=spec, layer_idx=LAYER)
     out = decode_attention(x["query"], x["keys"], x["values"], x["positions"], scaling, **kwargs)
 
     assert out.shape == x["query"].shape and out.dtype == x["query"].dtype
@@ -206,16 +203,15 @@ def test_gumbel_hash_matches_keyformer() -> None:
     key_pos = torch.randint(0, 5000, (batch, kv_heads, slots), generator=gen)
     key_pos[1, 2, 3] = -1
     for seed in (0, 1, 2**31 + 5, 2**40 + 3):
-        noise_key = _mix32(_mix32(seed & _M32) ^ LAYER)
-        hashes, noise = _noise_kernel_probe(noise_key, kv_heads, group, query_pos.to(DEVICE), key_pos.to(DEVICE))
-        # keyformer.gumbel_noise's hash, step by step
+        noise_key = mix32(mix32(seed & M32) ^ LAYER)
+        hashes, noise = noise_probe(seed, LAYER, kv_heads, group, query_pos.to(DEVICE), key_pos.to(DEVICE))
+        # noise.gumbel_noise's hash, step by step
         kv = torch.arange(kv_heads).view(1, kv_heads, 1, 1)
         grp = torch.arange(group).view(1, 1, group, 1)
-        h = _mix32(_mix32(noise_key ^ kv) ^ grp)
-        h = _mix32(_mix32(h ^ (query_pos & _M32)[:, None, None, None]) ^ (key_pos & _M32)[:, :, None, :])
+        h = mix32(mix32(noise_key ^ kv) ^ grp)
+        h = mix32(mix32(h ^ (query_pos & M32)[:, None, None, None]) ^ (key_pos & M32)[:, :, None, :])
         assert torch.equal(hashes.cpu(), h)
-        info = StepInfo(LAYER, STEP, query_pos[:, None], key_pos)
-        ref = gumbel_noise(seed, info, torch.Size([batch, kv_heads, group, 1, slots]), torch.device("cpu"))[:, :, :, 0]
+        ref = gumbel_noise(seed, LAYER, query_pos[:, None], key_pos, kv_heads, group)[:, :, :, 0]
         torch.testing.assert_close(noise.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 
@@ -226,7 +222,8 @@ def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="multiple"):
         decode_attention(q, k, k, pos, 1.0)
     q = torch.zeros(1, 2, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="score_mode"):
-        decode_attention(q, k, k, pos, 1.0, scores=torch.zeros(1, 2, 16, device=DEVICE), score_mode="x")
+    scores = torch.zeros(1, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="score mode"):
+        decode_attention(q, k, k, pos, 1.0, scores=scores, spec=ScoreSpec(mode="x"))
     with pytest.raises(ValueError, match="tau"):
-        decode_attention(q, k, k, pos, 1.0, scores=torch.zeros(1, 2, 16, device=DEVICE), score_mode="gumbel")
+        decode_attention(q, k, k, pos, 1.0, scores=scores, spec=ScoreSpec(mode="tempered", noise_seed=0))

@@ -18,8 +18,7 @@ pytest.importorskip("triton")
 
 from kvkeep.attention import attend  # noqa: E402
 from kvkeep.kernels.prefill import prefill_scores  # noqa: E402
-from kvkeep.policies import H2OPolicy, KeyformerPolicy, StepInfo  # noqa: E402
-from kvkeep.policies.keyformer import noise_key  # noqa: E402
+from kvkeep.policies import H2OPolicy, KeyformerPolicy, ScoreSpec, StepInfo  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 LAYER = 5
@@ -102,6 +101,8 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> torch.Tensor:
     n, pad, key_cols = c["n"], x["padding"], x["key_cols"]
     cols = torch.arange(n, device=DEVICE)
     query_pos = cols[None, :] - pad[:, None]
+    if not c["no_real"]:  # padding rows (and holes) attend to nothing and score nothing
+        query_pos = torch.where(x["real"], query_pos, -1)
     key_pos = torch.where(key_cols >= 0, key_cols - pad[:, None, None], -1)
 
     def scorer(logits, allowed, rows):
@@ -112,11 +113,10 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> torch.Tensor:
         x["query"].float(),
         x["keys"].float(),
         x["keys"].float(),
-        key_cols,
-        cols,
+        key_pos,
+        query_pos,
         scaling,
         scorer=scorer,
-        query_real=None if c["no_real"] else x["real"],
         head_reduce=c["reduce"],
     )
     return scores
@@ -133,7 +133,7 @@ def test_prefill_scores_match_reference(c: dict) -> None:
         kwargs: dict = {}
     else:
         policy = KeyformerPolicy(budget=0.5, head_reduce=c["reduce"], tau_init=c["tau"], tau_end=3.0, seed=seed)
-        kwargs = dict(tau=policy.tau(0, None), noise_key=noise_key(seed, LAYER))
+        kwargs = dict(tau=policy.tau(0, None))
         if not c["no_pad"]:
             kwargs["padding"] = x["padding"]
     ref = _reference(c, x, policy, scaling)
@@ -150,8 +150,8 @@ def test_prefill_scores_match_reference(c: dict) -> None:
         x["keys"],
         key_cols,
         scaling,
-        score_mode=c["mode"],
-        head_reduce=c["reduce"],
+        spec=policy.score_spec(),
+        layer_idx=LAYER,
         _blocks=c["blocks"],
         _poison=True,
         **kwargs,
@@ -174,16 +174,17 @@ def test_rejects_bad_arguments() -> None:
     q = torch.zeros(1, 3, 16, 16, device=DEVICE)
     k = torch.zeros(1, 2, 16, 16, device=DEVICE)
     cols = torch.arange(16, device=DEVICE).view(1, 1, 16)
+    probs = ScoreSpec()
     with pytest.raises(ValueError, match="multiple"):
-        prefill_scores(q, k, cols, 1.0)
+        prefill_scores(q, k, cols, 1.0, spec=probs)
     q = torch.zeros(1, 2, 16, 16, device=DEVICE)
     with pytest.raises(ValueError, match="keys"):
-        prefill_scores(q, k[:, :, :8], cols, 1.0)
+        prefill_scores(q, k[:, :, :8], cols, 1.0, spec=probs)
     with pytest.raises(ValueError, match="key_cols"):
-        prefill_scores(q, k, cols[..., :8], 1.0)
-    with pytest.raises(ValueError, match="score_mode"):
-        prefill_scores(q, k, cols, 1.0, score_mode="x")
+        prefill_scores(q, k, cols[..., :8], 1.0, spec=probs)
+    with pytest.raises(ValueError, match="score mode"):
+        prefill_scores(q, k, cols, 1.0, spec=ScoreSpec(mode="x"))
     with pytest.raises(ValueError, match="head_reduce"):
-        prefill_scores(q, k, cols, 1.0, head_reduce="median")
+        prefill_scores(q, k, cols, 1.0, spec=ScoreSpec(head_reduce="median"))
     with pytest.raises(ValueError, match="query_real"):
-        prefill_scores(q, k, cols, 1.0, query_real=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
+        prefill_scores(q, k, cols, 1.0, spec=probs, query_real=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))

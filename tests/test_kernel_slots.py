@@ -1,44 +1,44 @@
-"""The slot-bookkeeping kernels against the torch ops of ``KVKeepLayer`` (in Triton's interpreter on CPU)."""
-
-import copy
+"""The slot-bookkeeping kernels against the torch ops of ``SlotLayer`` (in Triton's interpreter on CPU)."""
 
 import pytest
 import torch
-from conftest import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
 import kvkeep  # noqa: E402
+from kvkeep.cache import SlotLayer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MODEL = tiny_model("llama")
 
 
-def _layer(policy: str, batch: int, heads: int, slots: int, seed: int, ties: bool):
-    """A slot-mode layer in a random state: unique columns per row, some empty slots, random scores."""
+def _layer(policy: str, batch: int, heads: int, slots: int, seed: int, ties: bool, kernel: str):
+    """A slot layer in a random state: unique positions per row, some empty slots, random scores.
+
+    Returns ``(layer, newest [batch])``; each row's newest token sits in slot 0.
+    """
     gen = torch.Generator().manual_seed(seed)
-    cache = kvkeep.KVKeepCache(MODEL, policy, budget=0.5)
-    layer = cache.layers[0]
-    column = slots + 20
-    positions = torch.stack([torch.randperm(column, generator=gen)[:slots] for _ in range(batch * heads)])
+    like = torch.zeros(1, heads, 1, 8, device=DEVICE)
+    layer = SlotLayer.allocate(kvkeep.make_policy(policy, 0.5), 0, like, batch, slots, kernel)
+    newest = torch.randint(slots, slots + 20, (batch,), generator=gen)
+    positions = torch.stack(
+        [torch.randperm(int(newest[i // heads]), generator=gen)[:slots] for i in range(batch * heads)]
+    )
     positions = positions.view(batch, heads, slots)
     positions[torch.rand(batch, heads, slots, generator=gen) < 0.2] = -1
-    positions[..., 0] = column  # the newcomer
-    layer.positions = positions.to(DEVICE)
+    positions[..., 0] = newest[:, None]  # the newcomer
+    layer.positions.copy_(positions)
     scores = (
         torch.randint(0, 3, (batch, heads, slots), generator=gen).float()
         if ties
         else torch.rand(batch, heads, slots, generator=gen)
     )
-    layer.scores = scores.to(DEVICE) if cache.policy.needs_scores else None
-    layer.padding = torch.randint(0, 3, (batch,), generator=gen).to(DEVICE)
-    layer.budget = torch.randint(slots // 3, slots, (batch,), generator=gen).to(DEVICE)
-    layer.recent = torch.randint(0, slots // 3, (batch,), generator=gen).to(DEVICE)
-    layer.free = torch.zeros(batch, heads, dtype=torch.long, device=DEVICE)
-    cache.column = torch.tensor([column], device=DEVICE)
-    return layer
+    if layer.scores is not None:
+        layer.scores.copy_(scores)
+    layer.budget.copy_(torch.randint(slots // 3, slots, (batch,), generator=gen))
+    layer.recent.copy_(torch.randint(0, slots // 3, (batch,), generator=gen))
+    return layer, newest.to(DEVICE)
 
 
 @settings(max_examples=25, deadline=None)
@@ -51,11 +51,10 @@ def _layer(policy: str, batch: int, heads: int, slots: int, seed: int, ties: boo
     ties=st.booleans(),
 )
 def test_evict_kernel_matches_torch(policy, batch, heads, slots, seed, ties):
-    reference = _layer(policy, batch, heads, slots, seed, ties)
-    fused = copy.copy(reference)
-    fused.positions, fused.free = reference.positions.clone(), reference.free.clone()
-    reference._evict_slot(triton=False)
-    fused._evict_slot(triton=True)
+    reference, newest = _layer(policy, batch, heads, slots, seed, ties, "torch")
+    fused, _ = _layer(policy, batch, heads, slots, seed, ties, "triton")
+    reference.evict(newest)
+    fused.evict(newest)
     assert torch.equal(fused.positions, reference.positions)
     assert torch.equal(fused.free, reference.free)
 
@@ -78,6 +77,6 @@ def test_append_kernel_writes_the_free_slot():
     expected[3].scatter_(2, idx, 0.0)
     from kvkeep.kernels.slots import append_slot
 
-    append_slot(keys, values, positions, scores, free, new_k, new_v, torch.tensor([99], device=DEVICE))
+    append_slot(keys, values, positions, scores, free, new_k, new_v, torch.tensor([99, 99], device=DEVICE))
     for got, want in zip((keys, values, positions, scores), expected, strict=True):
         assert torch.equal(got, want)

@@ -7,8 +7,7 @@ import torch
 from conftest import greedy, random_prompt, tiny_model
 
 import kvkeep
-from kvkeep.policies import StepInfo
-from kvkeep.policies.keyformer import gumbel_noise
+from kvkeep.policies.noise import gumbel_noise
 
 N_PROMPT, STEPS = 20, 3
 
@@ -71,8 +70,9 @@ def test_keyformer_score_is_gumbel_softmax_with_swept_temperature(gqa_model, eag
         for row in range(total):
             step = max(0, row - N_PROMPT + 1)
             tau = tau_init + step * (tau_end - tau_init) / STEPS
-            info = StepInfo(layer_idx, step, torch.tensor([[row]]), torch.arange(total).view(1, 1, -1).expand(1, 2, -1))
-            noise = gumbel_noise(seed, info, torch.Size([1, 2, 2, 1, total]), torch.device("cpu"))
+            noise = gumbel_noise(
+                seed, layer_idx, torch.tensor([[row]]), torch.arange(total).view(1, 1, -1).expand(1, 2, -1), 2, 2
+            )
             noise = noise.view(4, total).double()
             logits = (probs[:, row].clamp_min(1e-300).log() + noise) / tau  # log p = logits - const per row
             logits[:, row + 1 :] = -math.inf
@@ -110,21 +110,21 @@ def test_keyformer_noise_off_changes_nothing_but_noise_on_changes_choice(gqa_mod
 
 
 def test_gumbel_noise_is_standard_gumbel_and_reproducible():
-    info = StepInfo(3, 1, torch.arange(64).view(1, 64), torch.arange(512).view(1, 1, 512).expand(1, 4, 512))
+    query, keys = torch.arange(64).view(1, 64), torch.arange(512).view(1, 1, 512).expand(1, 4, 512)
     shape = torch.Size([1, 4, 2, 64, 512])
-    noise = gumbel_noise(0, info, shape, torch.device("cpu"))
+    noise = gumbel_noise(0, 3, query, keys, 4, 2)
     assert noise.shape == shape and torch.isfinite(noise).all()
     assert abs(noise.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni constant
     assert abs(noise.std().item() - math.pi / math.sqrt(6)) < 0.01
-    assert torch.equal(noise, gumbel_noise(0, info, shape, torch.device("cpu")))
-    assert not torch.equal(noise, gumbel_noise(1, info, shape, torch.device("cpu")))
+    assert torch.equal(noise, gumbel_noise(0, 3, query, keys, 4, 2))
+    assert not torch.equal(noise, gumbel_noise(1, 3, query, keys, 4, 2))
     # neighbouring heads, rows and keys are uncorrelated
     flat = noise.flatten()
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 0.01
 
 
 def test_gumbel_noise_is_finite_at_the_extreme_hashes():
-    from kvkeep.policies.keyformer import uniform
+    from kvkeep.policies.noise import uniform
 
     u = uniform(torch.tensor([0, 1, 2**31, 2**32 - 2, 2**32 - 1]))
     assert bool(((u > 0) & (u < 1)).all())

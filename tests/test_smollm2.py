@@ -76,6 +76,7 @@ def chat_inputs(tok, text: str) -> dict:
 
 
 def generate(model, tok, inputs: dict, cache: KVKeepCache, new_tokens: int) -> list[int]:
+    cache.set_generation_length(new_tokens)  # as KVKeepCache(..., max_new_tokens=N) does
     with torch.inference_mode():
         out = model.generate(
             **inputs,

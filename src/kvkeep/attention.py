@@ -1,67 +1,76 @@
-"""The single attention entry of kvkeep.
+"""The single attention entry of kvkeep, and ``attend``, the torch reference every kernel is tested against.
 
 ``kvkeep_attention`` is registered in transformers' ``AttentionInterface`` under the name ``"kvkeep"``.
-It computes ordinary softmax attention over whatever the cache returned, builds the mask itself from
-the true column of every cached token (so evicted, padded and future tokens are never attended), and,
-when the cache layer's policy scores tokens, turns the same logits into per-token scores in the same
-pass.  Query rows are processed in chunks, so no ``n x n`` tensor is ever built for a long prompt.
+When the keys it receives belong to a kvkeep cache layer (:func:`bind` marks them), that layer computes
+the attention over its kept tokens, scores them and evicts.  For any other cache (``DynamicCache``, or no
+cache) it computes plain causal attention with :func:`attend`, so a model switched to ``"kvkeep"`` behaves
+as before outside kvkeep.  Nothing is kept between calls: an error leaves no state behind.
 
-For any other cache (``DynamicCache``, or no cache) it computes plain causal attention, so a model
-switched to ``"kvkeep"`` behaves as before outside kvkeep.
+:func:`attend` builds the mask from the true position of every cached token (so evicted, padded and future
+tokens are never attended), works in chunks of query rows (no ``n x n`` tensor for a long prompt) and hands
+the same logits to the policy's score.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from .policies.base import reduce_heads
 
 ATTN_NAME = "kvkeep"
 #: Float32 elements per logits chunk (64 MiB): bounds prompt-phase memory whatever the prompt length.
 CHUNK_ELEMENTS = 1 << 24
 
+Scorer = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+#: ``probe(probs [B, q_heads, rows, keys] float32, allowed [B, rows, keys] bool)``.
+Probe = Callable[[torch.Tensor, torch.Tensor], None]
+
 _local = threading.local()
 
 
-def set_pending(layer) -> None:
-    """Called by a kvkeep cache layer's ``update``: the next attention call belongs to ``layer``."""
-    if getattr(_local, "pending", None) is not None:
-        raise RuntimeError(
-            "a KVKeepCache layer was updated but its attention never ran through kvkeep: build the cache "
-            "with KVKeepCache(model, ...) for the model that uses it, and do not switch its attention away"
-        )
-    _local.pending = layer
+def bind(keys: torch.Tensor, layer) -> torch.Tensor:
+    """Mark ``keys`` as the kept keys of ``layer`` (a weak reference): kvkeep's attention entry routes them there."""
+    keys._kvkeep_layer = weakref.ref(layer)
+    return keys
 
 
-def _take_pending():
-    layer = getattr(_local, "pending", None)
-    _local.pending = None
-    return layer
+def bound_layer(keys: torch.Tensor):
+    """The cache layer ``keys`` belong to, or None."""
+    ref = getattr(keys, "_kvkeep_layer", None)
+    return ref() if ref is not None else None
 
 
-def clear_pending() -> None:
-    """Forget a pending layer (after an exception interrupted a forward)."""
-    _local.pending = None
-
-
-Scorer = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+@contextmanager
+def probe(callback: Probe) -> Iterator[None]:
+    """Within the block, every attention call that does not go through a kvkeep cache layer (a forward with
+    ``use_cache=False`` or a plain transformers cache) hands its softmax probabilities to ``callback``, once
+    per call, in call order (one forward: call ``i`` is layer ``i``).  Used by the analyses."""
+    previous = getattr(_local, "probe", None)
+    _local.probe = callback
+    try:
+        yield
+    finally:
+        _local.probe = previous
 
 
 def attend(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    key_cols: torch.Tensor,
-    query_cols: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_positions: torch.Tensor,
     scaling: float,
     *,
     sliding_window: int | None = None,
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
     scorer: Scorer | None = None,
-    query_real: torch.Tensor | None = None,
     head_reduce: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention with an optional per-token score, in chunks of query rows.
@@ -69,17 +78,17 @@ def attend(
     Args:
         query: ``[batch, q_heads, rows, head_dim]``.
         keys, values: ``[batch, kv_heads, slots, head_dim]`` (``q_heads`` a multiple of ``kv_heads``).
-        key_cols: ``[batch, kv_heads or 1, slots]`` int64 column of each key in the (padded) sequence,
-            -1 for a slot that must never be attended (evicted, empty or padding).
-        query_cols: ``[rows]`` int64 column of each query row.
+        key_positions: ``[batch, kv_heads or 1, slots]`` int64 true position of each key, -1 for a slot that
+            must never be attended (evicted, empty or padding).
+        query_positions: ``[batch, rows]`` int64 true position of each query row (negative: a padding row,
+            which attends nothing and scores nothing).
         scaling: factor applied to ``q . k``.
-        sliding_window: a query attends only keys with ``query_col - key_col < sliding_window``.
+        sliding_window: a query attends only keys with ``query_pos - key_pos < sliding_window``.
         softcap: logits soft-capping ``tanh(x / c) * c`` (Gemma 2 style).
-        alibi_slopes: ``[q_heads]`` ALiBi slopes; the bias is ``-slope * (query_col - key_col)``, the true
+        alibi_slopes: ``[q_heads]`` ALiBi slopes; the bias is ``-slope * (query_pos - key_pos)``, the true
             distance however many tokens were evicted in between.
         scorer: ``scorer(logits, allowed, rows) -> [batch, kv_heads, group, len(rows), slots]`` score
             contributions of a chunk (logits float32 ``[batch, kv_heads, group, len(rows), slots]``).
-        query_real: ``[batch, rows]`` bool, rows that are real tokens (padding rows score nothing).
         head_reduce: how the ``group`` query heads of a KV head combine: mean, sum or max.
 
     Returns:
@@ -91,8 +100,9 @@ def attend(
     q = query.view(batch, kv_heads, group, rows, head_dim)
     k_t = keys.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, L]
     v = values.float().unsqueeze(2)  # [B, Hkv, 1, L, Dv]
-    kc = key_cols[:, :, None, None, :]  # [B, Hkv|1, 1, 1, L]
-    valid_key = kc >= 0
+    kp = key_positions[:, :, None, None, :]  # [B, Hkv|1, 1, 1, L]
+    valid_key = kp >= 0
+    qpos = query_positions.to(kp.device)[:, None, None, :, None]  # [B, 1, 1, rows, 1]
     out = torch.empty(batch, kv_heads, group, rows, values.shape[-1], dtype=torch.float32, device=query.device)
     head_scores = None
     if scorer is not None:
@@ -103,49 +113,40 @@ def attend(
     step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * slots))
     for start in range(0, rows, step):
         chunk = slice(start, min(rows, start + step))
-        qc = query_cols[chunk].view(1, 1, 1, -1, 1)
-        allowed = valid_key & (kc <= qc)
+        qc = qpos[:, :, :, chunk]
+        allowed = valid_key & (kp <= qc)
         if sliding_window is not None:
-            allowed = allowed & (kc > qc - sliding_window)
+            allowed = allowed & (kp > qc - sliding_window)
         logits = torch.matmul(q[:, :, :, chunk].float(), k_t) * scaling
         if alibi_slopes is not None:
-            logits = logits - slopes * (qc - kc).float()
+            logits = logits - slopes * (qc - kp).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         probs = torch.softmax(logits.masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1) * allowed
         out[:, :, :, chunk] = torch.matmul(probs, v)
         if scorer is not None:
-            contrib = scorer(logits, allowed, chunk)
-            if query_real is not None:
-                contrib = contrib * query_real[:, None, None, chunk, None]
-            head_scores += contrib.sum(dim=3)
+            head_scores += scorer(logits, allowed, chunk).sum(dim=3)
 
     output = out.view(batch, q_heads, rows, -1).transpose(1, 2).to(query.dtype)
-    if head_scores is None:
-        return output, None
-    if head_reduce == "sum":
-        return output, head_scores.sum(dim=2)
-    if head_reduce == "max":
-        return output, head_scores.amax(dim=2)
-    return output, head_scores.mean(dim=2)
+    return output, None if head_scores is None else reduce_heads(head_scores, head_reduce)
 
 
 def prompt_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_cols: torch.Tensor, scaling: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_positions: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Causal attention of a fresh prompt through PyTorch's fused SDPA kernels (flash without padding).
 
     Args:
-        query: ``[batch, q_heads, n, head_dim]``; keys, values: ``[batch, kv_heads, n, head_dim]``, key ``j``
-            at column ``j`` of the prompt, the same ``n`` columns as the query rows.
-        key_cols: ``[batch, kv_heads or 1, n]`` int64 column of each key, -1 for padding.
+        query: ``[batch, q_heads, n, head_dim]``; keys, values: ``[batch, kv_heads, n, head_dim]``, the key
+            of query row ``j`` at index ``j`` (a fresh, left-padded prompt).
+        key_positions: ``[batch, kv_heads or 1, n]`` int64, -1 for padding.
 
     Returns:
         ``[batch, n, q_heads, head_dim]``.  Rows with no key to attend (left padding) attend to every key,
         so they stay finite; nothing real ever attends to them.
     """
     gqa = query.shape[1] != keys.shape[1]
-    real_keys = key_cols[:, :1] >= 0  # [B, 1, n]: padding is the same for every KV head of a fresh prompt
+    real_keys = key_positions[:, :1] >= 0  # [B, 1, n]: padding is the same for every KV head of a fresh prompt
     if bool(real_keys.all()):
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
     else:
@@ -182,20 +183,31 @@ def kvkeep_attention(
         raise ValueError("attention sinks as learned logits (s_aux) are not supported by kvkeep")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    layer = _take_pending()
+    layer = bound_layer(key)
     if layer is not None:
-        if key is not layer.keys:
-            raise RuntimeError("kvkeep attention received keys that are not those of its cache layer")
-        return layer.attend(module, query, attention_mask, scaling, softcap=softcap, alibi_slopes=alibi_slopes), None
+        return layer.attend(query, attention_mask, scaling, softcap=softcap, alibi_slopes=alibi_slopes), None
 
     # Any other cache (or none): the keys are the last kv_len columns of the sequence.
-    kv_len, q_len = key.shape[2], query.shape[2]
+    batch, kv_len, q_len = key.shape[0], key.shape[2], query.shape[2]
     total = kv_len if attention_mask is None else attention_mask.shape[-1]
     cols = torch.arange(total - kv_len, total, device=key.device)
-    key_cols = cols.view(1, 1, kv_len).expand(key.shape[0], 1, kv_len)
+    key_cols = cols.view(1, 1, kv_len).expand(batch, 1, kv_len)
     if attention_mask is not None:
         key_cols = torch.where(attention_mask[:, None, -kv_len:].bool(), key_cols, -1)
-    query_cols = torch.arange(total - q_len, total, device=key.device)
+    query_cols = torch.arange(total - q_len, total, device=key.device).expand(batch, q_len)
+    callback = getattr(_local, "probe", None)
+    scorer = None
+    if callback is not None:
+        q_heads, group = query.shape[1], query.shape[1] // key.shape[1]
+        probs = torch.empty(batch, q_heads, q_len, kv_len, dtype=torch.float32, device=query.device)
+        allowed_all = torch.empty(batch, q_len, kv_len, dtype=torch.bool, device=query.device)
+
+        def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
+            masked = torch.softmax(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min), -1) * allowed
+            probs[:, :, rows] = masked.reshape(batch, q_heads, -1, kv_len)
+            allowed_all[:, rows] = allowed[:, 0, 0]
+            return logits.new_zeros(batch, key.shape[1], group, 1, kv_len)
+
     out, _ = attend(
         query,
         key,
@@ -206,7 +218,10 @@ def kvkeep_attention(
         sliding_window=sliding_window,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        scorer=scorer,
     )
+    if callback is not None:
+        callback(probs, allowed_all)
     return out, None
 
 
@@ -222,7 +237,7 @@ def kvkeep_mask(
 ) -> torch.Tensor:
     """transformers ``AttentionMaskInterface`` entry: hand the 2D padding mask through untouched.
 
-    kvkeep builds the real mask inside attention from each cached token's column, so all it needs from
+    kvkeep builds the real mask inside attention from each cached token's position, so all it needs from
     the model is which columns are padding: ``[batch, seen + q_len]`` bool (all True without a mask).
     """
     if attention_mask is None:

@@ -1,14 +1,20 @@
-"""Greedy decoding with any cache, timed, with the decode step replayed as a CUDA graph when it can be.
+"""kvkeep's one decode loop: prefill, then one token per step, timed, replayed as a CUDA graph when it can be.
 
 ``model.generate`` runs every decode step through Python: hundreds of small kernel launches per token,
 which on a GPU cost more than the step's arithmetic.  Once a ``KVKeepCache(..., static=True)`` has every
 layer in slot mode, a decode step has fixed shapes and addresses and touches no host value, so
 :func:`generate` captures one step in a CUDA graph and replays it for the rest of the generation.
+
+The same loop serves the command line (greedy or sampled), the perplexity task (``forced`` tokens, logits
+through ``on_step``) and the analyses (an observer on the cache); :func:`stop_token_ids` and
+:func:`until_stop` are the one end-of-sequence rule.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +22,10 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import KVKeepCache
 from .hf import with_cache
+from .sampling import GREEDY, Sampling, sample
+
+#: ``on_step(index, logits [B, vocab], tokens [B])`` after each token is chosen (index 0: from the prompt).
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -23,13 +33,16 @@ class Generation:
     """What :func:`generate` returns.
 
     Attributes:
-        tokens: ``[batch, max_new_tokens]`` generated token ids.
+        tokens: ``[batch, steps]`` generated token ids (``steps <= max_new_tokens``: the loop stops once every
+            row has produced a stop token).
+        lengths: per row, the tokens up to and including its first stop token (all ``steps`` without one).
         prefill_s: seconds of the prompt forward (which also compresses a kvkeep cache).
-        step_s: seconds of each of the ``max_new_tokens - 1`` decode steps after it.
+        step_s: seconds of each decode step after it.
         graph_steps: decode steps replayed from a CUDA graph (the last ones).
     """
 
     tokens: torch.Tensor
+    lengths: list[int]
     prefill_s: float
     step_s: list[float]
     graph_steps: int
@@ -38,6 +51,29 @@ class Generation:
     def decode_s(self) -> float:
         """Seconds of all decode steps."""
         return sum(self.step_s)
+
+    def row(self, index: int) -> list[int]:
+        """The tokens of row ``index``, up to and including its stop token."""
+        return self.tokens[index, : self.lengths[index]].tolist()
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer=None) -> set[int]:
+    """The ids that end a sequence: the model's generation config's ``eos_token_id`` and the tokenizer's."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    found = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+def until_stop(tokens: Iterable[int], stop_ids: set[int]) -> list[int]:
+    """``tokens`` up to and including the first stop token."""
+    kept = []
+    for token in tokens:
+        kept.append(token)
+        if token in stop_ids:
+            break
+    return kept
 
 
 class _Clock:
@@ -62,6 +98,28 @@ class _Clock:
         return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
+class _Chooser:
+    """Picks each step's tokens from the logits: greedy, sampled per row, or forced (teacher forcing)."""
+
+    def __init__(self, batch: int, device, sampling, forced: torch.Tensor | None):
+        rows = sampling if isinstance(sampling, list) else [sampling or GREEDY] * batch
+        if len(rows) != batch:
+            raise ValueError(f"sampling has {len(rows)} settings for a batch of {batch}")
+        self.greedy = all(s.greedy for s in rows)
+        self.temperature = torch.tensor([s.temperature for s in rows], dtype=torch.float32, device=device)
+        self.top_p = torch.tensor([s.top_p for s in rows], dtype=torch.float32, device=device)
+        self.seed = torch.tensor([s.seed for s in rows], dtype=torch.int64, device=device)
+        self.forced = forced
+
+    def __call__(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """``logits [B, vocab]``, ``step [1]`` int64 (the index of the token chosen) -> ``[B, 1]``."""
+        if self.forced is not None:
+            return self.forced.gather(1, step.view(1, 1).expand(self.forced.shape[0], 1))
+        if self.greedy:
+            return logits.argmax(-1, keepdim=True)
+        return sample(logits, self.temperature, self.top_p, self.seed, step.expand(logits.shape[0]))[:, None]
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
@@ -70,96 +128,126 @@ def generate(
     *,
     cache: Cache | None = None,
     max_new_tokens: int,
+    sampling: Sampling | list[Sampling] | None = None,
+    stop_ids: Iterable[int] | None = None,
+    forced: torch.Tensor | None = None,
+    on_step: StepHook | None = None,
     cuda_graph: bool | None = None,
+    progress: bool = False,
 ) -> Generation:
-    """Greedy decoding of ``max_new_tokens`` tokens for a (left-padded) batch.
+    """Decode up to ``max_new_tokens`` tokens for a (left-padded) batch.
 
     Args:
         model: a causal LM (for a kvkeep cache, the model the cache was built for).
         input_ids: ``[batch, prompt]``; attention_mask: ``[batch, prompt]`` (1 = token, 0 = left padding).
         cache: a ``KVKeepCache`` or any transformers cache; ``None`` uses a ``DynamicCache``.
+        sampling: greedy (None), one :class:`~kvkeep.sampling.Sampling` for every row, or one per row.
+        stop_ids: token ids that end a row (see :func:`stop_token_ids`); the loop stops once every row has
+            one.  None: always ``max_new_tokens`` tokens.
+        forced: ``[batch, max_new_tokens]`` tokens to feed instead of the model's choice (teacher forcing).
+        on_step: ``on_step(index, logits, tokens)`` after each choice.
         cuda_graph: replay decode steps from a CUDA graph once a static kvkeep cache is in slot mode
             (``None``: whenever that is possible; ``True`` raises where it is not).
+        progress: show a progress bar of the tokens on stderr.
 
     Returns:
         :class:`Generation` with the tokens and the prefill/decode times (device events on CUDA).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"the prompt is empty: give at least one token (input_ids {list(input_ids.shape)})")
+    batch = input_ids.shape[0]
+    if attention_mask is not None and not bool((attention_mask.sum(-1) > 0).all()):
+        raise ValueError("a prompt of the batch is empty (its attention mask is all zeros): give at least one token")
+    if forced is not None and tuple(forced.shape) != (batch, max_new_tokens):
+        raise ValueError(f"forced must be [batch, max_new_tokens] = [{batch}, {max_new_tokens}]")
     cache = DynamicCache(config=model.config) if cache is None else cache
     static = isinstance(cache, KVKeepCache) and cache.static
     if isinstance(cache, KVKeepCache):
         if cache.get_seq_length() > 0:
             raise ValueError("this KVKeepCache already holds an earlier generation: call cache.reset() first")
-        cache._total_steps = max_new_tokens
+        cache.set_generation_length(max_new_tokens)
     if cuda_graph and not (static and input_ids.is_cuda):
         raise ValueError("cuda_graph=True needs a KVKeepCache(..., static=True) on a CUDA model")
     use_graph = (static and input_ids.is_cuda) if cuda_graph is None else cuda_graph
+    device = input_ids.device
+    choose = _Chooser(batch, device, sampling, None if forced is None else forced.to(device))
+    stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
 
-    batch, prompt = input_ids.shape
     mask = attention_mask
-    position = (mask.sum(-1, keepdim=True) if mask is not None else torch.full((batch, 1), prompt)).to(
-        device=input_ids.device, dtype=torch.long
+    position = (mask.sum(-1, keepdim=True) if mask is not None else torch.full((batch, 1), input_ids.shape[1])).to(
+        device=device, dtype=torch.long
     )
-    clock = _Clock(input_ids.device)
+    step = torch.zeros(1, dtype=torch.long, device=device)
+    clock = _Clock(device)
     clock.mark()
     prompt_positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=prompt_positions,
+        input_ids=input_ids, attention_mask=mask, position_ids=prompt_positions, use_cache=True, logits_to_keep=1,
         **with_cache(model, cache),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    token = logits.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+    ).logits[:, -1]  # fmt: skip
+    token = choose(logits, step)
     tokens = [token.clone()]
     clock.mark()
-    graph, graph_steps, slot_steps = None, 0, 0
-    for _ in range(max_new_tokens - 1):
-        if graph is None and use_graph and slot_steps > 0:
-            graph, next_token = _capture(model, cache, token, position)
-        if graph is not None:
-            graph.replay()
-            cache._count_replayed_step()
-            tokens.append(next_token.clone())
-            graph_steps += 1
+    if on_step is not None:
+        on_step(0, logits, token[:, 0])
+    finished = torch.isin(token[:, 0], stops)
+    graph = None
+    graph_steps = 0
+    from tqdm import tqdm
+
+    with tqdm(total=max_new_tokens, initial=1, unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
+        for index in range(1, max_new_tokens):
+            if stops.numel() and bool(finished.all()):
+                break
+            if graph is None and use_graph and cache.ready_for_graph():
+                graph, logits_out, token = capture_step(model, cache, token, position, step, choose)
+            if graph is not None:
+                graph.replay()
+                cache.replayed_step()
+                logits = logits_out
+                graph_steps += 1
+            else:
+                step += 1
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+                slot_mode = static and cache.ready_for_graph()  # a slot-mode step ignores the padding mask
+                logits = model(
+                    input_ids=token, position_ids=position, attention_mask=None if slot_mode else mask,
+                    use_cache=True, logits_to_keep=1, **with_cache(model, cache),
+                ).logits[:, -1]  # fmt: skip
+                position = position + 1
+                token = choose(logits, step)
+            tokens.append(token.clone())
             clock.mark()
-            continue
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-        slot_mode = static and cache.ready_for_graph()  # a slot-mode step ignores the padding mask
-        slot_steps += slot_mode
-        logits = model(
-            input_ids=token,
-            position_ids=position,
-            attention_mask=None if slot_mode else mask,
-            **with_cache(model, cache),
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        position = position + 1
-        tokens.append(token.clone())
-        clock.mark()
+            if on_step is not None:
+                on_step(index, logits, token[:, 0])
+            finished |= torch.isin(token[:, 0], stops)
+            bar.update()
     prefill_s, *step_s = clock.seconds()
-    return Generation(torch.cat(tokens, dim=-1), prefill_s, step_s, graph_steps)
+    out = torch.cat(tokens, dim=-1)
+    stopped = torch.isin(out, stops)
+    first = torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, out.shape[1])
+    return Generation(out, first.tolist(), prefill_s, step_s, graph_steps)
 
 
-def _capture(model, cache: KVKeepCache, token: torch.Tensor, position: torch.Tensor):
-    """Capture one decode step that reads ``token``/``position`` and leaves the next ones in place.
+def capture_step(model, cache: KVKeepCache, token: torch.Tensor, position: torch.Tensor, step=None, choose=None):
+    """Capture one decode step that reads ``token``/``position``/``step`` and leaves the next ones in place
+    (``choose``: how the next token is picked, greedy by default).
 
-    Returns ``(graph, next_token [B, 1])``.  Python-side counters the capture advanced are rolled back;
-    :meth:`KVKeepCache._count_replayed_step` advances them after every replay.
+    Returns ``(graph, logits [B, vocab], token [B, 1])``, the graph's static output tensors.  Host counters the
+    capture advanced are rolled back (:meth:`KVKeepCache.capture`); :meth:`KVKeepCache.replayed_step`
+    advances them after every replay.
     """
-    counters = cache._counters()
+    step = torch.zeros(1, dtype=torch.long, device=token.device) if step is None else step
+    choose = choose or _Chooser(token.shape[0], token.device, None, None)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with cache.capture(), torch.cuda.graph(graph):  # recorded, not run: the replay runs it
+        step.add_(1)
         logits = model(
-            input_ids=token, position_ids=position, **with_cache(model, cache), use_cache=True, logits_to_keep=1
-        )
-        next_token = logits.logits[:, -1].argmax(-1, keepdim=True)
-        token.copy_(next_token)
+            input_ids=token, position_ids=position, use_cache=True, logits_to_keep=1, **with_cache(model, cache)
+        ).logits[:, -1]
+        token.copy_(choose(logits, step))
         position.add_(1)
-    cache._set_counters(counters)
-    return graph, next_token
+    return graph, logits, token

@@ -1,26 +1,37 @@
 """Everything that touches transformers' moving or private corners, in one place.
 
-transformers 5.24 renamed the cache argument of model forwards, ``generate`` and attention modules from
-``past_key_values`` to ``cache`` (the old name is deprecated: removed from forwards in 5.40, from
-``generate`` in 6.0).  kvkeep supports 5.17 through the newest 5.x, so it asks the installed version
-which name it takes instead of hard-coding either.
+- The cache argument's name: transformers 5.24 renamed it from ``past_key_values`` to ``cache`` in model
+  forwards, ``generate`` and attention modules (the old name is deprecated: removed from forwards in 5.40,
+  from ``generate`` in 6.0).  kvkeep supports 5.17 through the newest 5.x, so it asks the installed version.
+- Switching a model to kvkeep's attention (``AttentionInterface``), with a small adapter for the models
+  that compute attention inside their attention module (MPT; GPT-J before 5.24).
+- The per-layer attention types of a config, the device of a model, and the flag ``generate`` sets on a
+  cache it was handed.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.models.gptj.modeling_gptj import GPTJAttention
+from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
 
-#: The cache argument's old name, still accepted (with a FutureWarning) by transformers >= 5.24.
+from .attention import ATTN_NAME, kvkeep_attention, kvkeep_mask
+
 OLD_CACHE_ARG = "past_key_values"
 NEW_CACHE_ARG = "cache"
+REUSE_HINT = "call cache.reset() or build a new KVKeepCache for each generation"
 
 
+# -- the cache argument --------------------------------------------------------------------------------
 @functools.cache
-def _forward_takes_cache(forward_cls: type) -> bool:
-    return NEW_CACHE_ARG in inspect.signature(forward_cls.forward).parameters
+def _forward_takes_cache(model_class: type) -> bool:
+    return NEW_CACHE_ARG in inspect.signature(model_class.forward).parameters
 
 
 def cache_arg(model: torch.nn.Module) -> str:
@@ -44,3 +55,143 @@ def cache_from(kwargs: dict, **named) -> object | None:
     kwargs.pop(OLD_CACHE_ARG, None)
     kwargs.pop(NEW_CACHE_ARG, None)
     return next(iter(found.values()), None)
+
+
+class ReuseGuard:
+    """``generate`` sets ``cache._is_user_defined = True`` on a cache it was handed: refuse a used one there."""
+
+    @property
+    def _is_user_defined(self) -> bool:
+        return self.__dict__.get("_user_defined", False)
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        if value and self.get_seq_length() > 0:
+            raise ValueError(
+                f"this KVKeepCache already holds {self.get_seq_length()} tokens of an earlier generation: {REUSE_HINT}"
+            )
+        self.__dict__["_user_defined"] = value
+
+
+# -- model facts ---------------------------------------------------------------------------------------
+def is_count(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (its input embedding, where inputs go)."""
+    return next(model.parameters()).device
+
+
+def layer_types(config) -> list[str]:
+    """``"full_attention"`` or ``"sliding_attention"`` per decoder layer, as transformers' caches read them."""
+    if getattr(config, "num_kv_shared_layers", None):
+        raise ValueError("models that share KV caches across layers (Gemma 3n) are not supported by kvkeep")
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        if getattr(config, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"]
+        elif getattr(config, "sliding_window", None) is not None:
+            types = ["sliding_attention"] * config.num_hidden_layers
+        else:
+            types = ["full_attention"] * config.num_hidden_layers
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported by kvkeep (only full and sliding attention)")
+    return list(types)
+
+
+# -- switching a model to kvkeep's attention -----------------------------------------------------------
+class MptKVKeepAttention(MptAttention):
+    """MPT attention whose softmax(QK^T + ALiBi)V runs through kvkeep (weights untouched)."""
+
+    def forward(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
+        cache = cache_from(kwargs, cache=cache)  # ``past_key_values`` before transformers 5.24
+        batch, length = hidden_states.shape[:2]
+        mixed = self.Wqkv(hidden_states)
+        if self.clip_qkv:
+            mixed = mixed.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+        query, key, value = (
+            t.reshape(batch, length, self.n_heads, self.head_dim).transpose(1, 2) for t in mixed.chunk(3, dim=2)
+        )
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        out, _ = kvkeep_attention(
+            self, query, key, value, attention_mask, scaling=self.softmax_scale, alibi_slopes=self.alibi_slopes
+        )
+        return self.out_proj(out.reshape(batch, length, -1)), None
+
+
+class GPTJKVKeepAttention(GPTJAttention):
+    """GPT-J attention (transformers < 5.24) whose ``_attn`` runs through kvkeep (projections and rotary untouched)."""
+
+    def _attn(self, query, key, value, attention_mask=None):
+        out, _ = kvkeep_attention(self, query, key, value, attention_mask, scaling=1.0 / float(self.scale_attn))
+        return out.transpose(1, 2), None
+
+
+def _adapt_mpt(model: torch.nn.Module) -> None:
+    config = model.config
+    bias = build_mpt_alibi_tensor(config.n_heads, 2, config.attn_config.alibi_bias_max)  # [H, 1, 2]
+    slopes = (bias[:, 0, 1] - bias[:, 0, 0]).float()
+    for module in model.modules():
+        if isinstance(module, MptAttention):
+            module.__class__ = MptKVKeepAttention
+            module.alibi_slopes = slopes.to(next(module.parameters()).device)
+
+
+def _adapt_gptj(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, GPTJAttention):
+            module.__class__ = GPTJKVKeepAttention
+
+
+#: model_type -> family name, for the architectures that call attention through ``AttentionInterface``.
+INTERFACE_MODELS = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "phi3": "Phi-3",
+    "gemma3_text": "Gemma 3",
+    "gpt2": "GPT-2 / Cerebras-GPT",
+    "opt": "OPT",
+    "gpt_neox": "GPT-NeoX / Pythia",
+}
+#: model_type -> (family name, adapter) for those that compute attention in their own module.
+ADAPTED_MODELS = {"mpt": ("MPT", _adapt_mpt)}
+if hasattr(GPTJAttention, "_attn"):  # transformers < 5.24; from 5.24 GPT-J calls the AttentionInterface
+    ADAPTED_MODELS["gptj"] = ("GPT-J", _adapt_gptj)
+else:
+    INTERFACE_MODELS["gptj"] = "GPT-J"
+
+SUPPORTED = {**INTERFACE_MODELS, **{k: name for k, (name, _) in ADAPTED_MODELS.items()}}
+
+
+@functools.cache
+def _register() -> None:
+    AttentionInterface.register(ATTN_NAME, kvkeep_attention)
+    AttentionMaskInterface.register(ATTN_NAME, kvkeep_mask)
+
+
+def check_supported(model: torch.nn.Module) -> str:
+    """Return the model's ``model_type``; raise a one-line error naming the supported families otherwise."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED:
+        families = ", ".join(sorted(set(SUPPORTED.values())))
+        raise ValueError(f"kvkeep does not support model type '{model_type}': supported families are {families}")
+    return model_type
+
+
+def install(model: torch.nn.Module) -> None:
+    """Route the model's attention through kvkeep (idempotent).  Other caches still get plain attention."""
+    model_type = check_supported(model)
+    _register()
+    if model.config._attn_implementation == ATTN_NAME:
+        return
+    if model_type in ADAPTED_MODELS:
+        ADAPTED_MODELS[model_type][1](model)
+        model.config._attn_implementation_internal = ATTN_NAME
+    else:
+        model.set_attn_implementation(ATTN_NAME)

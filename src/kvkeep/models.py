@@ -1,15 +1,20 @@
-"""Model loading: named models from a small registry, local folders and Hugging Face hub ids.
+"""Model loading (registry names, local folders, GGUF files, hub ids) and the model facts kvkeep needs.
 
-A registry entry points at a GGUF file shipped inside a pip package. The first load dequantises it
-once and saves an ordinary float checkpoint (safetensors + tokenizer) under the kvkeep cache;
-later loads read that copy, which takes seconds.
+A GGUF file, named directly, found alone in a folder, or shipped inside a pip package (the registry's
+``smollm2``), is dequantised once into an ordinary float checkpoint (safetensors + tokenizer) under the
+kvkeep cache, keyed by the file's content; later loads read that copy, which takes seconds.  Every check
+that can fail (a missing file, an unknown name, no network for a hub id) fails before weights are read.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
@@ -28,12 +34,16 @@ from transformers import (
 __all__ = [
     "MODELS",
     "ModelSpec",
+    "Source",
     "cache_root",
+    "context_length",
     "find_gguf",
     "load_model",
+    "load_tokenizer",
     "model_cache_dir",
     "resolve_device",
     "resolve_dtype",
+    "resolve_source",
 ]
 
 
@@ -75,11 +85,23 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+# -- device and dtype ------------------------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The given device, or "cuda" when available, else "cpu"."""
+    """The given device, or "cuda" when available, else "cpu"; a one-line error for one this machine lacks."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda: this torch sees no CUDA GPU (torch.cuda.is_available() is False): use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device {device} is not supported: use cpu or cuda")
+    return device
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -94,6 +116,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return _DTYPES[key]
 
 
+# -- where a model comes from ------------------------------------------------------------------------------
 def cache_root() -> Path:
     """``$KVKEEP_CACHE``, or ``~/.cache/kvkeep``."""
     env = os.environ.get("KVKEEP_CACHE")
@@ -103,6 +126,15 @@ def cache_root() -> Path:
 def model_cache_dir(name: str) -> Path:
     """Where the dequantised copy of registry model ``name`` lives."""
     return cache_root() / "models" / name
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model is read from: ``kind`` is ``registry``, ``folder``, ``gguf`` or ``hub``."""
+
+    kind: str
+    location: str  # the registry name, the folder, the GGUF file or the hub id
+    name: str  # what the user asked for
 
 
 def _package_dir(package: str) -> Path | None:
@@ -125,6 +157,83 @@ def find_gguf(spec: ModelSpec) -> Path:
     return path
 
 
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (2 s at most, asked once), unless ``HF_HUB_OFFLINE`` is set."""
+    import huggingface_hub.constants
+
+    return not huggingface_hub.constants.HF_HUB_OFFLINE and _hub_answers()
+
+
+@functools.cache
+def _hub_answers() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _hub_cached(repo: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # an id the hub library rejects is simply not cached
+        return False
+
+
+def resolve_source(name_or_path: str) -> Source:
+    """Where ``name_or_path`` is read from; a one-line ``ValueError`` at once when it cannot be read at all."""
+    if name_or_path in MODELS:
+        return Source("registry", name_or_path, name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return Source("gguf", str(path.resolve()), name_or_path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if (path / "config.json").is_file():
+            return Source("folder", str(path), name_or_path)
+        if len(ggufs) == 1:
+            return Source("gguf", str(ggufs[0].resolve()), name_or_path)
+        if len(ggufs) > 1:
+            names = ", ".join(g.name for g in ggufs)
+            raise ValueError(f"folder {path} holds several GGUF files ({names}): name one of them with --model")
+    names = ", ".join(sorted(MODELS))
+    what = (
+        f"cannot load model {name_or_path!r}: expected a registry name ({names}), a GGUF file, "
+        "a local folder or a Hugging Face model id"
+    )
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local or " " in name_or_path:
+        raise ValueError(f"{what}; {name_or_path!r} is none of these")
+    if not _hub_cached(name_or_path) and not _hub_reachable():
+        raise ValueError(f"{what}; it is not in the local Hugging Face cache and the hub is unreachable (offline)")
+    return Source("hub", name_or_path, name_or_path)
+
+
+# -- GGUF: dequantise once, keyed by content ---------------------------------------------------------------
+def _content_key(path: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256, remembered per (path, size, mtime) so it is read once."""
+    stat = path.stat()
+    index_path = cache_root() / "gguf-index.json"
+    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if stamp not in index:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        index[stamp] = digest.hexdigest()[:16]
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(index_path)
+    return index[stamp]
+
+
 def _fix_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
     """Repair a tokenizer built from GGUF metadata, using the ids kept in the model config.
 
@@ -138,13 +247,14 @@ def _fix_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMod
             setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(token_id))
     # A byte-level BPE tokenizer: the WordPiece clean-up would strip spaces before punctuation.
     tokenizer.clean_up_tokenization_spaces = False
-    tokenizer.model_max_length = model.config.max_position_embeddings
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        tokenizer.model_max_length = context
 
 
-def _convert_gguf(spec: ModelSpec, target: Path) -> None:
-    """Dequantise the spec's GGUF into a float32 safetensors checkpoint at ``target``, atomically."""
-    gguf = find_gguf(spec)
-    print(f"converting GGUF to a cached float model at {target} (first time only)", file=sys.stderr)
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF into a float32 safetensors checkpoint at ``target``, atomically."""
+    print(f"converting {gguf.name} to a cached float model at {target} (first time only)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion
         if time.time() - stale.stat().st_mtime > _STALE_TMP_SECONDS:
@@ -152,14 +262,18 @@ def _convert_gguf(spec: ModelSpec, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent,
-            gguf_file=gguf.name,
-            # Unpack every weight: a model left in GGUF blocks cannot be saved.
-            quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent,
+                gguf_file=gguf.name,
+                # Unpack every weight: a model left in GGUF blocks cannot be saved.
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, OSError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot read GGUF file {gguf}: {first}") from None
         _fix_gguf_tokenizer(tokenizer, model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -172,10 +286,58 @@ def _convert_gguf(spec: ModelSpec, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer
+def _local_copy(source: Source) -> str:
+    """The folder or hub id transformers reads ``source`` from (converting a GGUF the first time)."""
+    if source.kind == "registry":
+        target = model_cache_dir(source.location)
+        if not target.is_dir():
+            _convert_gguf(find_gguf(MODELS[source.location]), target)
+        return str(target)
+    if source.kind == "gguf":
+        path = Path(source.location)
+        target = cache_root() / "models" / f"gguf-{_content_key(path)}"
+        if not target.is_dir():
+            _convert_gguf(path, target)
+        return str(target)
+    return source.location
+
+
+def _one_line(source: Source, err: Exception) -> ValueError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"cannot load model {source.name!r} ({source.kind}): {first}")
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+def load_tokenizer(name_or_path: str | Source) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, ready for batched generation (left padding, a pad token); no weights are read."""
+    source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_local_copy(source))
+    except OSError as err:
+        raise _one_line(source, err) from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(name_or_path: str | Source):
+    """The model's config (no weights are read)."""
+    source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(_local_copy(source))
+    except (OSError, ValueError) as err:
+        raise _one_line(source, err) from None
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (its position table or RoPE length), if it says."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(
@@ -186,35 +348,20 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched generation.
 
-    ``name_or_path`` is a registry name (see ``MODELS``), a local folder or a Hugging Face model id.
-    The model is in eval mode on ``device`` (default: CUDA if available, else CPU) in ``dtype``
-    (default: bfloat16 on CUDA, float32 otherwise). The tokenizer pads on the left and has a pad
-    token (the eos token when the checkpoint names none).
+    ``name_or_path`` is a registry name (see ``MODELS``), a GGUF file, a folder (a checkpoint, or holding one
+    GGUF file) or a Hugging Face model id.  The model is in eval mode on ``device`` (default: CUDA if
+    available, else CPU) in ``dtype`` (default: bfloat16 on CUDA, float32 otherwise).  The tokenizer pads on
+    the left and has a pad token (the eos token when the checkpoint names none).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-
-    if name_or_path in MODELS:
-        target = model_cache_dir(name_or_path)
-        if not target.is_dir():
-            _convert_gguf(MODELS[name_or_path], target)
-        model, tokenizer = _from_pretrained(target, torch_dtype)
-    elif Path(name_or_path).expanduser().is_dir():
-        model, tokenizer = _from_pretrained(Path(name_or_path).expanduser(), torch_dtype)
-    else:
-        try:
-            model, tokenizer = _from_pretrained(name_or_path, torch_dtype)
-        except OSError as err:
-            names = ", ".join(sorted(MODELS))
-            raise ValueError(
-                f"cannot load model {name_or_path!r}: expected a registry name ({names}), "
-                "a local folder or a Hugging Face model id"
-            ) from err
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    source = resolve_source(name_or_path)
+    location = _local_copy(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+    except OSError as err:
+        raise _one_line(source, err) from None
+    tokenizer = load_tokenizer(source)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = model.to(torch_device).eval()
-    return model, tokenizer
+    return model.to(torch_device).eval(), tokenizer

@@ -22,13 +22,13 @@ Kinds (each is a function ``analyze_<kind>(model, tok, input_ids, ..., out=DIR) 
 - ``scores``: the policy's accumulated scores at a few decode steps, and the scores of the evicted tokens
   against the candidates kept at the same evictions.
 
-How it is measured, without touching the cache's code: generation is a greedy decode loop through a
-:class:`~kvkeep.cache.KVKeepCache` whose layers' ``_evict`` is wrapped for the run (the positions and scores
-just before each eviction are what that step attended to and ranked; the positions after are what it kept).
-Full-attention probabilities come from one forward of the whole final sequence (prompt + generated tokens,
-no cache) in which kvkeep's own ``attend`` is wrapped to hand each layer's softmax probabilities to the
-analysis, one layer at a time. Sparsity and heat maps generate with full attention; ``cached`` compares the
-policy's cache with full attention over the tokens the policy generated.
+How it is measured, through public hooks only: generation is kvkeep's decode loop (greedy) through a
+:class:`~kvkeep.cache.KVKeepCache` built with an ``observer``, which every eviction hands an
+:class:`~kvkeep.cache.Eviction` (the positions and scores just before it are what that step attended to and
+ranked; the positions after are what it kept).  Full-attention probabilities come from one forward of the whole
+final sequence (prompt + generated tokens, no cache) inside :func:`kvkeep.attention.probe`, which hands each
+layer's softmax probabilities to the analysis, one layer at a time. Sparsity and heat maps generate with full
+attention; ``cached`` compares the policy's cache with full attention over the tokens the policy generated.
 
 Memory: a layer's probabilities are ``heads x n x n`` float32 (n = prompt + new tokens), held one layer at a
 time (heat maps keep the chosen maps). The command line caps the prompt at ``--max-prompt-tokens`` (default
@@ -41,18 +41,18 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import cli as _cli  # attributes are read at call time: cli imports this module while it loads
-from ..cache import KVKeepCache, KVKeepLayer
-from ..hf import with_cache
-from ..policies import POLICIES
-from ..policies.base import masked_softmax
+from ..attention import probe
+from ..cache import Eviction, KVKeepCache
+from ..cli import options as _cli
+from ..generation import generate, stop_token_ids
+from ..hf import install
+from ..policies import POLICIES, ScoringPolicy
 
 __all__ = [
     "CATEGORIES",
@@ -93,96 +93,31 @@ PNG_DPI = 110
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-@contextmanager
-def _capture(callback: LayerCallback) -> Iterator[dict]:
-    """Wrap :func:`kvkeep.attention.attend` so that each cache-less attention call hands its probabilities over.
-
-    ``callback(layer, probs [q_heads, rows, keys] float32, allowed [rows, keys] bool)``, once per attention
-    call, layers counted in call order (one forward: call i is layer i). kvkeep's attention is the model's own
-    attention, so these are exactly the probabilities the model uses.
-    """
-    from .. import attention
-
-    original = attention.attend
-    state = {"calls": 0}
-
-    def attend(query, keys, values, key_cols, query_cols, scaling, **kwargs):
-        if kwargs.get("scorer") is not None or query.shape[0] != 1:
-            return original(query, keys, values, key_cols, query_cols, scaling, **kwargs)
-        _, q_heads, rows, _ = query.shape
-        slots = keys.shape[2]
-        probs = torch.empty(q_heads, rows, slots, dtype=torch.float32, device=query.device)
-        allowed_all = torch.empty(rows, slots, dtype=torch.bool, device=query.device)
-
-        def scorer(logits: torch.Tensor, allowed: torch.Tensor, chunk: slice) -> torch.Tensor:
-            probs[:, chunk] = masked_softmax(logits, allowed)[0].reshape(q_heads, -1, slots)
-            allowed_all[chunk] = allowed[0, 0, 0]
-            return logits.new_zeros(1, 1, 1, 1, 1)
-
-        out = original(query, keys, values, key_cols, query_cols, scaling, **{**kwargs, "scorer": scorer})
-        callback(state["calls"], probs, allowed_all)
-        state["calls"] += 1
-        return out
-
-    attention.attend = attend
-    try:
-        yield state
-    finally:
-        attention.attend = original
-
-
 def full_attention(model: torch.nn.Module, input_ids: torch.Tensor, callback: LayerCallback) -> None:
     """One cache-less forward of ``input_ids [1, n]``; ``callback(layer, probs, allowed)`` for every layer.
 
     ``probs`` is ``[q_heads, n, n]`` float32 (zero where a query may not attend), ``allowed`` ``[n, n]`` bool
     (causal, and within the window on sliding layers). Only one layer's probabilities are held at a time.
     """
-    from ..adapters import install
-
     install(model)
     layers = _num_layers(model)
     ids = _as_ids(input_ids, model)
-    with torch.inference_mode(), _capture(callback) as state:
+    calls = []
+
+    def on_layer(probs: torch.Tensor, allowed: torch.Tensor) -> None:
+        callback(len(calls), probs[0], allowed[0])
+        calls.append(None)
+
+    with torch.inference_mode(), probe(on_layer):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    if state["calls"] != layers:
-        raise RuntimeError(f"expected {layers} attention calls in one forward, saw {state['calls']}")
+    if len(calls) != layers:
+        raise RuntimeError(f"expected {layers} attention calls in one forward, saw {len(calls)}")
 
 
-# -- generation under a policy, observed from outside the cache -----------------------------------------
-EvictCallback = Callable[[KVKeepLayer, torch.Tensor, torch.Tensor | None, torch.Tensor, int], None]
-
-
-@contextmanager
-def _observe(cache: KVKeepCache, callback: EvictCallback | None) -> Iterator[None]:
-    """Wrap each layer's ``_evict`` (instance attribute, this cache only).
-
-    ``callback(layer, before [kv_heads, slots], scores_before or None, after [kv_heads, slots], evicted)``:
-    positions (and scores) just before the eviction — what this step attended to and ranked — the positions
-    after it, and the layer's ``evicted`` delta. ``layer.step`` is 0 for the prompt.
-    """
-    if callback is None:
-        yield
-        return
-    for layer in cache.layers:
-
-        def evict(layer: KVKeepLayer = layer, original=layer._evict) -> None:
-            before = layer.positions[0].clone()
-            scores = None if layer.scores is None else layer.scores[0].clone()
-            count = layer.evicted
-            original()
-            callback(layer, before, scores, layer.positions[0], layer.evicted - count)
-
-        layer._evict = evict
-    try:
-        yield
-    finally:
-        for layer in cache.layers:
-            layer.__dict__.pop("_evict", None)
-
-
+# -- generation under a policy, observed through the cache's observer -------------------------------------
 @dataclass
 class _Generation:
-    """A greedy generation: the whole sequence and its cache (generate's semantics: the last token is never fed)."""
+    """A greedy generation: the whole sequence and its cache (the last token is never fed)."""
 
     ids: torch.Tensor  # [1, prompt + new]
     prompt_tokens: int
@@ -191,7 +126,7 @@ class _Generation:
 
     @property
     def steps(self) -> int:
-        """Decode forwards: step s (1-based, ``layer.step``) feeds the s-th generated token."""
+        """Decode forwards: step s (1-based, ``Eviction.step``) feeds the s-th generated token."""
         return self.new_tokens - 1
 
     def query_col(self, step: int) -> int:
@@ -199,13 +134,10 @@ class _Generation:
 
 
 def _policy_params(policy: str, budget: float | int | None, params: dict | None, max_new_tokens: int) -> dict:
-    """KVKeepCache keywords: no budget for ``full``; Keyformer's schedule length defaults to ``max_new_tokens``."""
+    """KVKeepCache keywords: no budget for ``full``; the generation's length for Keyformer's schedule."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy '{policy}': choose one of {', '.join(POLICIES)}")
-    params = dict(params or {})
-    if "max_new_tokens" in {f.name for f in fields(POLICIES[policy])}:
-        params.setdefault("max_new_tokens", max_new_tokens)
-    return {"budget": None if policy == "full" else budget, **params}
+    return {"budget": None if policy == "full" else budget, **dict(params or {})}
 
 
 def _generate(
@@ -214,27 +146,14 @@ def _generate(
     policy: str,
     params: dict,
     max_new_tokens: int,
-    on_evict: EvictCallback | None = None,
+    on_evict: Callable[[Eviction], None] | None = None,
     stop_at_eos: bool = True,
 ) -> _Generation:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids = _as_ids(input_ids, model)
-    cache = KVKeepCache(model, policy, **params)
-    eos = _eos_ids(model) if stop_at_eos else set()
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
-    generated: list[int] = []
-    with torch.inference_mode(), _observe(cache, on_evict):
-        mask = torch.ones(1, ids.shape[1] + max_new_tokens, dtype=torch.long, device=ids.device)
-        out = model(input_ids=ids, attention_mask=mask[:, : ids.shape[1]], **with_cache(model, cache), **keep_last)
-        for i in range(max_new_tokens):
-            token = int(out.logits[0, -1].argmax())
-            generated.append(token)
-            if i == max_new_tokens - 1 or token in eos:
-                break
-            seen = ids.shape[1] + len(generated)
-            step = torch.tensor([[token]], device=ids.device)
-            out = model(input_ids=step, attention_mask=mask[:, :seen], **with_cache(model, cache))
+    cache = KVKeepCache(model, policy, observer=on_evict, **params)
+    stop = stop_token_ids(model) if stop_at_eos else None
+    run = generate(model, ids, cache=cache, max_new_tokens=max_new_tokens, stop_ids=stop)
+    generated = run.row(0)
     full = torch.cat([ids, torch.tensor([generated], dtype=ids.dtype, device=ids.device)], dim=1)
     return _Generation(full, ids.shape[1], len(generated), cache)
 
@@ -557,11 +476,12 @@ def analyze_cached(
     total = prompt_len + max_new_tokens
     kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(n_layers)}  # per layer: [kv_heads, total] per step
 
-    def on_evict(lay: KVKeepLayer, before, scores, after, evicted) -> None:
-        if lay.step >= 1:
+    def on_evict(event: Eviction) -> None:
+        before = event.before
+        if event.step >= 1:
             mask = torch.zeros(before.shape[0], total, dtype=torch.bool, device=before.device)
             mask.scatter_(1, before.clamp(min=0), before >= 0)
-            kept[lay.layer_idx].append(mask)
+            kept[event.layer_idx].append(mask)
 
     gen = _generate(model, input_ids, policy, params, max_new_tokens, on_evict, stop_at_eos)
     steps, n = gen.steps, gen.ids.shape[1]
@@ -654,21 +574,9 @@ def analyze_cached(
 
 
 # -- 4. where evictions fall ----------------------------------------------------------------------------
-def _candidates(lay: KVKeepLayer, before: torch.Tensor) -> torch.Tensor:
-    """``[kv_heads, slots]`` bool: the real tokens neither sinks nor the recent window protect (as ``_evict``)."""
-    real = before >= 0
-    if lay.sliding_window is not None:
-        real = real & (before > lay.seen - lay.sliding_window)
-    from_right = real.flip(-1).cumsum(-1).flip(-1)
-    from_left = real.cumsum(-1)
-    recent = int(lay.recent[0]) if lay.recent is not None else 0
-    protected = real & ((from_right <= recent) | (from_left <= lay.policy.sinks))
-    return real & ~protected
-
-
-def _evictions(lay: KVKeepLayer, before: torch.Tensor, after: torch.Tensor) -> list[tuple[int, int, int | None, int]]:
-    """``(kv_head, column, index among candidates or None, candidates)`` of every token this eviction dropped."""
-    candidate = _candidates(lay, before)
+def _evictions(event: Eviction) -> list[tuple[int, int, int | None, int]]:
+    """``(kv_head, position, index among candidates or None, candidates)`` of every token this eviction dropped."""
+    before, after, candidate = event.before, event.after, event.candidates
     found = []
     for h in range(before.shape[0]):
         kept = set(after[h][after[h] >= 0].tolist())
@@ -709,15 +617,15 @@ def analyze_replacement(
     per_layer = {i: {"layer": i, "evictions": 0, "evicted_delta": 0, "outside_candidates": 0} for i in chosen}
     per_step: dict[int, int] = {}
 
-    def on_evict(lay: KVKeepLayer, before, scores, after, evicted) -> None:
-        if lay.step < 1 or lay.layer_idx not in per_layer or lay.policy is not lay.owner.policy:
+    def on_evict(event: Eviction) -> None:
+        if event.step < 1 or event.layer_idx not in per_layer or event.policy != policy:
             return
-        row = per_layer[lay.layer_idx]
-        row["evicted_delta"] += evicted
-        if not evicted:
+        row = per_layer[event.layer_idx]
+        row["evicted_delta"] += event.evicted
+        if not event.evicted:
             return
-        found = _evictions(lay, before, after)
-        bulk = len(found) > before.shape[0]
+        found = _evictions(event)
+        bulk = len(found) > event.before.shape[0]
         for _, _, index, size in found:
             if index is None:
                 row["outside_candidates"] += 1
@@ -725,7 +633,7 @@ def analyze_replacement(
             positions.append(index / (size - 1) if size > 1 else 1.0)
             kinds.append("bulk" if bulk else "steady")
             row["evictions"] += 1
-        per_step[lay.step] = per_step.get(lay.step, 0) + len(found)
+        per_step[event.step] = per_step.get(event.step, 0) + len(found)
 
     gen = _generate(model, input_ids, policy, params, max_new_tokens, on_evict, stop_at_eos)
     edges = [i / bins for i in range(bins + 1)]
@@ -821,8 +729,8 @@ def analyze_scores(
     candidates kept (protected sinks and recent tokens excluded). ``per_step``: their means per step.
     Histograms share log-spaced ``bin_edges``; scores <= 0 are counted in ``zeros`` only.
     """
-    if policy not in POLICIES or not POLICIES[policy].needs_scores:
-        scoring = [name for name, cls in POLICIES.items() if cls.needs_scores]
+    if policy not in POLICIES or not issubclass(POLICIES[policy], ScoringPolicy):
+        scoring = [name for name, cls in POLICIES.items() if issubclass(cls, ScoringPolicy)]
         raise ValueError(f"policy '{policy}' keeps no scores: use one of {', '.join(scoring)}")
     n_layers = _num_layers(model)
     chosen = set(_pick(layers, n_layers, "layer", range(n_layers)))
@@ -838,21 +746,22 @@ def analyze_scores(
     kept_scores: list[torch.Tensor] = []
     per_step: dict[int, list[torch.Tensor]] = {}
 
-    def on_evict(lay: KVKeepLayer, before, scores, after, evicted) -> None:
-        if lay.step < 1 or lay.layer_idx not in chosen or scores is None or lay.policy is not lay.owner.policy:
+    def on_evict(event: Eviction) -> None:
+        before, scores, after = event.before, event.scores, event.after
+        if event.step < 1 or event.layer_idx not in chosen or scores is None or event.policy != policy:
             return
-        if lay.step in snaps:
-            snaps[lay.step].append(scores[before >= 0].float().cpu())
-        if not evicted:
+        if event.step in snaps:
+            snaps[event.step].append(scores[before >= 0].float().cpu())
+        if not event.evicted:
             return
-        candidate = _candidates(lay, before)
+        candidate = event.candidates
         gone = torch.zeros_like(candidate)
         for h in range(before.shape[0]):
             gone[h] = candidate[h] & ~torch.isin(before[h], after[h][after[h] >= 0])
         ev, kp = scores[gone].float().cpu(), scores[candidate & ~gone].float().cpu()
         evicted_scores.append(ev)
         kept_scores.append(kp)
-        step = per_step.setdefault(lay.step, [torch.zeros(0), torch.zeros(0)])
+        step = per_step.setdefault(event.step, [torch.zeros(0), torch.zeros(0)])
         step[0], step[1] = torch.cat([step[0], ev]), torch.cat([step[1], kp])
 
     gen = _generate(model, input_ids, policy, params, max_new_tokens, on_evict, stop_at_eos)
@@ -958,7 +867,7 @@ def add_parser(subparsers) -> None:
         ),
     )
     parser.add_argument("kind", choices=list(KINDS), help="the analysis")
-    _cli._add_model_options(parser)
+    _cli.add_model_options(parser)
     group = parser.add_argument_group("input")
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a data set name (e.g. cnndm) or a JSONL file; the prompt as in summarization")
@@ -1038,7 +947,7 @@ def _prompt_ids(args: argparse.Namespace, model, tok, limit: int) -> tuple[list[
         ctx = RunContext(model, tok, dataset, {"template": None}, seed=0)
         ids, truncated = task_prompt_ids(ctx, sample, limit)
         return ids, {"data": args.data, "sample": args.sample, "sample_id": sample.id, "truncated": truncated}
-    text = _cli.read_prompt(args)
+    text = _cli.read_prompt(args.prompt, args.prompt_file)
     if args.chat:
         ctx = RunContext(model, tok, Dataset("prompt", "summarization", "{doc}", []), {"template": None}, seed=0)
         ids, truncated = task_prompt_ids(ctx, Sample("prompt", text), limit)

@@ -26,7 +26,7 @@ import transformers
 from tqdm import tqdm
 
 from .. import __version__
-from .. import cli as _cli  # attributes are read at call time: cli may import this module while it loads
+from ..cli import options as _cli
 from ..models import load_model
 from ..policies import POLICIES, make_policy
 from .data import load_dataset, read_jsonl
@@ -279,7 +279,7 @@ def add_run_options(parser: argparse.ArgumentParser, policies: str, budgets: boo
     group.add_argument("--ref-field", help="reference field(s), comma-separated (default: reference)")
     group.add_argument("--id-field", help="sample id field (default: id, else the record index)")
     group.add_argument("--split", default="test", help="split of a hub data set (default: %(default)s)")
-    _cli._add_model_options(parser)
+    _cli.add_model_options(parser)
     group = parser.add_argument_group("policies")
     group.add_argument("--policies", default=policies, help="comma-separated (default: %(default)s); full always runs")
     if budgets:

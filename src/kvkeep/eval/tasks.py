@@ -9,7 +9,6 @@ in :data:`TASKS`.
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import KVKeepCache
+from ..generation import generate, stop_token_ids, until_stop
 from ..hf import with_cache
 from .data import Dataset, Sample
 from .metrics import agreement, perplexity, rouge
@@ -161,22 +161,6 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
-def _split_bytes(cache: KVKeepCache, real: list[int]) -> list[tuple[int, int]]:
-    """Per sequence of a batch, (kept, full) KV bytes: the share of each layer's tensors its kept tokens fill
-    (padding slots excluded), and what a plain cache of its ``real`` tokens (no padding) would hold.
-
-    Both are exact for a batch of one.
-    """
-    n, kept_bytes = len(real), [0.0] * len(real)
-    for layer in cache.stats():
-        kept = layer["kept"]  # per row (sequence x beam): tokens kept, the most over KV heads
-        widest, group = max(kept, default=0), max(1, len(kept) // n)
-        for i in range(n if widest else 0):
-            kept_bytes[i] += layer["bytes"] * sum(kept[i * group : (i + 1) * group]) / (len(kept) * widest)
-    per_token = cache.full_nbytes() / (n * cache.get_seq_length())
-    return [(round(k), round(per_token * r)) for k, r in zip(kept_bytes, real, strict=True)]
-
-
 def _summarize(ctx: RunContext, samples: list[Sample], policy: str, params: dict) -> list[dict]:
     """Generate a summary per sample (one batched ``generate`` call) and score it against the references."""
     model, tok, opts = ctx.model, ctx.tokenizer, ctx.options
@@ -187,7 +171,7 @@ def _summarize(ctx: RunContext, samples: list[Sample], policy: str, params: dict
             ctx.memo["prompt", s.id] = _prompt_ids(ctx, s, limit)
         prompts.append(ctx.memo["prompt", s.id])
     input_ids, mask = _left_pad([ids for ids, _ in prompts], tok.pad_token_id, model.device)
-    cache = KVKeepCache(model, policy, **params)
+    cache = KVKeepCache(model, policy, max_new_tokens=opts["max_new_tokens"], **params)
     generation = {"max_new_tokens": opts["max_new_tokens"], "num_beams": opts["num_beams"], "do_sample": False}
     if opts["do_sample"]:
         torch.manual_seed(ctx.seed)
@@ -204,13 +188,15 @@ def _summarize(ctx: RunContext, samples: list[Sample], policy: str, params: dict
         ),
     )
     new = out[:, input_ids.shape[1] :].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-    steps = cache.get_seq_length() - input_ids.shape[1]
-    kv = _split_bytes(cache, [int(m) + steps for m in mask.sum(-1).tolist()])
+    stop = stop_token_ids(model, tok)
+    rows = cache.sequence_bytes()  # one per sequence and beam: a sample's beams are consecutive rows
+    beams = len(rows) // len(samples)
+    kv = [
+        [sum(col) // beams for col in zip(*rows[i * beams : (i + 1) * beams], strict=True)] for i in range(len(samples))
+    ]
     parts = []
     for s, (ids, truncated), tokens, (kv_bytes, kv_full) in zip(samples, prompts, new, kv, strict=True):
-        tokens = tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
+        tokens = [t for t in until_stop(tokens, stop) if t not in stop]
         text = tok.decode(tokens, skip_special_tokens=True).strip()
         parts.append(
             {
@@ -261,24 +247,16 @@ def window_starts(n_tokens: int, width: int, windows: int) -> list[int]:
 
 def _window_nll(model, window: torch.Tensor, prompt_tokens: int, cache: KVKeepCache) -> float:
     """Sum of NLL of the tokens after the first ``prompt_tokens`` of ``window [1, L+M]``: prefill L tokens,
-    then feed the rest one at a time through the (compressed) cache."""
-    length = window.shape[1]
-    ones = torch.ones(1, length, dtype=torch.long, device=window.device)
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(
-        input_ids=window[:, :prompt_tokens],
-        attention_mask=ones[:, :prompt_tokens],
-        **with_cache(model, cache),
-        **last_only,
-    )
-    logits = [out.logits[:, -1]]
-    for seen in range(prompt_tokens, length - 1):
-        out = model(
-            input_ids=window[:, seen : seen + 1], attention_mask=ones[:, : seen + 1], **with_cache(model, cache)
-        )
-        logits.append(out.logits[:, -1])
-    logp = torch.log_softmax(torch.cat(logits).float(), dim=-1)
-    return float(-logp.gather(-1, window[0, prompt_tokens:, None]).sum())
+    then feed the rest one at a time through the (compressed) cache (kvkeep's decode loop, teacher-forced)."""
+    targets = window[:, prompt_tokens:]
+    nll = []
+
+    def score(index: int, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        nll.append(-torch.log_softmax(logits.float(), dim=-1)[0, targets[0, index]])
+
+    generate(model, window[:, :prompt_tokens], cache=cache, max_new_tokens=targets.shape[1], forced=targets,
+             on_step=score)  # fmt: skip
+    return float(torch.stack(nll).sum())
 
 
 def _perplexity(ctx: RunContext, samples: list[Sample], policy: str, params: dict) -> list[dict]:
@@ -346,8 +324,6 @@ TASKS: dict[str, Task] = {
             run=_perplexity,
             compare=_ppl_vs_full,
             quality={"ppl": "min"},
-            # Keyformer's temperature schedule needs the number of decoding steps outside generate().
-            policy_defaults=lambda options: {"max_new_tokens": options["eval_tokens"]},
         ),
     )
 }

@@ -1,5 +1,6 @@
 """kvkeep's Triton kernels (import needs ``triton``: ``pip install 'kvkeep[gpu]'``).
 
+- :mod:`.common`: the counter-based noise, launch helpers and argument checks they share.
 - :mod:`.decode`: one decode step's attention over the slot buffers, with the policy's score update.
 - :mod:`.prefill`: a fresh prompt's per-token scores, without building the ``n x n`` attention matrix.
 - :mod:`.slots`: the slot bookkeeping of a decode step (append the newcomer, evict one victim per row).

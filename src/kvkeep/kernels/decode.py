@@ -1,7 +1,7 @@
 """Triton decode attention that also updates the eviction policy's per-token score in the same pass.
 
 One new query token per sequence attends over a layer's slot buffers (``[batch, kv_heads, slots, head_dim]``,
-empty slots marked by column -1).  Split-K ("flash-decoding"): kernel 1 runs one program per (sequence,
+empty slots marked by position -1).  Split-K ("flash-decoding"): kernel 1 runs one program per (sequence,
 KV head, slot range), handles the ``group`` query heads of that KV head together, reads every K and V
 element once, and writes online-softmax partials plus, when scores are wanted, the per-slot logits (or the
 Gumbel-noised tempered logits) to a float32 scratch.  Kernel 2 combines the partials into the output and
@@ -17,18 +17,15 @@ import functools
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.runtime.jit import JITFunction
-except ImportError as exc:  # pragma: no cover - exercised only without triton
-    raise ImportError("kvkeep's Triton kernels need triton: pip install 'kvkeep[gpu]'") from exc
+from ..policies import ScoreSpec
+from .common import INTERPRET, REDUCE_CODES, check_spec, gumbel, int32_key, next_pow2, pair_hash, workspace
+from .common import row_hash as row_hash_of
 
 __all__ = ["decode_attention"]
 
-_SCORE_MODES = ("probs", "gumbel")
-_REDUCE_CODES = {"mean": 0, "sum": 1, "max": 2}
 #: Slots per inner iteration of kernel 1.
 BLOCK_N = 128
 #: Slots per program of kernel 2's score update.
@@ -37,7 +34,6 @@ BLOCK_C = 256
 PROGRAMS_PER_SM = 4
 #: Launch shape of kernel 1.
 NUM_WARPS, NUM_STAGES = 4, 2
-_M32 = 0xFFFFFFFF
 
 
 @functools.cache
@@ -48,48 +44,10 @@ def _sm_count(device: torch.device) -> int:
     return 132
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def num_splits_for(batch: int, kv_heads: int, slots: int, block_n: int = BLOCK_N, sm_count: int = 132) -> int:
     """Slot ranges per (sequence, KV head): about ``PROGRAMS_PER_SM`` programs per SM, at least a block each."""
     wanted = math.ceil(PROGRAMS_PER_SM * sm_count / max(1, batch * kv_heads))
     return max(1, min(wanted, math.ceil(slots / block_n)))
-
-
-@triton.jit
-def _mix32(x):
-    """``kvkeep.policies.keyformer._mix32`` on uint32 (wrap-around multiplication)."""
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x68E31DA5
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _gumbel(row_hash, key_pos):
-    """Gumbel(0, 1) noise of ``keyformer.gumbel_noise``: ``row_hash`` [R] uint32, ``key_pos`` [N] int64 -> [R, N]."""
-    h = _mix32(row_hash[:, None] ^ key_pos.to(tl.uint32)[None, :])
-    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: u < 1 exactly in float32
-    return -tl.log(-tl.log(u)), h
-
-
-@triton.jit
-def _gumbel_row(row_hash, key_pos):
-    """:func:`_gumbel` for a single query row: ``row_hash`` scalar uint32, ``key_pos`` [N] int64 -> [N]."""
-    h = _mix32(row_hash ^ key_pos.to(tl.uint32))
-    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-    return -tl.log(-tl.log(u))
-
-
-@triton.jit
-def _row_hash(noise_key, kv_head, rows, query_pos):
-    """Per query-head hash prefix ``mix(mix(mix(key ^ kv) ^ gi) ^ qpos)``: ``rows`` [R] -> [R] uint32."""
-    h = _mix32(noise_key.to(tl.uint32) ^ kv_head.to(tl.uint32))
-    h = _mix32(h ^ rows.to(tl.uint32))
-    return _mix32(h ^ query_pos.to(tl.uint32))
 
 
 @triton.jit
@@ -113,18 +71,18 @@ def _attend_block(
     l2,
     row_hash,
     inv_tau,
-    shift,
     s_rows,
     row_ok,
     SCORES: tl.constexpr,
-    GUMBEL: tl.constexpr,
+    TEMPERED: tl.constexpr,
+    NOISE: tl.constexpr,
     ONE_ROW: tl.constexpr,
     INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Slots ``[n0, min(n0 + BLOCK_N, stop))``: online-softmax update of ``(m_i, l_i, acc)`` (and the gumbel
-    pair ``(m2, l2)``); with ``SCORES`` the block's (tempered, noised) logits go to the scratch rows."""
+    """Slots ``[n0, min(n0 + BLOCK_N, stop))``: online-softmax update of ``(m_i, l_i, acc)`` (and the tempered
+    pair ``(m2, l2)``); with ``SCORES`` the block's (noised, tempered) logits go to the scratch rows."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_range = offs_n < stop
     pos = tl.load(p_base + offs_n * stride_pc, mask=in_range, other=-1)
@@ -149,12 +107,13 @@ def _attend_block(
     acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=DOT_PRECISION)
 
     if SCORES:
-        if GUMBEL:
-            if ONE_ROW:  # MHA: noise for the one real query row only, not the padded tile
-                noise = _gumbel_row(row_hash, pos - shift)[None, :]
-            else:
-                noise, _ = _gumbel(row_hash, pos - shift)
-            logits = tl.where(valid[None, :], (logits + noise) * inv_tau, float("-inf"))
+        if TEMPERED:
+            if NOISE:
+                if ONE_ROW:  # MHA: noise for the one real query row only, not the padded tile
+                    logits = logits + gumbel(row_hash, pos)[None, :]
+                else:
+                    logits = logits + gumbel(row_hash[:, None], pos[None, :])
+            logits = tl.where(valid[None, :], logits * inv_tau, float("-inf"))
             m2_new = tl.maximum(m2, tl.max(logits, 1))
             m2_use = tl.where(m2_new > float("-inf"), m2_new, 0.0)
             l2 = l2 * tl.exp(m2 - m2_use) + tl.sum(tl.exp(logits - m2_use[:, None]), 1)
@@ -170,7 +129,6 @@ def _split_kernel(
     V,
     POS,
     QPOS,
-    PAD,
     TAU,
     SCRATCH,
     PM,
@@ -200,8 +158,8 @@ def _split_kernel(
     stride_ph,
     stride_pc,
     SCORES: tl.constexpr,
-    GUMBEL: tl.constexpr,
-    HAS_PAD: tl.constexpr,
+    TEMPERED: tl.constexpr,
+    NOISE: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -240,15 +198,13 @@ def _split_kernel(
     l2 = tl.zeros([GROUP_PAD], tl.float32)
     row_hash = rows.to(tl.uint32)
     inv_tau = 1.0
-    shift = 0
-    if GUMBEL:
-        if ONE_ROW:
-            row_hash = _row_hash(noise_key, kvh, kvh * 0, tl.load(QPOS + b))
-        else:
-            row_hash = _row_hash(noise_key, kvh, rows, tl.load(QPOS + b))
-        inv_tau = 1.0 / tl.load(TAU)  # one division per program, not one per (row, slot)
-        if HAS_PAD:
-            shift = tl.load(PAD + b)
+    if TEMPERED:
+        if NOISE:
+            if ONE_ROW:
+                row_hash = row_hash_of(noise_key, kvh, kvh * 0, tl.load(QPOS + b))
+            else:
+                row_hash = row_hash_of(noise_key, kvh, rows, tl.load(QPOS + b))
+        inv_tau = 1.0 / tl.load(TAU + b)  # one division per program, not one per (row, slot)
     s_rows = SCRATCH + head_rows * slots
 
     start = split * split_size
@@ -276,11 +232,11 @@ def _split_kernel(
                 l2,
                 row_hash,
                 inv_tau,
-                shift,
                 s_rows,
                 row_ok,
                 SCORES,
-                GUMBEL,
+                TEMPERED,
+                NOISE,
                 ONE_ROW,
                 INTERPRET,
                 DOT_PRECISION,
@@ -309,11 +265,11 @@ def _split_kernel(
                 l2,
                 row_hash,
                 inv_tau,
-                shift,
                 s_rows,
                 row_ok,
                 SCORES,
-                GUMBEL,
+                TEMPERED,
+                NOISE,
                 ONE_ROW,
                 INTERPRET,
                 DOT_PRECISION,
@@ -331,7 +287,7 @@ def _split_kernel(
     if SCORES or not ONE_SPLIT:
         tl.store(PM + part, m_i, mask=row_ok)
         tl.store(PL + part, l_i, mask=row_ok)
-    if GUMBEL:
+    if TEMPERED:
         tl.store(PM2 + part, m2, mask=row_ok)
         tl.store(PL2 + part, l2, mask=row_ok)
 
@@ -384,7 +340,7 @@ def _combine_kernel(
     stride_sc,
     WRITE_OUT: tl.constexpr,
     SCORES: tl.constexpr,
-    GUMBEL: tl.constexpr,
+    TEMPERED: tl.constexpr,
     REDUCE: tl.constexpr,
     EWMA: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -420,7 +376,7 @@ def _combine_kernel(
             tl.store(o_ptrs, (acc * inv_total[:, None]).to(OUT.dtype.element_ty), mask=mask)
 
     if SCORES:
-        if GUMBEL:
+        if TEMPERED:
             big, inv_total = _global_max_sum(PM2, PL2, head_rows, row_ok, num_splits, S_PAD)
         offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = offs_c < slots
@@ -443,10 +399,6 @@ def _combine_kernel(
         tl.store(sc_ptrs, new, mask=c_ok)
 
 
-#: True when ``TRITON_INTERPRET=1`` turned the kernels into Python (CPU tensors).
-_INTERPRET = not isinstance(_split_kernel, JITFunction)
-
-
 def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -455,13 +407,10 @@ def decode_attention(
     scaling: float,
     *,
     scores: torch.Tensor | None = None,
-    score_mode: str = "probs",
-    head_reduce: str = "mean",
-    decay: float = 0.0,
+    spec: ScoreSpec | None = None,
+    layer_idx: int = 0,
     tau: torch.Tensor | None = None,
-    noise_key: int = 0,
     query_pos: torch.Tensor | None = None,
-    padding: torch.Tensor | None = None,
     _num_splits: int | None = None,
     _block_n: int | None = None,
     _num_warps: int | None = None,
@@ -473,17 +422,16 @@ def decode_attention(
     Args:
         query: ``[B, Hq, D]`` (bf16, fp16 or fp32; last dim contiguous or it is copied).
         keys, values: ``[B, Hkv, C, D]`` slot buffers, last dim contiguous; ``Hq`` a multiple of ``Hkv``.
-        positions: ``[B, Hkv, C]`` int64 column of each slot, -1 for an empty slot (never attended or read).
+        positions: ``[B, Hkv, C]`` int64 true position of each slot, -1 for an empty slot (never attended or read).
         scaling: factor applied to ``q . k``.
-        scores: ``[B, Hkv, C]`` float32 running score, updated in place when given.
-        score_mode: ``"probs"`` (the softmax probabilities, H2O/CO2) or ``"gumbel"`` (Keyformer's
-            ``softmax((logits + g) / tau)``, ``g`` the counter-based noise of ``keyformer.gumbel_noise``).
-        head_reduce: how the query heads of a group combine their score: ``"mean"``, ``"sum"`` or ``"max"``.
-        decay: 0 adds the step (``scores += s``); ``a > 0`` gives ``scores = (1 - a) * scores + a * s``.
-        tau: ``[1]`` float32 temperature on the device (gumbel only).
-        noise_key: ``_mix32(_mix32(seed & 0xFFFFFFFF) ^ layer_idx)`` (gumbel only).
-        query_pos: ``[B]`` int64 true position of each query (gumbel only).
-        padding: ``[B]`` int64 left padding; a key's true position is ``positions - padding[b]`` (gumbel only).
+        scores: ``[B, Hkv, C]`` float32 running score, updated in place when given (with ``spec``).
+        spec: the policy's :class:`~kvkeep.policies.ScoreSpec`: ``probs`` adds the softmax probabilities,
+            ``tempered`` ``softmax((logits + g) / tau)`` (``g`` the counter-based noise of
+            :mod:`kvkeep.policies.noise` when ``spec.noise_seed`` is set); reduced over the group's heads by
+            ``spec.head_reduce``; folded with ``spec.decay`` (0: ``scores += s``; ``a``: ``(1 - a) scores + a s``).
+        layer_idx: the layer, for the noise key.
+        tau: ``[B]`` float32 temperature of each row, on the device (tempered only).
+        query_pos: ``[B]`` int64 true position of each query (noise only).
         _num_splits, _block_n, _num_warps, _num_stages: override the launch shape (tests, tuning).
         _poison: fill output and workspaces with NaN before the launch (tests: every read value is written).
 
@@ -501,23 +449,21 @@ def decode_attention(
             f"shapes disagree: keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions "
             f"{tuple(positions.shape)} (want keys == values == [B, Hkv, C, D], positions [B, Hkv, C])"
         )
-    if score_mode not in _SCORE_MODES:
-        raise ValueError(f"score_mode must be one of {', '.join(_SCORE_MODES)}, got {score_mode!r}")
-    if head_reduce not in _REDUCE_CODES:
-        raise ValueError(f"head_reduce must be one of {', '.join(_REDUCE_CODES)}, got {head_reduce!r}")
     if query.stride(-1) != 1:
         query = query.contiguous()
     device = query.device
     group = q_heads // kv_heads
-    want_scores = scores is not None
-    gumbel = want_scores and score_mode == "gumbel"
+    want_scores = scores is not None and spec is not None
+    tempered = want_scores and spec.tempered
+    noise = tempered and spec.noise_seed is not None
     if want_scores:
+        check_spec(spec, tau)
         if scores.shape != positions.shape or scores.dtype != torch.float32:
             raise ValueError(
                 f"scores must be float32 {tuple(positions.shape)}, got {scores.dtype} {tuple(scores.shape)}"
             )
-        if gumbel and (tau is None or query_pos is None):
-            raise ValueError("score_mode='gumbel' needs tau ([1] float32) and query_pos ([B] int64)")
+        if noise and query_pos is None:
+            raise ValueError("a noised score needs query_pos ([B] int64 true position of each query)")
 
     block_n = _block_n or BLOCK_N
     blocks = max(1, math.ceil(slots / block_n))
@@ -526,34 +472,25 @@ def decode_attention(
     splits = max(1, math.ceil(slots / split_size))
     one_split = splits == 1
 
-    fill = torch.full if _poison else None
-
-    def buffer(*shape, dtype=torch.float32):
-        if fill is not None:
-            return fill(shape, float("nan"), dtype=dtype, device=device)
-        return torch.empty(shape, dtype=dtype, device=device)
-
+    buffer = workspace(device, _poison)
     out = buffer(batch, q_heads, head_dim, dtype=query.dtype)
     need_parts = want_scores or not one_split
     part_m = buffer(batch * q_heads, splits) if need_parts else out
     part_l = buffer(batch * q_heads, splits) if need_parts else out
     part_acc = buffer(batch * q_heads, splits, head_dim) if not one_split else out
-    part_m2 = buffer(batch * q_heads, splits) if gumbel else out
-    part_l2 = buffer(batch * q_heads, splits) if gumbel else out
+    part_m2 = buffer(batch * q_heads, splits) if tempered else out
+    part_l2 = buffer(batch * q_heads, splits) if tempered else out
     scratch = buffer(batch, q_heads, slots) if want_scores else out
-    key32 = noise_key & _M32
-    key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32  # always an int32 argument
 
-    group_pad = max(16, _next_pow2(group))
-    block_d = max(16, _next_pow2(head_dim))
+    group_pad = max(16, next_pow2(group))
+    block_d = max(16, next_pow2(head_dim))
     _split_kernel[(batch * kv_heads, splits)](
         query,
         keys,
         values,
         positions,
-        query_pos if gumbel else positions,
-        padding if (gumbel and padding is not None) else positions,
-        tau if gumbel else out,
+        query_pos if noise else positions,
+        tau if tempered else out,
         scratch,
         part_m,
         part_l,
@@ -562,7 +499,7 @@ def decode_attention(
         part_acc,
         out,
         float(scaling),
-        key32,
+        int32_key(spec.noise_seed if noise else None, layer_idx),
         slots,
         group,
         kv_heads,
@@ -582,10 +519,10 @@ def decode_attention(
         positions.stride(1),
         positions.stride(2),
         SCORES=want_scores,
-        GUMBEL=gumbel,
-        HAS_PAD=padding is not None,
+        TEMPERED=tempered,
+        NOISE=noise,
         ONE_SPLIT=one_split,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
         DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
         GROUP_PAD=group_pad,
         BLOCK_N=block_n,
@@ -599,6 +536,7 @@ def decode_attention(
         return out
     score_blocks = max(1, math.ceil(slots / BLOCK_C)) if want_scores else 1
     sc = scores if want_scores else out
+    decay = spec.decay if want_scores else 0.0
     _combine_kernel[(batch * kv_heads, score_blocks)](
         part_m,
         part_l,
@@ -625,12 +563,12 @@ def decode_attention(
         sc.stride(2) if want_scores else 0,
         WRITE_OUT=not one_split,
         SCORES=want_scores,
-        GUMBEL=gumbel,
-        REDUCE=_REDUCE_CODES[head_reduce],
+        TEMPERED=tempered,
+        REDUCE=REDUCE_CODES[spec.head_reduce] if want_scores else 0,
         EWMA=decay > 0,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
         GROUP_PAD=group_pad,
-        S_PAD=max(2, _next_pow2(splits)),
+        S_PAD=max(2, next_pow2(splits)),
         BLOCK_C=BLOCK_C,
         BLOCK_D=block_d,
         num_warps=4,
@@ -638,10 +576,10 @@ def decode_attention(
     return out
 
 
-def _noise_kernel_probe(
-    noise_key: int, kv_heads: int, group: int, query_pos: torch.Tensor, key_pos: torch.Tensor
+def noise_probe(
+    seed: int, layer_idx: int, kv_heads: int, group: int, query_pos: torch.Tensor, key_pos: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's Gumbel hash and noise for ``[B, kv_heads, group, C]`` (tests compare with ``gumbel_noise``).
+    """The kernels' Gumbel hash and noise for ``[B, kv_heads, group, C]`` (tests compare with ``gumbel_noise``).
 
     Args:
         query_pos: ``[B]`` int64 true query positions; key_pos: ``[B, kv_heads, C]`` int64 true key positions.
@@ -652,20 +590,10 @@ def _noise_kernel_probe(
     key_pos = key_pos.contiguous()
     hashes = torch.empty(batch, kv_heads, group, slots, dtype=torch.int64, device=key_pos.device)
     noise = torch.empty(batch, kv_heads, group, slots, dtype=torch.float32, device=key_pos.device)
-    key32 = noise_key & _M32
-    key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32
     _noise_kernel[(batch * kv_heads,)](
-        query_pos,
-        key_pos,
-        hashes,
-        noise,
-        key32,
-        kv_heads,
-        group,
-        slots,
-        GROUP_PAD=max(16, _next_pow2(group)),
-        BLOCK_N=max(16, _next_pow2(slots)),
-    )
+        query_pos, key_pos, hashes, noise, int32_key(seed, layer_idx), kv_heads, group, slots,
+        GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=max(16, next_pow2(slots)),
+    )  # fmt: skip
     return hashes, noise
 
 
@@ -679,8 +607,8 @@ def _noise_kernel(
     rows = tl.arange(0, GROUP_PAD)
     offs = tl.arange(0, BLOCK_N)
     kpos = tl.load(KPOS + pid * slots + offs, mask=offs < slots, other=0)
-    noise, h = _gumbel(_row_hash(noise_key, kvh, rows, tl.load(QPOS + b)), kpos)
+    prefix = row_hash_of(noise_key, kvh, rows, tl.load(QPOS + b))[:, None]
     idx = (pid * group + rows)[:, None] * slots + offs[None, :]
     mask = (rows < group)[:, None] & (offs < slots)[None, :]
-    tl.store(HASH + idx, h.to(tl.int64), mask=mask)
-    tl.store(NOISE + idx, noise, mask=mask)
+    tl.store(HASH + idx, pair_hash(prefix, kpos[None, :]).to(tl.int64), mask=mask)
+    tl.store(NOISE + idx, gumbel(prefix, kpos[None, :]), mask=mask)

@@ -23,19 +23,15 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - exercised only without triton
-    raise ImportError("kvkeep's Triton kernels need triton: pip install 'kvkeep[gpu]'") from exc
-
-from .decode import _INTERPRET, _M32, _gumbel, _mix32, _next_pow2, _row_hash
+from ..policies import ScoreSpec, reduce_heads
+from .common import INTERPRET, check_spec, gumbel, int32_key, next_pow2, workspace
+from .common import row_hash as row_hash_of
 
 __all__ = ["prefill_scores"]
 
-_SCORE_MODES = ("probs", "gumbel")
-_REDUCTIONS = ("mean", "sum", "max")
 _LOG2E = 1.4426950408889634
 
 #: ``(big, small, num_warps, num_stages)`` by input dtype.  Pass 1 takes ``big`` query rows per program and
@@ -46,14 +42,6 @@ _LOG2E = 1.4426950408889634
 #: tests only): half-size tiles and 2 stages to stay within registers and shared memory.
 _CONFIG = {torch.float32: (64, 32, 4, 2)}
 _CONFIG_16 = (128, 64, 8, 3)
-
-
-@triton.jit
-def _gumbel_cols(key_pos, row_hash):
-    """``_gumbel`` transposed (same ops, same bits): ``key_pos`` [N] int64, ``row_hash`` [R] uint32 -> [N, R]."""
-    h = _mix32(row_hash[None, :] ^ key_pos.to(tl.uint32)[:, None])
-    u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: u < 1 exactly in float32
-    return -tl.log(-tl.log(u))
 
 
 @triton.jit
@@ -74,7 +62,7 @@ def _lse_block(
     row_hash,
     shift,
     CAUSAL: tl.constexpr,
-    GUMBEL: tl.constexpr,
+    NOISE: tl.constexpr,
     EVEN_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -94,8 +82,8 @@ def _lse_block(
         k = k.to(tl.float32)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N] float32
     bias = tl.where(valid, 0.0, float("-inf"))
-    if GUMBEL:
-        noise, _ = _gumbel(row_hash, col - shift)
+    if NOISE:
+        noise = gumbel(row_hash[:, None], (col - shift)[None, :])
         x = qk * qk_scale + noise * noise_scale + bias[None, :]
     else:
         x = qk * qk_scale + bias[None, :]
@@ -132,7 +120,7 @@ def _lse_kernel(
     stride_cn,
     stride_rb,
     stride_rn,
-    GUMBEL: tl.constexpr,
+    NOISE: tl.constexpr,
     HAS_REAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -169,10 +157,10 @@ def _lse_kernel(
 
     shift = 0
     row_hash = rows.to(tl.uint32)
-    if GUMBEL:
+    if NOISE:
         if HAS_PAD:
             shift = tl.load(PAD + b)
-        row_hash = _row_hash(noise_key, kvh, h % group, rows - shift)
+        row_hash = row_hash_of(noise_key, kvh, h % group, rows - shift)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     diag_end = tl.minimum(m0 + BLOCK_M, n)
@@ -180,24 +168,24 @@ def _lse_kernel(
         n0 = 0
         while n0 < m0:
             m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, False, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  m_i, l_i, row_hash, shift, False, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
                                   BLOCK_N)  # fmt: skip
             n0 += BLOCK_N
         n0 = m0
         while n0 < diag_end:
             m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, True, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  m_i, l_i, row_hash, shift, True, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
                                   BLOCK_N)  # fmt: skip
             n0 += BLOCK_N
     else:
         # Key blocks wholly left of the row block: key column j < m0 <= r, no causal mask needed.
         for n0 in range(0, m0, BLOCK_N):
             m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, False, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  m_i, l_i, row_hash, shift, False, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
                                   BLOCK_N)  # fmt: skip
         for n0 in range(m0, diag_end, BLOCK_N):
             m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, True, GUMBEL, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                                  m_i, l_i, row_hash, shift, True, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
                                   BLOCK_N)  # fmt: skip
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # +inf: no allowed key, p = 0
     tl.store(LSE + bh * n + rows, lse, mask=row_in)
@@ -223,7 +211,7 @@ def _colsum_block(
     shift,
     acc,
     CAUSAL: tl.constexpr,
-    GUMBEL: tl.constexpr,
+    NOISE: tl.constexpr,
     HAS_REAL: tl.constexpr,
     EVEN_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -244,8 +232,8 @@ def _colsum_block(
     q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0).to(k.dtype)
     lse = tl.load(lse_base + rows, mask=q_ok, other=float("inf"))
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [N, M] float32
-    if GUMBEL:
-        noise = _gumbel_cols(col - shift, _row_hash(noise_key, kvh, gi, rows - shift))
+    if NOISE:
+        noise = gumbel(row_hash_of(noise_key, kvh, gi, rows - shift)[None, :], (col - shift)[:, None])
         x = qk * qk_scale + noise * noise_scale - lse[None, :]
     else:
         x = qk * qk_scale - lse[None, :]
@@ -280,7 +268,7 @@ def _colsum_kernel(
     stride_cn,
     stride_rb,
     stride_rn,
-    GUMBEL: tl.constexpr,
+    NOISE: tl.constexpr,
     HAS_REAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -314,7 +302,7 @@ def _colsum_kernel(
     lse_base = LSE + bh * n
     r_base = REAL + b * stride_rb
     shift = 0
-    if GUMBEL:
+    if NOISE:
         if HAS_PAD:
             shift = tl.load(PAD + b)
     gi = h % group
@@ -325,24 +313,24 @@ def _colsum_kernel(
         m0 = n0
         while m0 < diag_end:
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, True, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                noise_scale, noise_key, kvh, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
                                 INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
             m0 += BLOCK_M
         m0 = n0 + BLOCK_N
         while m0 < n:
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, False, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                noise_scale, noise_key, kvh, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
                                 INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
             m0 += BLOCK_M
     else:
         for m0 in range(n0, diag_end, BLOCK_M):
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, True, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                noise_scale, noise_key, kvh, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
                                 INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
         # Row blocks wholly below the key block: every key column j < n0 + BLOCK_N <= r, no causal mask needed.
         for m0 in range(n0 + BLOCK_N, n, BLOCK_M):
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, False, GUMBEL, HAS_REAL, EVEN_D, HEAD_DIM,
+                                noise_scale, noise_key, kvh, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
                                 INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
     tl.store(OUT + bh * n + keys, tl.where(valid, acc, 0.0), mask=key_in)  # padding keys: 0 (NaN never leaks)
 
@@ -353,11 +341,10 @@ def prefill_scores(
     key_cols: torch.Tensor,
     scaling: float,
     *,
-    query_real: torch.Tensor | None = None,
-    score_mode: str = "probs",
-    head_reduce: str = "mean",
+    spec: ScoreSpec,
+    layer_idx: int = 0,
     tau: float = 1.0,
-    noise_key: int = 0,
+    query_real: torch.Tensor | None = None,
     padding: torch.Tensor | None = None,
     _blocks: tuple[int, int] | None = None,
     _poison: bool = False,
@@ -372,12 +359,13 @@ def prefill_scores(
         keys: ``[B, Hkv, n, D]`` the prompt's keys, ``Hq`` a multiple of ``Hkv``.
         key_cols: ``[B, Hkv or 1, n]`` int64 column of each key, -1 for padding (never attended nor read).
         scaling: factor applied to ``q . k``.
+        spec: the policy's score: ``probs`` (softmax, H2O / CO2) or ``tempered`` (``softmax((x + g) / tau)``,
+            with the counter-based noise ``g`` when ``spec.noise_seed`` is set), and its ``head_reduce`` over
+            the group's query heads, after the row sum.
+        layer_idx: the layer, for the noise key.
+        tau: temperature (tempered only; the prompt uses the schedule's first value).
         query_real: ``[B, n]`` bool, the real query rows (padding rows contribute nothing; never read).
-        score_mode: ``"probs"`` (softmax, H2O / CO2) or ``"gumbel"`` (Keyformer's ``softmax((x + g) / tau)``).
-        head_reduce: ``"mean"``, ``"sum"`` or ``"max"`` over the group's query heads, after the row sum.
-        tau: Keyformer temperature (gumbel only; the prompt uses ``tau_init``).
-        noise_key: ``keyformer.noise_key(seed, layer_idx)`` (gumbel only).
-        padding: ``[B]`` int64 left padding: true position = column - padding (gumbel hash only).
+        padding: ``[B]`` int64 left padding: true position = column - padding (noise hash only).
         _blocks: ``(big, small)`` block sizes (tests); _poison: NaN-fill scratch and output before launch.
 
     Returns:
@@ -398,11 +386,8 @@ def prefill_scores(
         raise ValueError(f"query_real {tuple(query_real.shape)} must be [B, n] = [{batch}, {n}]")
     if padding is not None and padding.shape != (batch,):
         raise ValueError(f"padding {tuple(padding.shape)} must be [B] = [{batch}]")
-    if score_mode not in _SCORE_MODES:
-        raise ValueError(f"score_mode must be one of {', '.join(_SCORE_MODES)}, got {score_mode!r}")
-    if head_reduce not in _REDUCTIONS:
-        raise ValueError(f"head_reduce must be one of {', '.join(_REDUCTIONS)}, got {head_reduce!r}")
-    if score_mode == "gumbel" and not tau > 0:
+    check_spec(spec, tau)
+    if spec.tempered and not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -410,16 +395,9 @@ def prefill_scores(
         keys = keys.contiguous()
     if key_cols.dtype != torch.int64:
         key_cols = key_cols.long()
-    device = query.device
     group = q_heads // kv_heads
-    gumbel = score_mode == "gumbel"
-    fill = torch.full if _poison else None
-
-    def buffer(*shape):
-        if fill is not None:
-            return fill(shape, float("nan"), dtype=torch.float32, device=device)
-        return torch.empty(shape, dtype=torch.float32, device=device)
-
+    noise = spec.tempered and spec.noise_seed is not None
+    buffer = workspace(query.device, _poison)
     lse = buffer(batch, q_heads, n)
     colsum = buffer(batch, q_heads, n)
     if n == 0:
@@ -430,15 +408,13 @@ def prefill_scores(
         big, small = _blocks
     if big % small or min(big, small) < 16:
         raise ValueError(f"blocks {(big, small)}: need small >= 16 dividing big")
-    block_d = max(16, _next_pow2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     # Base-2 logits: x = (q.k * scaling + g) / tau * log2(e).
-    inv_tau = 1.0 / float(tau) if gumbel else 1.0
+    inv_tau = 1.0 / float(tau) if spec.tempered else 1.0
     qk_scale = float(scaling) * inv_tau * _LOG2E
     noise_scale = inv_tau * _LOG2E
-    key32 = noise_key & _M32
-    key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32  # always an int32 argument
     real = query_real.view(torch.uint8) if query_real is not None and query_real.dtype == torch.bool else query_real
-    has_pad = gumbel and padding is not None
+    has_pad = noise and padding is not None
     stride_ch = key_cols.stride(1) if key_cols.shape[1] == kv_heads else 0
     args = (
         query,
@@ -451,7 +427,7 @@ def prefill_scores(
     scalars = (
         qk_scale,
         noise_scale,
-        key32,
+        int32_key(spec.noise_seed if noise else None, layer_idx),
         n,
         q_heads,
         group,
@@ -468,12 +444,12 @@ def prefill_scores(
         real.stride(1) if real is not None else 0,
     )
     meta = dict(
-        GUMBEL=gumbel,
+        NOISE=noise,
         HAS_REAL=real is not None,
         HAS_PAD=has_pad,
         EVEN_D=block_d == head_dim,
         HEAD_DIM=head_dim,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
         DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
         BLOCK_D=block_d,
         num_warps=num_warps,
@@ -481,11 +457,4 @@ def prefill_scores(
     )
     _lse_kernel[(math.ceil(n / big), batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
     _colsum_kernel[(math.ceil(n / big), batch * q_heads)](*args, colsum, *scalars, BLOCK_M=small, BLOCK_N=big, **meta)
-    if group == 1:
-        return colsum.view(batch, kv_heads, n)
-    per_head = colsum.view(batch, kv_heads, group, n)
-    if head_reduce == "sum":
-        return per_head.sum(dim=2)
-    if head_reduce == "max":
-        return per_head.amax(dim=2)
-    return per_head.mean(dim=2)
+    return reduce_heads(colsum.view(batch, kv_heads, group, n), spec.head_reduce)

@@ -1,7 +1,7 @@
 """Eviction policies; each is one small dataclass in its own file, registered by name."""
 
 from . import co2, full, h2o, keyformer, streaming, window  # noqa: F401  (registration)
-from .base import POLICIES, Policy, ScoringPolicy, StepInfo, make_policy
+from .base import POLICIES, Policy, ScoreSpec, ScoringPolicy, StepInfo, make_policy, protected, reduce_heads
 from .co2 import CO2Policy
 from .full import FullPolicy
 from .h2o import H2OPolicy
@@ -20,9 +20,12 @@ __all__ = [
     "H2OPolicy",
     "KeyformerPolicy",
     "Policy",
+    "ScoreSpec",
     "ScoringPolicy",
     "StepInfo",
     "StreamingPolicy",
     "WindowPolicy",
     "make_policy",
+    "protected",
+    "reduce_heads",
 ]

@@ -1,21 +1,47 @@
 """The policy contract: what a cache layer keeps, and the score that ranks what it may drop.
 
-A policy sees one layer's cache as slots ``[batch, kv_heads, slots]``.  It protects the first ``sinks``
-tokens and the most recent ``recent_size(k)`` tokens, and fills the rest of its budget ``k`` with the
-highest-scoring candidates.  Scoring policies turn the attention logits of every step into a per-token
-score (``step_scores``) and fold it into a running score (``accumulate``).  The machinery that calls them
-lives once, in :mod:`kvkeep.cache` and :mod:`kvkeep.attention`.
+A policy sees one layer's cache as slots ``[batch, kv_heads, slots]`` holding each token's true position
+(-1 for an empty slot).  It protects the first ``sinks`` positions and the ``recent_size(k)`` newest ones
+(:func:`protected`), and fills the rest of its budget ``k`` with the highest-scoring candidates.  A scoring
+policy states what its score needs in a :class:`ScoreSpec` (the cache and the kernels read nothing else),
+turns the attention logits of every step into per-token contributions (``step_scores``) and folds them into
+a running score (``accumulate``).  The machinery that calls them lives once, in :mod:`kvkeep.cache` and
+:mod:`kvkeep.attention`; adding a policy is one file here.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
 HEAD_REDUCTIONS = ("mean", "sum", "max")
+SCORE_MODES = ("probs", "tempered")
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What a scoring policy's score needs from attention: the one description the cache and kernels read.
+
+    Attributes:
+        mode: ``"probs"`` adds the softmax probabilities of each query (H2O, CO2); ``"tempered"`` adds
+            ``softmax((logits + noise) / tau)`` with the policy's :meth:`Policy.temperature` (Keyformer).
+        head_reduce: how the query heads that share a KV head combine (``mean``, ``sum``, ``max``).
+        decay: 0 adds each step to the running score; ``a > 0`` folds it as ``(1 - a) * running + a * step``.
+        noise_seed: seed of the counter-based Gumbel noise added to the logits (``tempered`` only; None: none).
+    """
+
+    mode: str = "probs"
+    head_reduce: str = "mean"
+    decay: float = 0.0
+    noise_seed: int | None = None
+
+    @property
+    def tempered(self) -> bool:
+        return self.mode == "tempered"
 
 
 @dataclass
@@ -24,17 +50,61 @@ class StepInfo:
 
     Attributes:
         layer_idx: index of the decoder layer.
-        step: generation step; 0 for the prompt, t for the forward that feeds the t-th generated token.
-        query_positions: ``[batch, rows]`` true positions of the query rows (left padding removed).
+        step: generation step, an int or ``[batch]`` (0 for the prompt, t for the forward feeding token t).
+        query_positions: ``[batch, rows]`` true positions of the query rows (padding rows: negative).
         key_positions: ``[batch, kv_heads, slots]`` true positions of the keys (-1 for empty slots).
-        total_steps: number of tokens the generation will produce, when known (Keyformer's schedule).
+        total_steps: tokens the generation produces (the temperature schedule's length), an int, ``[batch]``
+            or None when unknown.
     """
 
     layer_idx: int
-    step: int
+    step: int | torch.Tensor
     query_positions: torch.Tensor
     key_positions: torch.Tensor
-    total_steps: int | None = None
+    total_steps: int | torch.Tensor | None = None
+
+
+def is_real(value) -> bool:
+    """A real number (int, float or NumPy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def protected(positions: torch.Tensor, newest: torch.Tensor, recent: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Which slots no eviction may touch: the first ``sinks`` positions and the ``recent`` newest ones.
+
+    Args:
+        positions: ``[B, H, S]`` true position of each slot, -1 for an empty slot.
+        newest: ``[B]`` position of each sequence's newest token.
+        recent: ``[B]`` size of each sequence's recent window.
+    Returns:
+        ``[B, H, S]`` bool (False for empty slots).  The Triton slot kernel applies the same rule.
+    """
+    newest, recent = newest.view(-1, 1, 1), recent.view(-1, 1, 1)
+    return (positions >= 0) & ((positions < sinks) | (positions > newest - recent))
+
+
+def reduce_heads(per_head: torch.Tensor, how: str) -> torch.Tensor:
+    """Combine the scores ``[B, H_kv, group, S]`` of the query heads sharing a KV head: ``[B, H_kv, S]``."""
+    if how == "sum":
+        return per_head.sum(dim=2)
+    if how == "max":
+        return per_head.amax(dim=2)
+    return per_head.mean(dim=2)
+
+
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim that ignores disallowed entries and never yields NaN.
+
+    Rows with no allowed entry give all zeros.  ``logits`` must be float32.
+    """
+    masked = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    probs = torch.softmax(masked, dim=-1)
+    return probs * allowed
 
 
 @dataclass
@@ -51,11 +121,12 @@ class Policy:
     sinks: int = 0
 
     name: ClassVar[str] = ""
-    needs_scores: ClassVar[bool] = False
     #: True for the baseline that keeps everything (no budget).
     keeps_all: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        self.budget = _plain_number(self.budget)
+        self.sinks = _plain_number(self.sinks)
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------------
@@ -67,7 +138,7 @@ class Policy:
         b = self.budget
         if b is None:
             raise ValueError(f"policy '{self.name}' needs a budget: a ratio in (0, 1] or a token count >= 1")
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
+        if not is_real(b):
             raise ValueError(f"budget must be a float ratio in (0, 1] or an int >= 1, got {b!r}")
         if isinstance(b, float) and not (0.0 < b <= 1.0):
             raise ValueError(
@@ -76,7 +147,7 @@ class Policy:
             )
         if isinstance(b, int) and b < 1:
             raise ValueError(f"budget {b} tokens is < 1: pass an int >= 1 or a ratio in (0, 1]")
-        if not isinstance(self.sinks, int) or self.sinks < 0:
+        if not is_integer(self.sinks) or self.sinks < 0:
             raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
         if isinstance(b, int):
             self.check_budget(b)
@@ -101,7 +172,7 @@ class Policy:
             return None
         if isinstance(self.budget, float):
             return max(1, math.floor(self.budget * prompt_len + 1e-9))
-        return int(self.budget)
+        return self.budget
 
     def recent_size(self, k: int) -> int:
         """How many of the newest tokens are always kept under a budget of ``k``."""
@@ -112,6 +183,17 @@ class Policy:
         return 0
 
     # -- scores -------------------------------------------------------------------------------------
+    def score_spec(self) -> ScoreSpec | None:
+        """What this policy's score needs from attention; None for a policy that keeps no score."""
+        return None
+
+    def temperature(self, step: torch.Tensor, total_steps: torch.Tensor | None) -> torch.Tensor:
+        """The score's temperature at generation ``step`` ``[B]`` of ``total_steps`` ``[B]``: ``[B]`` float32.
+
+        Only ``tempered`` scores read it; the default is 1 throughout.
+        """
+        return torch.ones(step.shape, dtype=torch.float32, device=step.device)
+
     def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
         """Per-row score contributions of one chunk of query rows.
 
@@ -134,14 +216,13 @@ class Policy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim that ignores disallowed entries and never yields NaN.
-
-    Rows with no allowed entry give all zeros.  ``logits`` must be float32.
-    """
-    masked = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-    probs = torch.softmax(masked, dim=-1)
-    return probs * allowed
+def _plain_number(value):
+    """NumPy and other numeric scalars as Python ints/floats (so JSON, ``isinstance`` and budgets agree)."""
+    if is_integer(value):
+        return int(value)
+    if is_real(value):
+        return float(value)
+    return value
 
 
 @dataclass
@@ -155,11 +236,11 @@ class ScoringPolicy(Policy):
 
     head_reduce: str = "mean"
 
-    needs_scores: ClassVar[bool] = True
+    def score_spec(self) -> ScoreSpec:
+        return ScoreSpec(mode="probs", head_reduce=self.head_reduce)
 
-    def kernel_args(self, layer_idx: int) -> dict:
-        """How the fused decode kernel computes this policy's score: ``score_mode`` and EWMA ``decay``."""
-        return {"score_mode": "probs", "decay": 0.0}
+    def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        return masked_softmax(logits, allowed)
 
     def validate(self) -> None:
         super().validate()
@@ -169,7 +250,7 @@ class ScoringPolicy(Policy):
 
 def check_share(name: str, value: float) -> None:
     """Raise unless ``value`` is a share in [0, 1]."""
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_real(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a share in [0, 1], got {value!r}")
 
 

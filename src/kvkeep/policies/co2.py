@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import ScoringPolicy, StepInfo, check_share, masked_softmax, register
+from .base import ScoreSpec, ScoringPolicy, check_share, is_integer, is_real, register
 
 
 @register
@@ -31,9 +31,9 @@ class CO2Policy(ScoringPolicy):
     name: ClassVar[str] = "co2"
 
     def validate(self) -> None:
-        if not isinstance(self.alpha, (int, float)) or self.alpha < 0 or self.alpha > 1:
+        if not is_real(self.alpha) or self.alpha < 0 or self.alpha > 1:
             raise ValueError(f"alpha must be in [0, 1] (0 = plain accumulation), got {self.alpha!r}")
-        if not isinstance(self.N, int) or self.N < 0:
+        if not is_integer(self.N) or self.N < 0:
             raise ValueError(f"N (measurement steps) must be an int >= 0, got {self.N!r}")
         check_share("rho", self.rho)
         super().validate()
@@ -44,11 +44,8 @@ class CO2Policy(ScoringPolicy):
     def evict_after(self) -> int:
         return self.N
 
-    def kernel_args(self, layer_idx: int) -> dict:
-        return {"score_mode": "probs", "decay": float(self.alpha)}
-
-    def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
-        return masked_softmax(logits, allowed)
+    def score_spec(self) -> ScoreSpec:
+        return ScoreSpec(mode="probs", head_reduce=self.head_reduce, decay=float(self.alpha))
 
     def accumulate(self, running: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         if self.alpha == 0:

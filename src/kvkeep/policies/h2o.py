@@ -3,9 +3,7 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from .base import ScoringPolicy, StepInfo, check_share, masked_softmax, register
+from .base import ScoringPolicy, check_share, register
 
 
 @register
@@ -14,7 +12,8 @@ class H2OPolicy(ScoringPolicy):
     """Keeps ``w = recent_ratio * k`` newest tokens and the ``k - w`` with the largest accumulated attention.
 
     Score of a token: the running sum of the softmax probabilities it received from every query of
-    every step (prompt rows and generated tokens), per layer and KV head.
+    every step (prompt rows and generated tokens), per layer and KV head.  Any attention implementation
+    works: kvkeep computes the probabilities in its own attention entry.
     """
 
     recent_ratio: float = 0.5
@@ -27,6 +26,3 @@ class H2OPolicy(ScoringPolicy):
 
     def recent_size(self, k: int) -> int:
         return int(self.recent_ratio * k)
-
-    def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
-        return masked_softmax(logits, allowed)

@@ -11,17 +11,14 @@ sequences, through :func:`kvkeep.generate` (timed with device events).  Methods:
 The memory-bandwidth floor of a decode step is the time to read the weights (less the input embedding)
 and the K/V the step attends to once, at the device-to-device copy bandwidth measured at the start.
 ``batch`` may be ``max``: the largest batch whose peak memory fits ``--memory-gib``, extrapolated from
-the peaks measured at two smaller batches of the same method (in this run or in ``--fit-from`` files)
-and then run.
+the peaks measured at two smaller batches of the same case (in this run, in ``--fit-from`` files, or, when
+there are none, two small probe batches this run measures first) and then run.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import math
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -30,11 +27,11 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from . import __version__
-from .cache import KVKeepCache
-from .cli import comma_list, parse_param
-from .generation import generate
-from .policies import POLICIES, make_policy
+from ..cache import KVKeepCache
+from ..generation import generate
+from ..models import resolve_device, resolve_dtype
+from ..policies import POLICIES, make_policy
+from ..runinfo import run_metadata
 
 #: Random-weight models of real architectures (the speed of a decode step does not depend on the weights).
 ARCHITECTURES: dict[str, tuple[type, dict]] = {
@@ -142,7 +139,6 @@ def run_case(model, case: Case, bandwidth: float, params: dict | None = None, se
         cache = KVKeepCache(model, case.method, budget, static=True, **(params or {}).get(case.method, {}))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (case.batch, case.prompt), generator=generator).to(device)
-    gc.collect()  # a finished case's cache (its layers point back to it) must not count in this peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,15 +179,20 @@ def matrix(methods, budgets, prompts, gens, batches) -> list[Case]:
     return cases
 
 
-def largest_batch(rows: list[dict], case: Case, memory_gib: float) -> int:
-    """Largest batch whose peak fits ``memory_gib``, from the peaks of two measured batches of ``case``."""
-    same = sorted(
+def _peaks(rows: list[dict], case: Case) -> list[tuple[int, float]]:
+    """``(batch, peak GiB)`` of every measured row of ``case``'s method, budget, prompt and generation length."""
+    return sorted(
         (r["batch"], r["peak_gib"])
         for r in rows
         if (r["method"], r["budget"], r["prompt"], r["gen"]) == (case.method, case.budget, case.prompt, case.gen)
         and r.get("peak_gib") is not None
     )
-    if len(same) < 2:
+
+
+def largest_batch(rows: list[dict], case: Case, memory_gib: float) -> int:
+    """Largest batch whose peak fits ``memory_gib``, from the peaks of two measured batches of ``case``."""
+    same = _peaks(rows, case)
+    if len({b for b, _ in same}) < 2:
         raise ValueError("batch 'max' needs two smaller batches of the same case measured first: add e.g. 1,8")
     (b0, p0), (b1, p1) = same[0], same[-1]
     per_sequence = (p1 - p0) / (b1 - b0)
@@ -209,65 +210,98 @@ def _run_fitting(model, case: Case, bandwidth: float, params: dict, tries: int) 
         if attempt == tries - 1:
             break
         print(_row_line(failed), flush=True)  # the caller prints the row it gets back
-        gc.collect()
         torch.cuda.empty_cache()
         case.batch = max(1, int(case.batch * 0.9))
     return failed
 
 
-def bench(args: argparse.Namespace) -> list[dict]:
-    """Run the grid of ``args``; print a markdown table; write JSON (and markdown) if asked."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model = random_model(args.arch, str(device), dtype)
-    bandwidth = copy_bandwidth(device, nbytes=1 << 30 if device.type == "cuda" else 1 << 26)
-    memory_gib = args.memory_gib
-    if memory_gib is None and device.type == "cuda":
-        memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 - 2
-    params = {}
-    for key, value in args.params:
-        method, _, name = key.partition(".")
-        params.setdefault(method, {})[name] = value
+#: Probe batches measured first when batch ``max`` has no two measured batches of its case to go by.
+PROBE_BATCHES = (1, 4)
+
+
+def bench(
+    *,
+    arch: str = "llama-2-7b",
+    device: str | None = None,
+    dtype: str | None = None,
+    methods: tuple[str, ...] = METHODS,
+    budgets: list[float] = (0.2, 0.5),
+    prompts: list[int] = (2048, 4096),
+    gens: list[int] = (256, 1024),
+    batches: list = (1, 8, "max"),
+    memory_gib: float | None = None,
+    params: dict[str, dict] | None = None,
+    fit_from: list[dict] = (),
+    command: str | None = None,
+    report=print,
+) -> tuple[list[dict], dict]:
+    """Run the grid; ``report`` each row's line as it comes; return ``(rows, meta)``.
+
+    ``params``: per method, policy parameters (``{"co2": {"N": 20}}``).  ``fit_from``: rows of earlier runs
+    whose peaks size batch ``max``.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if "max" in batches and torch_device.type != "cuda":
+        raise ValueError("batch 'max' needs a GPU (peak memory is measured on it): pass numeric --batches")
+    params = params or {}
+    for method, values in params.items():  # one-line errors now, not after the model is built
+        if method not in POLICIES:
+            raise ValueError(f"--param {method}.*: {method} is not a policy ({', '.join(POLICIES)})")
+        make_policy(method, None if POLICIES[method].keeps_all else 0.5, **values)
+    model = random_model(arch, str(torch_device), torch_dtype)
+    bandwidth = copy_bandwidth(torch_device, nbytes=1 << 30 if torch_device.type == "cuda" else 1 << 26)
+    if memory_gib is None and torch_device.type == "cuda":
+        memory_gib = torch.cuda.get_device_properties(torch_device).total_memory / 2**30 - 2
     rows: list[dict] = []
-    earlier = [row for path in args.fit_from for row in json.loads(Path(path).read_text())["rows"]]
     warmed = set()
-    for case in matrix(args.methods, args.budgets, args.prompts, args.gens, args.batches):
-        if case.batch == 0:
-            case.batch = largest_batch(earlier + rows, case, memory_gib)
+
+    def measure(case: Case, probe: bool = False) -> dict:
         if (case.method, case.budget, case.prompt) not in warmed:  # compile kernels outside the timings
-            warm = (
-                4
-                if case.method in HF_METHODS
-                else 4
-                + make_policy(
-                    case.method, None if POLICIES[case.method].keeps_all else case.budget, **params.get(case.method, {})
-                ).evict_after()
-            )  # CO2 reaches its slot-mode decode kernel only after N steps
+            keeps_all = case.method in HF_METHODS or POLICIES[case.method].keeps_all
+            policy = None if case.method in HF_METHODS else make_policy(
+                case.method, None if keeps_all else case.budget, **params.get(case.method, {})
+            )  # fmt: skip
+            warm = 4 + (policy.evict_after() if policy is not None else 0)  # CO2 reaches slot mode after N steps
             run_case(model, Case(case.method, case.budget, case.prompt, gen=warm, batch=1), bandwidth, params)
             warmed.add((case.method, case.budget, case.prompt))
         row = _run_fitting(model, case, bandwidth, params, tries=4 if case.batch > 8 else 1)
+        row["probe"] = probe
         rows.append(row)
-        print(_row_line(row), flush=True)
+        report(_row_line(row))
+        return row
+
+    for case in matrix(methods, budgets, prompts, gens, batches):
+        if case.batch == 0:
+            known = {b for b, _ in _peaks(list(fit_from) + rows, case)}
+            for probe in PROBE_BATCHES if len(known) < 2 else ():
+                if probe not in known:
+                    measure(Case(case.method, case.budget, case.prompt, case.gen, probe), probe=True)
+            case.batch = largest_batch(list(fit_from) + rows, case, memory_gib)
+        measure(case)
     meta = {
-        "command": getattr(args, "command_line", None),
-        "arch": args.arch,
+        "command": command,
+        "arch": arch,
         "weights": "random",
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "bandwidth_gb_s": bandwidth / 1e9,
         "memory_gib": memory_gib,
         "weight_gib": weight_bytes(model) / 2**30,
-        "kvkeep": __version__,
-        "transformers": tf.__version__,
-        "torch": torch.__version__,
+        **run_metadata(model),
     }
+    return rows, meta
+
+
+def write(rows: list[dict], meta: dict, json_path: str | None, markdown_path: str | None) -> str:
+    """The markdown table; also written as JSON and markdown where paths are given."""
     table = markdown(rows, meta)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.markdown:
-        Path(args.markdown).write_text(table)
-    return rows
+    if json_path:
+        Path(json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if markdown_path:
+        Path(markdown_path).write_text(table)
+    return table
 
 
 COLUMNS = [
@@ -301,8 +335,9 @@ def _row_line(row: dict) -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     """The rows as a markdown table under a line that says what was measured where."""
     head = (
-        f"{meta['arch']} (random weights, {meta['dtype']}) on {meta['device']}; copy bandwidth "
-        f"{meta['bandwidth_gb_s']:.0f} GB/s; transformers {meta['transformers']}, torch {meta['torch']}\n\n"
+        f"{meta['arch']} (random weights, {meta['dtype']}) on {meta['device_name']}; copy bandwidth "
+        f"{meta['bandwidth_gb_s']:.0f} GB/s; transformers {meta['transformers_version']}, "
+        f"torch {meta['torch_version']}\n\n"
     )
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
@@ -314,50 +349,3 @@ def markdown(rows: list[dict], meta: dict) -> str:
         else:
             lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |")
     return head + "\n".join(lines) + "\n"
-
-
-def _methods(text: str) -> list[str]:
-    methods = comma_list(str, "h2o,keyformer")(text)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-    return methods
-
-
-def _batch(item: str) -> str | int:
-    return "max" if item == "max" else int(item)
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="measure prefill, decode latency, throughput and memory of every policy against transformers",
-        description=__doc__.split("\n\n")[0],
-    )
-    parser.add_argument("--arch", default="llama-2-7b", help=f"one of {', '.join(ARCHITECTURES)} (random weights)")
-    parser.add_argument("--device", help="torch device (default: cuda if available)")
-    parser.add_argument("--dtype", help="default: bfloat16 on cuda, else float32")
-    parser.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated (default: all)")
-    parser.add_argument("--budgets", type=comma_list(float, "0.2,0.5"), default=[0.2, 0.5], help="default: 0.2,0.5")
-    parser.add_argument("--prompts", type=comma_list(int, "2048,4096"), default=[2048, 4096], help="default: 2048,4096")
-    parser.add_argument("--gens", type=comma_list(int, "256,1024"), default=[256, 1024], help="default: 256,1024")
-    parser.add_argument("--batches", type=comma_list(_batch, "1,8,max"), default=[1, 8, "max"], help="default: 1,8,max")
-    parser.add_argument("--memory-gib", type=float, help="memory for batch 'max' (default: the GPU's, less 2 GiB)")
-    parser.add_argument(
-        "--param", dest="params", metavar="METHOD.KEY=VALUE", type=parse_param, action="append", default=[],
-        help="a policy parameter, e.g. co2.N=20 (repeatable)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--fit-from", metavar="JSON", nargs="+", default=[],
-        help="earlier bench JSON whose measured peaks size batch 'max' (then --batches max alone suffices)",
-    )  # fmt: skip
-    parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
-    parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    if "max" in args.batches and not torch.cuda.is_available():
-        raise ValueError("batch 'max' needs a GPU (peak memory is measured on it): pass numeric --batches")
-    bench(args)
-    return 0

@@ -1,0 +1,1 @@
+"""Speed benchmarks: ``kvkeep bench`` (:mod:`.speed`, one static batch)."""

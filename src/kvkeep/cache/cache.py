@@ -1,0 +1,244 @@
+"""``KVKeepCache``: a transformers ``Cache`` whose layers physically keep only a budget of tokens.
+
+Every layer starts as a :class:`~kvkeep.cache.compacting.CompactingLayer`, which compresses the prompt.
+A static cache swaps each layer, once its policy may evict, for a :class:`~kvkeep.cache.slots.SlotLayer`
+(fixed buffers overwritten in place); the cache owns the one :class:`~kvkeep.cache.step.StepState` that a
+slot-mode decode step reads, advances it at layer 0 and hands it to every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from transformers.cache_utils import Cache
+
+from .. import hf
+from ..policies import FullPolicy, Policy, make_policy
+from .compacting import CompactingLayer
+from .layer import Observer
+from .slots import SlotLayer
+from .step import StepState
+
+KERNELS = ("auto", "triton", "torch")
+log = logging.getLogger("kvkeep")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"`` for a model on ``device``: ``auto`` is Triton on CUDA when triton is installed."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    if kernel == "torch":
+        return "torch"
+    import importlib.util
+    import os
+
+    installed = importlib.util.find_spec("triton") is not None
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and installed else "torch"
+    if not installed:
+        raise ValueError("kernel='triton' needs triton: pip install 'kvkeep[gpu]', or use kernel='torch'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"kernel='triton' needs a CUDA device (the model is on {device.type}): use kernel='auto' or 'torch'"
+        )
+    return "triton"
+
+
+class KVKeepCache(hf.ReuseGuard, Cache):
+    """A KV cache that keeps, per layer and KV head, only the tokens a policy chooses.
+
+    Example::
+
+        cache = KVKeepCache(model, policy="keyformer", budget=0.5, max_new_tokens=128)
+        out = model.generate(**inputs, cache=cache, max_new_tokens=128)   # past_key_values= before 5.24
+        cache.nbytes(), cache.stats()
+
+    Args:
+        model: the transformers causal LM; it is switched to kvkeep's attention (which computes ordinary
+            attention for any other cache), through a small adapter for MPT and GPT-J.
+        policy: a name from :data:`kvkeep.POLICIES` or a :class:`~kvkeep.policies.Policy` instance.
+        budget: a ratio of the prompt in (0, 1] or an absolute token count (not for ``"full"``).
+        static: after the prompt, keep each layer in fixed-capacity slot buffers (``budget + 1`` slots;
+            for ``"full"``, prompt + generation length) that new tokens overwrite in place: no per-step
+            copies or host synchronisation, so a decode step can run as a CUDA graph.  Models with
+            sliding-window layers are not supported in this mode.
+        kernel: ``"triton"`` (the fused kernels of :mod:`kvkeep.kernels`), ``"torch"`` (the reference path)
+            or ``"auto"`` (Triton on CUDA when triton is installed, torch elsewhere).
+        max_new_tokens: tokens the generation will produce, when this cache is driven by ``model.generate``
+            (as transformers' ``StaticCache`` takes ``max_cache_len``): Keyformer's temperature schedule and a
+            static ``"full"`` cache's capacity need it; :func:`kvkeep.generate` sets it itself.
+        observer: ``observer(Eviction)`` after every eviction of the compacting path (the analyses).
+        **params: the policy's parameters (``sinks``, ``recent_ratio``, ``tau_init``, ``alpha``, ...).
+
+    On models that mix sliding-window and global layers (Gemma 3), sliding layers keep their native
+    window and the policy applies to the global layers; on models whose every layer slides (Mistral
+    v0.1, Phi-3), the policy applies to every layer inside the window.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        policy: str | Policy = "full",
+        budget: float | int | None = None,
+        *,
+        static: bool = False,
+        kernel: str = "auto",
+        max_new_tokens: int | None = None,
+        observer: Observer | None = None,
+        **params,
+    ):
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+        if max_new_tokens is not None and (not hf.is_count(max_new_tokens) or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        self.policy = make_policy(policy, budget, **params)
+        hf.install(model)
+        config = model.config.get_text_config(decoder=True)
+        layer_types = hf.layer_types(config)
+        if static and "sliding_attention" in layer_types:
+            raise ValueError(
+                f"static=True does not support models with sliding-window layers ({config.model_type}): "
+                "use static=False"
+            )
+        self.static = bool(static)
+        self.kernel = resolve_kernel(kernel, hf.model_device(model))
+        self.state = StepState(None if max_new_tokens is None else int(max_new_tokens))
+        self.model_type = config.model_type
+        hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types
+        window = getattr(config, "sliding_window", None)
+        layers = []
+        for idx, kind in enumerate(layer_types):
+            sliding = window if kind == "sliding_attention" else None
+            layer_policy = FullPolicy() if (hybrid and sliding is not None) else self.policy
+            layers.append(CompactingLayer(layer_policy, idx, sliding, self.kernel, observer))
+        super().__init__(layers=layers)
+        self.hybrid_window = window if hybrid else None
+        self._told_hybrid = False
+
+    # -- transformers' contract ----------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx >= len(self.layers):
+            raise ValueError(
+                f"this KVKeepCache was built for a model with {len(self.layers)} layers, not this one: build one "
+                "with KVKeepCache(model, ...) for the model that uses it"
+            )
+        layer = self.layers[layer_idx]
+        if isinstance(layer, CompactingLayer) and not layer.is_initialized:
+            self._check_fresh_prompt(layer_idx, key_states.shape[2])
+        elif self.static and isinstance(layer, CompactingLayer) and layer.step >= layer.policy.evict_after():
+            layer = self._to_slots(layer_idx)
+        if layer_idx == 0 and isinstance(layer, SlotLayer):
+            layer.check_step(key_states)
+            self.state.advance(self.policy, self._tempered())
+        return layer.update(key_states, value_states, self.state)
+
+    def reset(self) -> None:
+        """Empty the cache so it can serve a new, unrelated generation."""
+        for idx, layer in enumerate(self.layers):
+            self.layers[idx] = CompactingLayer(layer.policy, idx, layer.sliding_window, self.kernel, layer.observer)
+        self.state.reset()
+
+    # -- the generation's length ---------------------------------------------------------------------
+    def set_generation_length(self, max_new_tokens: int) -> None:
+        """Tokens the next generation produces (Keyformer's schedule, a static ``full`` cache's capacity)."""
+        if not hf.is_count(max_new_tokens) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        self.state.max_new_tokens = int(max_new_tokens)
+
+    def _check_fresh_prompt(self, layer_idx: int, columns: int) -> None:
+        if self.static and self.policy.keeps_all and self.state.max_new_tokens is None:
+            raise ValueError(
+                f"a static cache under '{self.policy.name}' never evicts, so it must know the generation "
+                "length: pass max_new_tokens=N to KVKeepCache, or generate with kvkeep.generate"
+            )
+        if layer_idx == 0 and self.hybrid_window is not None and not self._told_hybrid:
+            self._told_hybrid = True
+            self._tell_hybrid(columns)
+
+    def _tell_hybrid(self, prompt: int) -> None:
+        """Say once, in one line, how much of the KV memory the budget governs on a hybrid model."""
+        sliding = [layer for layer in self.layers if layer.sliding_window is not None]
+        if len(sliding) * 2 <= len(self.layers) or self.policy.keeps_all:
+            return
+        held_sliding = min(prompt, self.hybrid_window - 1)
+        governed = (len(self.layers) - len(sliding)) * prompt
+        share = governed / (governed + len(sliding) * held_sliding)
+        log.warning(
+            f"kvkeep: {len(sliding)} of {len(self.layers)} layers of this {self.model_type} model slide over a "
+            f"{self.hybrid_window}-token window and keep it; the budget governs the other "
+            f"{len(self.layers) - len(sliding)} layers, {100 * share:.0f}% of the KV bytes of a {prompt}-token prompt"
+        )
+
+    def _tempered(self) -> bool:
+        spec = self.policy.score_spec()
+        return spec is not None and spec.tempered
+
+    # -- slot mode ------------------------------------------------------------------------------------
+    def _to_slots(self, layer_idx: int) -> SlotLayer:
+        """Move layer ``layer_idx`` into fixed slot buffers; layer 0 also starts the step counters."""
+        layer = self.layers[layer_idx]
+        batch, _, width, _ = layer.keys.shape
+        if layer.budget is None:
+            capacity = width + max(1, self.state.max_new_tokens - 1 - layer.step)  # the last token is never fed back
+        else:
+            capacity = max(width, int(layer.budget.amax()) + 1)
+        slots = SlotLayer.from_layer(layer, capacity, self.kernel)
+        self.layers[layer_idx] = slots
+        if layer_idx == 0:
+            if self._tempered():  # fails now, in one line, if the schedule has no length
+                self.policy.temperature(torch.ones(1, dtype=torch.long), self.state.max_new_tokens)
+            self.state.start(layer.newest(), torch.full((batch,), layer.step, device=layer.keys.device))
+        return slots
+
+    def ready_for_graph(self) -> bool:
+        """True once every layer runs on slot buffers, so a decode step has fixed shapes and addresses."""
+        return self.static and all(isinstance(layer, SlotLayer) for layer in self.layers)
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Around the capture of a decode step as a CUDA graph: the host counters it advances are rolled back."""
+        counters = [(layer.seen, layer.step) for layer in self.layers]
+        try:
+            yield
+        finally:
+            for layer, (seen, step) in zip(self.layers, counters, strict=True):
+                layer.seen, layer.step = seen, step
+
+    def replayed_step(self) -> None:
+        """A captured decode step was replayed: advance the host counters its Python did not run."""
+        for layer in self.layers:
+            layer.seen += 1
+            layer.step += 1
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes the K/V tensors hold right now, over all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        """Bytes a plain transformers cache would hold for the same batch (padding columns included)."""
+        return sum(layer.full_nbytes() for layer in self.layers)
+
+    def sequence_bytes(self) -> list[tuple[int, int]]:
+        """Per sequence: (bytes its kept tokens fill, bytes full attention holds for its real tokens)."""
+        per_layer = [layer.sequence_bytes() for layer in self.layers if layer.keys is not None]
+        return [(sum(k for k, _ in rows), sum(f for _, f in rows)) for rows in zip(*per_layer, strict=True)]
+
+    def stats(self) -> list[dict]:
+        """Per layer: kept tokens and budget per sequence, evicted entries (summed over heads), bytes."""
+        return [
+            {
+                "layer": layer.layer_idx,
+                "policy": layer.policy.name,
+                "kept": layer.kept_tokens(),
+                "budget": None if layer.budget is None else layer.budget.tolist(),
+                "evicted": layer.evicted_entries(),
+                "sliding_window": layer.sliding_window,
+                "seen": layer.seen,
+                "bytes": layer.nbytes(),
+            }
+            for layer in self.layers
+        ]

@@ -1,0 +1,235 @@
+"""The compacting layer: it holds exactly the tokens it keeps, in position order.
+
+Each forward appends the newcomers, attends over everything held, adds the step's scores and gathers the
+kept tokens into fresh, smaller tensors, so the bytes held always equal the tokens kept.  Every prompt is
+compressed this way (layer by layer, right after that layer's attention, so only one layer is ever held at
+full size); the reference decode path keeps decoding this way too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import attend, bind, prompt_attention
+from ..hf import REUSE_HINT
+from ..policies import StepInfo, protected
+from .layer import Eviction, KVKeepLayer
+from .step import StepState
+
+
+class CompactingLayer(KVKeepLayer):
+    """A layer whose tensors shrink to the kept tokens after every forward (see the module docstring).
+
+    Attributes (beyond :class:`~kvkeep.cache.layer.KVKeepLayer`'s):
+        prompt_tokens: ``[batch]`` real tokens of each prompt (the budget's base).
+        kernel: ``"triton"`` scores a fresh prompt with the Triton prefill kernel, ``"torch"`` with :func:`attend`.
+    """
+
+    def __init__(self, policy, layer_idx, sliding_window, kernel: str = "torch", observer=None):
+        self.kernel = kernel
+        super().__init__(policy, layer_idx, sliding_window, observer)
+
+    def clear(self) -> None:
+        super().clear()
+        self.prompt_tokens = None
+        self.new_tokens = 0
+        self.state: StepState | None = None
+        self.awaiting_attention = False
+
+    # -- transformers' contract ----------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, state: StepState | None = None):
+        """Append ``[batch, kv_heads, new, head_dim]`` states; return everything held, the newcomers last."""
+        if self.awaiting_attention:
+            raise RuntimeError(
+                "a KVKeepCache layer was updated but its attention never ran through kvkeep: build the cache "
+                "with KVKeepCache(model, ...) for the model that uses it, and do not switch its attention away; "
+                f"{REUSE_HINT}"
+            )
+        batch, kv_heads, new, _ = key_states.shape
+        if self.is_initialized and (batch, kv_heads) != tuple(self.keys.shape[:2]):
+            raise ValueError(
+                f"KVKeepCache holds {self.keys.shape[0]} sequences x {self.keys.shape[1]} KV heads but got {batch} x "
+                f"{kv_heads}: {REUSE_HINT}"
+            )
+        columns = torch.arange(self.seen, self.seen + new, device=key_states.device)
+        padding = self.padding if self.padding is not None else torch.zeros(batch, dtype=torch.long)
+        positions = (columns[None, :] - padding.to(columns.device)[:, None])[:, None].expand(batch, kv_heads, new)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values, self.positions = key_states, value_states, positions
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.positions = torch.cat([self.positions, positions], dim=-1)
+        if self.spec is not None:
+            fresh = torch.zeros(batch, kv_heads, new, dtype=torch.float32, device=key_states.device)
+            self.scores = fresh if self.scores is None else torch.cat([self.scores, fresh], dim=-1)
+        self.new_tokens, self.state = new, state
+        self.seen += new
+        self.awaiting_attention = True
+        bind(self.keys, self)
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is not None:
+            self._index_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def _index_batch(self, index: torch.Tensor) -> None:
+        for name in ("keys", "values", "positions", "scores", "budget", "recent", "padding", "prompt_tokens"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        if self.keys is not None:
+            bind(self.keys, self)
+
+    # -- attention, scoring, eviction ---------------------------------------------------------------
+    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None) -> torch.Tensor:
+        """Attention of ``query [batch, q_heads, new, head_dim]`` over the held tokens; then score and evict.
+
+        Returns ``[batch, new, q_heads, head_dim]``.
+        """
+        self.awaiting_attention = False
+        new, first = self.new_tokens, self.seen - self.new_tokens
+        real = self._mark_padding(attention_mask, new)
+        if new > 1 or self.prompt_tokens is None:  # prompt phase: the first or a multi-token forward
+            self.prompt_tokens = real.sum(-1) + (0 if self.prompt_tokens is None else self.prompt_tokens)
+            self.set_budgets(self.prompt_tokens.tolist(), self.keys.device)
+        else:
+            self.step += 1
+        columns = torch.arange(first, self.seen, device=query.device)
+        query_positions = torch.where(real, columns[None, :] - self.padding.to(query.device)[:, None], -1)
+        fresh = first == 0 and new > 1 and self.sliding_window is None and softcap is None and alibi_slopes is None
+        if fresh and self.kernel == "triton":
+            out, step_scores = self._attend_prompt_fused(query, scaling, real)
+        else:
+            out, step_scores = self._attend_torch(query, query_positions, scaling, softcap, alibi_slopes)
+        if step_scores is not None:
+            self.scores = self.policy.accumulate(self.scores, step_scores)
+        self.evict()
+        return out
+
+    def _attend_torch(self, query, query_positions, scaling, softcap, alibi_slopes):
+        """The reference path, :func:`kvkeep.attention.attend` over the held tokens: ``(output, scores)``."""
+        scorer = None
+        if self.spec is not None:
+            total = self.state.max_new_tokens if self.state is not None else None
+            info = StepInfo(self.layer_idx, self.step, query_positions, self.positions, total)
+
+            def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
+                chunk = StepInfo(info.layer_idx, info.step, query_positions[:, rows], info.key_positions, total)
+                return self.policy.step_scores(logits, allowed, chunk)
+
+        return attend(
+            query,
+            self.keys,
+            self.values,
+            self.positions,
+            query_positions,
+            scaling,
+            sliding_window=self.sliding_window,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+            scorer=scorer,
+            head_reduce=self.spec.head_reduce if self.spec is not None else "mean",
+        )
+
+    def _attend_prompt_fused(self, query: torch.Tensor, scaling: float, real: torch.Tensor):
+        """A fresh prompt on the GPU: output from PyTorch's fused SDPA, scores from the Triton prefill kernel.
+
+        Returns ``(output [B, n, q_heads, D], scores [B, kv_heads, n] or None)``; neither builds an n x n tensor.
+        """
+        out = prompt_attention(query, self.keys, self.values, self.positions, scaling)
+        if self.spec is None:
+            return out, None
+        from ..kernels.prefill import prefill_scores
+
+        tau = float(self.policy.temperature(torch.zeros(1, dtype=torch.long), None))
+        padding = self.padding.to(query.device)
+        columns = torch.where(self.positions >= 0, self.positions + padding[:, None, None], -1)
+        scores = prefill_scores(
+            query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx, tau=tau,
+            query_real=real, padding=padding,
+        )  # fmt: skip
+        return out, scores
+
+    def _mark_padding(self, attention_mask: torch.Tensor | None, new: int) -> torch.Tensor:
+        """Turn padding columns of the new tokens into empty slots; return ``[batch, new]`` real flags."""
+        batch = self.keys.shape[0]
+        if attention_mask is None:
+            real = torch.ones(batch, new, dtype=torch.bool, device=self.keys.device)
+        else:
+            if attention_mask.shape[-1] != self.seen:
+                raise ValueError(
+                    f"KVKeepCache already holds {self.seen - new} tokens of an earlier generation but the "
+                    f"attention mask covers {attention_mask.shape[-1]}: {REUSE_HINT}"
+                )
+            real = attention_mask[:, -new:].to(device=self.keys.device, dtype=torch.bool)
+        if self.padding is None:
+            self.padding = (real.long().cumsum(-1) == 0).sum(-1)
+            tail = self.positions[..., -new:] - self.padding[:, None, None]
+            self.positions = torch.cat([self.positions[..., :-new], tail], dim=-1)
+        if not bool(real.all()):
+            tail = torch.where(real[:, None, :], self.positions[..., -new:], -1)
+            self.positions = torch.cat([self.positions[..., :-new], tail], dim=-1)
+        return real
+
+    def newest(self) -> torch.Tensor:
+        """``[batch]`` position of each sequence's newest token."""
+        return self.seen - 1 - self.padding.to(self.positions.device)
+
+    def evict(self) -> None:
+        """Keep per sequence and KV head the protected tokens and the best-scoring candidates; gather them."""
+        positions = self.positions
+        newest = self.newest()
+        real = positions >= 0
+        if self.sliding_window is not None:  # tokens the next query can no longer see
+            real = real & (positions > (newest - self.sliding_window + 1)[:, None, None])
+        limited = self.budget is not None and self.step >= self.policy.evict_after()
+        n_real = real.sum(-1)  # [B, H]
+        n_keep = torch.minimum(n_real, self.budget[:, None]) if limited else n_real
+        slots = positions.shape[-1]
+        guard = torch.zeros_like(real)
+        if self.recent is not None:
+            guard = protected(positions, newest, self.recent, self.policy.sinks) & real
+        if int(n_keep.amin()) == slots:
+            self._observe(positions, real & ~guard, positions, 0)
+            return
+        if limited:
+            candidate = self.scores if self.scores is not None else torch.zeros_like(positions, dtype=torch.float32)
+            priority = torch.where(guard, torch.inf, torch.where(real, candidate, -torch.inf))
+        else:
+            priority = torch.where(real, 0.0, -torch.inf)
+        # Stable ranking of position-ordered slots: among equal priorities the oldest stays, the newest goes.
+        order = torch.argsort(priority, dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(slots, device=order.device).expand_as(order))
+        keep = rank < n_keep[..., None]
+        width = int(n_keep.amax())
+        slot_ids = torch.arange(slots, device=positions.device)
+        index = torch.argsort(torch.where(keep, slot_ids, slot_ids + slots), dim=-1, stable=True)[..., :width]
+        kept = keep.gather(-1, index)
+        evicted = int((positions >= 0).sum() - kept.sum())
+        self.evicted += evicted
+        self.keys = bind(self.keys.gather(2, index[..., None].expand(-1, -1, -1, self.keys.shape[-1])), self)
+        self.values = self.values.gather(2, index[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        self.positions = torch.where(kept, positions.gather(-1, index), -1)
+        before_scores = self.scores
+        if self.scores is not None:
+            self.scores = torch.where(kept, self.scores.gather(-1, index), 0.0)
+        self._observe(positions, real & ~guard, self.positions, evicted, before_scores)
+
+    def _observe(self, before, candidates, after, evicted, scores=None) -> None:
+        if self.observer is None:
+            return
+        scores = self.scores if scores is None else scores
+        first_scores = None if scores is None else scores[0].clone()
+        event = Eviction(
+            self.layer_idx, self.step, self.policy.name, before[0].clone(), first_scores, candidates[0].clone(),
+            after[0].clone(), evicted,
+        )  # fmt: skip
+        self.observer(event)

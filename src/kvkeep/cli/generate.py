@@ -1,0 +1,153 @@
+"""``kvkeep generate``: one prompt through a KVKeepCache; the text, or one JSON object with the KV bytes kept."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .options import add_model_options, add_policy_options, add_sampling_options, positive_int, read_prompt
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text under a KV-cache policy",
+        description="Generate a continuation of one prompt with a KVKeepCache and report the KV memory kept.",
+    )
+    add_model_options(parser)
+    add_policy_options(parser)
+    group = parser.add_argument_group("prompt and generation")
+    prompt = group.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file ('-': stdin)")
+    group.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    group.add_argument("--max-new-tokens", type=positive_int, default=128, help="default: %(default)s")
+    add_sampling_options(group)
+    group.add_argument(
+        "--beyond-context",
+        action="store_true",
+        help="allow prompt + new tokens beyond the model's context (quality is not what the model was trained for)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, help="a progress bar on stderr (default: on a terminal)"
+    )
+    parser.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace):
+    """What can be checked before a model is loaded: ``(prompt, policy, sampling, device, dtype, source)``."""
+    from ..models import resolve_device, resolve_dtype, resolve_source
+    from ..policies import make_policy
+    from ..sampling import Sampling
+
+    sampled = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    if not args.sample and any(v is not None for v in sampled.values()):
+        raise ValueError("--temperature, --top-p and --seed need --sample")
+    sampling = None
+    if args.sample:
+        sampling = Sampling(
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_p=1.0 if args.top_p is None else args.top_p,
+            seed=0 if args.seed is None else args.seed,
+        )
+        if sampling.greedy:
+            raise ValueError(
+                "--sample with --temperature 0 is greedy decoding: drop --sample, or give a temperature > 0"
+            )
+    policy = make_policy(args.policy, args.budget, **dict(args.params))
+    prompt = read_prompt(args.prompt, args.prompt_file)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    return prompt, policy, sampling, device, dtype, resolve_source(args.model)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt, policy, sampling, device, dtype, source = check_args(args)
+
+    import torch
+    import transformers
+
+    from ..cache import KVKeepCache
+    from ..generation import generate, stop_token_ids
+    from ..models import context_length, load_config, load_model, load_tokenizer
+    from ..runinfo import run_metadata
+
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = load_tokenizer(source)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: model {args.model!r} has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat)["input_ids"]
+    prompt_tokens = ids.shape[1]
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty after tokenisation: give some text")
+    context = context_length(load_config(source))
+    if context and prompt_tokens + args.max_new_tokens > context and not args.beyond_context:
+        raise ValueError(
+            f"the prompt has {prompt_tokens} tokens and --max-new-tokens asks {args.max_new_tokens} more, beyond "
+            f"the {context}-token context of {args.model}: shorten the prompt or lower --max-new-tokens "
+            "(or pass --beyond-context to run past it anyway)"
+        )
+    model, _ = load_model(args.model, dtype=dtype, device=device)
+    cache = KVKeepCache(model, policy, static=args.static)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(model.device)
+    start = time.perf_counter()
+    run = generate(
+        model, ids.to(model.device), cache=cache, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        stop_ids=stop_token_ids(model, tokenizer), progress=progress,
+    )  # fmt: skip
+    if cuda:
+        torch.cuda.synchronize(model.device)
+    seconds = time.perf_counter() - start
+    new_ids = run.row(0)
+
+    kv_bytes, kv_full = cache.nbytes(), cache.full_nbytes()
+    result = {
+        "text": tokenizer.decode(new_ids, skip_special_tokens=True),
+        "model": args.model,
+        "policy": policy.name,
+        "params": policy.params(),
+        "budget": args.budget,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": len(new_ids),
+        "max_new_tokens": args.max_new_tokens,
+        "chat": args.chat,
+        "do_sample": args.sample,
+        "kv_bytes": kv_bytes,
+        "kv_bytes_full": kv_full,
+        "kv_ratio": kv_bytes / kv_full if kv_full else None,
+        "seconds": seconds,
+        "tokens_per_second": len(new_ids) / seconds if seconds > 0 else None,
+        **run_metadata(model),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        print(summary(result), file=sys.stderr)
+    return 0
+
+
+def summary(result: dict) -> str:
+    """One line: policy, budget, tokens, KV bytes kept vs full, time."""
+    budget = "" if result["budget"] is None else f" budget={result['budget']}"
+    share = "" if result["kv_ratio"] is None else f" ({100 * result['kv_ratio']:.1f}%)"
+    speed = "" if result["tokens_per_second"] is None else f", {result['tokens_per_second']:.1f} tok/s"
+    return (
+        f"[kvkeep] {result['policy']}{budget}: {result['prompt_tokens']} prompt + {result['new_tokens']} new "
+        f"tokens, KV {_mib(result['kv_bytes'])} of {_mib(result['kv_bytes_full'])}{share}, "
+        f"{result['seconds']:.2f} s{speed}"
+    )
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"

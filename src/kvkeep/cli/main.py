@@ -1,0 +1,51 @@
+"""The ``kvkeep`` command line: the command table and the entry point.
+
+Each command is one module of this package with ``add_parser(subparsers)``, which declares its options and
+sets ``func`` to a ``run(args) -> int`` that imports what it needs when it runs.  A ``ValueError`` from a
+command (bad budget, unknown policy parameter, missing file, ...) becomes one line ``kvkeep: error: ...`` on
+stderr and exit status 2, like argparse's own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+
+from .. import __version__
+
+#: Command modules, in the order ``kvkeep --help`` lists them.
+COMMANDS = ("generate", "bench", "sweep", "report", "budget_search", "analyze")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvkeep", description="KV-cache compression for transformers models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f".{name}", __package__).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["--version"], ["-V"]):  # no need to build every command's options
+        print(f"kvkeep {__version__}")
+        return 0
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors (already printed by argparse)
+        return exit_.code if isinstance(exit_.code, int) else 0
+    args.command_line = shlex.join(["kvkeep", *argv])
+    try:
+        return args.func(args)
+    except ValueError as err:
+        message = " ".join(str(err).split())
+        print(f"kvkeep: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""What kvkeep's Triton kernels share: the counter-based Gumbel noise, launch helpers and argument checks.
+
+The noise is :mod:`kvkeep.policies.noise`'s, bit for bit: a hash of (noise key, KV head, query head in the
+group, query position, key position), whose top 23 bits give a uniform ``u`` in (0, 1) exactly in float32,
+and ``-log(-log(u))``.  With ``TRITON_INTERPRET=1`` every kernel runs on CPU tensors (the tests on a CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError("kvkeep's Triton kernels need triton: pip install 'kvkeep[gpu]'") from exc
+
+from ..policies import ScoreSpec
+from ..policies.base import HEAD_REDUCTIONS
+from ..policies.noise import M32, noise_key
+
+#: Head reductions as the kernels' compile-time codes.
+REDUCE_CODES = {name: code for code, name in enumerate(HEAD_REDUCTIONS)}
+
+
+@triton.jit
+def mix32(x):
+    """``kvkeep.policies.noise.mix32`` on uint32 (wrap-around multiplication)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x68E31DA5
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def row_hash(key, kv_head, group_row, query_pos):
+    """The hash prefix of a query head's noise, ``mix(mix(mix(key ^ kv) ^ group_row) ^ query_pos)``, as uint32."""
+    h = mix32(key.to(tl.uint32) ^ kv_head.to(tl.uint32))
+    h = mix32(h ^ group_row.to(tl.uint32))
+    return mix32(h ^ query_pos.to(tl.uint32))
+
+
+@triton.jit
+def pair_hash(prefix, key_pos):
+    """The full 32-bit hash of (query head, key): ``prefix`` and ``key_pos`` broadcast against each other."""
+    return mix32(prefix ^ key_pos.to(tl.uint32))
+
+
+@triton.jit
+def gumbel(prefix, key_pos):
+    """Gumbel(0, 1) noise of ``pair_hash(prefix, key_pos)`` (23 bits: ``u < 1`` exactly in float32)."""
+    u = ((pair_hash(prefix, key_pos) >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return -tl.log(-tl.log(u))
+
+
+#: True when ``TRITON_INTERPRET=1`` turned the kernels into Python (CPU tensors).
+INTERPRET = not isinstance(mix32, JITFunction)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def int32_key(seed: int | None, layer_idx: int) -> int:
+    """The layer's 32-bit noise key as a signed int32 kernel argument (0 without noise)."""
+    key = noise_key(seed, layer_idx) & M32 if seed is not None else 0
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def check_spec(spec: ScoreSpec, tau: torch.Tensor | float | None) -> None:
+    """One-line errors for a score the kernels cannot compute."""
+    if spec.mode not in ("probs", "tempered"):
+        raise ValueError(f"score mode must be probs or tempered, got {spec.mode!r}")
+    if spec.head_reduce not in REDUCE_CODES:
+        raise ValueError(f"head_reduce must be one of {', '.join(REDUCE_CODES)}, got {spec.head_reduce!r}")
+    if spec.tempered and tau is None:
+        raise ValueError("a tempered score needs tau (the policy's temperature)")
+
+
+def workspace(device: torch.device, poison: bool):
+    """``buffer(*shape, dtype=float32)``: an uninitialised tensor, or NaN-filled when ``poison`` (tests)."""
+
+    def buffer(*shape, dtype=torch.float32) -> torch.Tensor:
+        if poison:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    return buffer
