@@ -98,8 +98,8 @@ def attend(
     kv_heads, slots = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     q = query.view(batch, kv_heads, group, rows, head_dim)
-    k_t = keys.float().transpose(-1, -2).unsqueeze(2)  # [B, Hkv, 1, D, L]
-    v = values.float().unsqueeze(2)  # [B, Hkv, 1, L, Dv]
+    k_t = keys.float().transpose(-1, -2)  # [B, Hkv, D, L]
+    v = values.float()  # [B, Hkv, L, Dv]
     kp = key_positions[:, :, None, None, :]  # [B, Hkv|1, 1, 1, L]
     valid_key = kp >= 0
     qpos = query_positions.to(kp.device)[:, None, None, :, None]  # [B, 1, 1, rows, 1]
@@ -117,13 +117,17 @@ def attend(
         allowed = valid_key & (kp <= qc)
         if sliding_window is not None:
             allowed = allowed & (kp > qc - sliding_window)
-        logits = torch.matmul(q[:, :, :, chunk].float(), k_t) * scaling
+        n = qc.shape[3]  # the group's query heads and the chunk's rows share one matmul per KV head
+        logits = torch.matmul(q[:, :, :, chunk].float().reshape(batch, kv_heads, group * n, -1), k_t)
+        logits = logits.view(batch, kv_heads, group, n, slots) * scaling
         if alibi_slopes is not None:
             logits = logits - slopes * (qc - kp).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         probs = torch.softmax(logits.masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1) * allowed
-        out[:, :, :, chunk] = torch.matmul(probs, v)
+        out[:, :, :, chunk] = torch.matmul(probs.view(batch, kv_heads, group * n, slots), v).view(
+            batch, kv_heads, group, n, -1
+        )
         if scorer is not None:
             head_scores += scorer(logits, allowed, chunk).sum(dim=3)
 

@@ -130,7 +130,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             self._check_fresh_prompt(layer_idx, key_states.shape[2])
         elif self.static and isinstance(layer, CompactingLayer) and layer.step >= layer.policy.evict_after():
             layer = self._to_slots(layer_idx)
-        if layer_idx == 0 and isinstance(layer, SlotLayer):
+        if layer_idx == 0 and layer.decodes_in_place:
             layer.check_step(key_states)
             self.state.advance(self.policy, self._tempered())
         return layer.update(key_states, value_states, self.state)
@@ -140,6 +140,16 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         for idx, layer in enumerate(self.layers):
             self.layers[idx] = CompactingLayer(layer.policy, idx, layer.sliding_window, self.kernel, layer.observer)
         self.state.reset()
+
+    @classmethod
+    def of_layers(cls, model: torch.nn.Module, policy: Policy, layers: list, state: StepState) -> KVKeepCache:
+        """A static cache over ready-made slot-mode ``layers`` and their started ``state`` (the serving engine's)."""
+        cache = cls(model, policy, static=True, kernel=layers[0].kernel)
+        if len(layers) != len(cache.layers):
+            raise ValueError(f"the model has {len(cache.layers)} layers, not {len(layers)}")
+        cache.layers[:] = layers
+        cache.state = state
+        return cache
 
     # -- the generation's length ---------------------------------------------------------------------
     def set_generation_length(self, max_new_tokens: int) -> None:
@@ -195,7 +205,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
 
     def ready_for_graph(self) -> bool:
         """True once every layer runs on slot buffers, so a decode step has fixed shapes and addresses."""
-        return self.static and all(isinstance(layer, SlotLayer) for layer in self.layers)
+        return self.static and all(layer.decodes_in_place for layer in self.layers)
 
     @contextmanager
     def capture(self) -> Iterator[None]:

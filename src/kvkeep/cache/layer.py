@@ -60,6 +60,8 @@ class KVKeepLayer(CacheLayerMixin):
 
     is_compileable = False
     is_croppable = False
+    #: True for layers whose decode step writes into fixed buffers (the cache advances the step state first).
+    decodes_in_place = False
 
     def __init__(self, policy: Policy, layer_idx: int, sliding_window: int | None, observer: Observer | None = None):
         super().__init__()

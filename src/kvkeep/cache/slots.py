@@ -27,6 +27,8 @@ class SlotLayer(KVKeepLayer):
         kernel: ``"triton"`` (fused kernels) or ``"torch"`` (the reference ops).
     """
 
+    decodes_in_place = True
+
     def __init__(self, policy: Policy, layer_idx: int, kernel: str = "torch", observer=None):
         self.kernel = kernel
         super().__init__(policy, layer_idx, None, observer)

@@ -42,6 +42,13 @@ class StepState:
         self.length = torch.full_like(self.step, default) if length is None else length.to(self.step).clone()
         self.tau = torch.ones(self.step.shape, dtype=torch.float32, device=self.step.device)
 
+    def view(self, rows: slice) -> StepState:
+        """The same counters for ``rows`` only: views, so advancing this state advances the view."""
+        part = StepState(self.max_new_tokens)
+        part.position, part.step = self.position[rows], self.step[rows]
+        part.length, part.tau = self.length[rows], self.tau[rows]
+        return part
+
     def set_row(self, row: int, position: int, step: int, length: int) -> None:
         """Point ``row`` at a new request whose last processed token sits at ``position`` (its prompt's end)."""
         self.position[row], self.step[row], self.length[row] = position, step, length

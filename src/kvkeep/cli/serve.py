@@ -1,0 +1,92 @@
+"""``kvkeep serve``: an OpenAI-compatible server that evicts tokens while it decodes, with continuous batching."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .options import add_model_options, add_policy_options, positive_int
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible server (continuous batching over the compressed cache)",
+        description="Serve /v1/completions and /v1/chat/completions with KV-cache eviction and continuous batching.",
+    )
+    add_model_options(parser)
+    add_policy_options(parser, static=False)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    group.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    group.add_argument("--served-model-name", help="the model name clients ask for (default: --model)")
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--memory-gib",
+        type=float,
+        help="memory for weights + cache (default: the GPU's free memory less 2 GiB; 8 on a CPU)",
+    )
+    group.add_argument("--rows", type=positive_int, help="batch rows (default: as many as --memory-gib holds)")
+    group.add_argument(
+        "--max-prompt-tokens",
+        type=positive_int,
+        help="longest prompt accepted (default: the context less --max-tokens)",
+    )
+    group.add_argument(
+        "--max-tokens", type=positive_int, default=1024, help="most tokens a request may ask for (default: %(default)s)"
+    )
+    group.add_argument("--prefill-tokens", type=positive_int, help="prompt tokens prefilled between two decode steps")
+    group.add_argument(
+        "--queue-limit",
+        type=positive_int,
+        default=1024,
+        help="waiting requests at most, then 503 (default: %(default)s)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..policies import make_policy
+
+    policy = make_policy(args.policy, args.budget, **dict(args.params))
+    from ..models import context_length, load_config, resolve_device, resolve_dtype, resolve_source
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    source = resolve_source(args.model)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise ValueError("kvkeep serve needs fastapi and uvicorn: pip install 'kvkeep[serve]'") from None
+    context = context_length(load_config(source)) or 2048
+    max_prompt = args.max_prompt_tokens or max(1, context - args.max_tokens)
+    if max_prompt + args.max_tokens > context:
+        raise ValueError(
+            f"--max-prompt-tokens {max_prompt} + --max-tokens {args.max_tokens} exceed the {context}-token context"
+        )
+
+    from ..engine import build
+    from ..generation import stop_token_ids
+    from ..models import load_model
+    from ..serve import create_app
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    engine = build(
+        model, tokenizer, policy, max_prompt=max_prompt, max_tokens=args.max_tokens, memory_gib=args.memory_gib,
+        rows=args.rows, prefill_tokens=args.prefill_tokens, queue_limit=args.queue_limit,
+    )  # fmt: skip
+    name = args.served_model_name or args.model
+    budget = "" if policy.keeps_all else f" budget {policy.budget}"
+    print(f"[kvkeep] {name}: {policy.name}{budget}; {engine.plan.describe()}", file=sys.stderr)
+    print(f"[kvkeep] serving http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    app = create_app(engine, tokenizer, name, stop_token_ids(model, tokenizer))
+    engine.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,255 @@
+"""The engine: continuous batching of many requests over one model and one compressed cache.
+
+Each iteration admits waiting requests into free rows (each prompt prefilled alone and compressed into
+its row, up to ``plan.prefill_tokens`` prompt tokens per iteration, so running requests keep streaming),
+runs one decode step over every row, and hands each request its token.  A finished or cancelled request
+frees its row at once.  With greedy decoding a request gets the tokens it gets alone: its prefill runs as a
+batch of one and its row's attention, scores and evictions read nothing of other rows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from ..cache import resolve_kernel
+from ..policies import Policy
+from .planner import ModelFacts, Plan, plan
+from .request import Detokenizer, Event, Request
+from .runner import ModelRunner
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue holds ``queue_limit`` requests already."""
+
+
+class Engine:
+    """Continuous batching over the rows of ``plan`` (see the module docstring).
+
+    Args:
+        model, tokenizer: the model (on its device, in its dtype) and its tokenizer.
+        policy: the eviction policy every request runs under (a request may bring its own budget).
+        plan: rows and prefill piece (see :func:`build`).
+        max_prompt: the longest prompt accepted; max_tokens: the most tokens a request may ask for.
+        queue_limit: waiting requests at most (then :class:`QueueFull`).
+    """
+
+    def __init__(self, model, tokenizer, policy: Policy, plan: Plan, *, max_prompt: int, max_tokens: int,
+                 queue_limit: int = 1024, kernel: str = "auto", cuda_graph: bool | None = None):  # fmt: skip
+        self.model, self.tokenizer, self.policy, self.plan = model, tokenizer, policy, plan
+        self.max_prompt, self.max_tokens, self.queue_limit = max_prompt, max_tokens, queue_limit
+        self.kernel = resolve_kernel(kernel, next(model.parameters()).device)
+        self.facts = ModelFacts.of(model)
+        self.runner = ModelRunner(model, policy, plan, self.kernel, cuda_graph)
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # ordinary row -> request
+        self.measuring: dict[int, int] = {}  # measurement row -> the ordinary row its request will move to
+        self.lock = threading.Lock()
+        self.wakeup = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.steps = 0
+        self.peak_rows = 0
+
+    # -- requests -------------------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """One-line ``ValueError`` for a request this engine cannot serve."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(request.prompt_ids) > self.max_prompt:
+            raise ValueError(
+                f"the prompt has {len(request.prompt_ids)} tokens, more than this server's limit of "
+                f"{self.max_prompt} (--max-prompt-tokens)"
+            )
+        if not 1 <= request.max_tokens <= self.max_tokens:
+            raise ValueError(f"max_tokens must be in [1, {self.max_tokens}], got {request.max_tokens}")
+        if request.budget is not None:
+            policy = type(self.policy)(**{**self.policy.params(), "budget": request.budget})
+            kept = policy.budget_tokens(len(request.prompt_ids))
+            policy.check_budget(kept, len(request.prompt_ids))
+            if kept is not None and kept + 1 > self.plan.capacity:
+                raise ValueError(
+                    f"a budget of {kept} tokens does not fit this server's rows ({self.plan.capacity - 1} tokens)"
+                )
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request`` (thread-safe); its events go to ``request.on_event``."""
+        self.check(request)
+        request.detokenizer = Detokenizer(self.tokenizer, request.stop)
+        with self.lock:
+            if len(self.waiting) >= self.queue_limit:
+                raise QueueFull(f"the queue is full ({self.queue_limit} waiting requests): retry later")
+            self.waiting.append(request)
+        self.wakeup.set()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request`` (thread-safe): its row is freed at the engine's next step."""
+        request.cancelled = True
+        self.wakeup.set()
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> None:
+        """One iteration: drop cancelled requests, admit and prefill, one decode step, hand out tokens."""
+        for row, request in list(self.running.items()):
+            if request.cancelled:
+                self._finish(row, request, "cancelled")
+        self._admit()
+        if not self.running:
+            return
+        tokens = self.runner.decode()
+        self.steps += 1
+        for row, request in list(self.running.items()):
+            here = self._measuring_row(row)
+            self._emit(row, request, tokens[here if here is not None else row])
+        for wide, row in list(self.measuring.items()):
+            request = self.running.get(row)
+            if request is not None and len(request.output_ids) == self.policy.evict_after() + 1:
+                self.runner.move(wide, row)
+                del self.measuring[wide]
+
+    def _measuring_row(self, row: int) -> int | None:
+        return next((wide for wide, target in self.measuring.items() if target == row), None)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows, up to ``plan.prefill_tokens`` prompt tokens."""
+        budget = self.plan.prefill_tokens
+        while budget > 0:
+            row = self._free_row()
+            wide = self._free_wide_row() if self.plan.wide_rows else None
+            if row is None or (self.plan.wide_rows and wide is None):
+                return
+            with self.lock:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.finish_reason, request.finished_at = "cancelled", time.perf_counter()
+                if request.on_event:
+                    request.on_event(Event([], "", "cancelled", request))
+                continue
+            budget -= len(request.prompt_ids)
+            self._start(request, row, wide)
+
+    def _free_row(self) -> int | None:
+        return next((row for row in range(self.plan.rows) if row not in self.running), None)
+
+    def _free_wide_row(self) -> int | None:
+        rows = range(self.plan.rows, self.plan.rows + self.plan.wide_rows)
+        return next((row for row in rows if row not in self.measuring), None)
+
+    def _start(self, request: Request, row: int, wide: int | None) -> None:
+        request.row = row
+        self.running[row] = request
+        self.peak_rows = max(self.peak_rows, len(self.running))
+        target = row if wide is None else wide
+        if wide is not None:
+            self.measuring[wide] = row
+        try:
+            first = self.runner.prefill(
+                target, request.prompt_ids, request.sampling, request.max_tokens, request.budget
+            )
+        except Exception as err:  # a request that cannot run must not stop the others
+            request.error = " ".join(str(err).split()) or type(err).__name__
+            self._finish(row, request, "error")
+            return
+        request.first_token_at = time.perf_counter()
+        self._emit(row, request, first)
+
+    def _emit(self, row: int, request: Request, token: int) -> None:
+        request.output_ids.append(token)
+        reason = None
+        if token in request.stop_ids:
+            reason = "stop"
+        elif len(request.output_ids) >= request.max_tokens:
+            reason = "length"
+        text, stopped = request.detokenizer.feed(request.output_ids, final=reason is not None)
+        request.text += text
+        if stopped:
+            reason = "stop"
+        if reason is not None:
+            self._finish(row, request, reason, [token], text)
+        elif request.on_event:
+            request.on_event(Event([token], text, None, request))
+
+    def _finish(self, row: int, request: Request, reason: str, tokens=(), text: str = "") -> None:
+        request.finish_reason = reason
+        request.finished_at = time.perf_counter()
+        tokens_seen = len(request.prompt_ids) + len(request.output_ids) - 1  # the last token is never fed back
+        request.kv_bytes_full = self.facts.kv_bytes(tokens_seen)
+        wide = self._measuring_row(row)
+        if reason != "error":
+            request.kv_bytes = self.runner.rows.held_bytes(row if wide is None else wide)
+        if wide is not None:
+            del self.measuring[wide]
+            self.runner.release(wide)
+        self.runner.release(row)
+        del self.running[row]
+        if request.on_event:
+            request.on_event(Event(list(tokens), text, reason, request))
+
+    # -- running ----------------------------------------------------------------------------------------
+    def run(self, requests: list[Request]) -> list[Request]:
+        """Serve ``requests`` to the end on this thread (tests, the in-process benchmark)."""
+        for request in requests:
+            self.submit(request)
+        while self.busy:
+            self.step()
+        return requests
+
+    def start(self) -> None:
+        """Serve submitted requests on a background thread until :meth:`stop`."""
+        self.thread = threading.Thread(target=self._loop, name="kvkeep-engine", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            if not self.busy:
+                self.wakeup.wait(timeout=0.5)
+                self.wakeup.clear()
+                continue
+            self.step()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wakeup.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def stats(self) -> dict:
+        """Rows in use and their peak, waiting requests, decode steps, and device memory."""
+        device = next(self.model.parameters()).device
+        return {
+            "rows": self.plan.rows,
+            "rows_in_use": len(self.running),
+            "peak_rows_in_use": self.peak_rows,
+            "waiting": len(self.waiting),
+            "steps": self.steps,
+            "cache_gib": self.plan.cache_bytes / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        }
+
+
+def build(model, tokenizer, policy: Policy, *, max_prompt: int, max_tokens: int, memory_gib: float | None = None,
+          rows: int | None = None, prefill_tokens: int | None = None, **options) -> Engine:  # fmt: skip
+    """An :class:`Engine` whose rows the memory planner chooses for ``memory_gib`` (default: the device's free
+    memory less 2 GiB on CUDA, 8 GiB on a CPU)."""
+    device = next(model.parameters()).device
+    if memory_gib is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            memory = free + torch.cuda.memory_allocated(device) - 2 * 2**30
+        else:
+            memory = 8 * 2**30
+    else:
+        memory = int(memory_gib * 2**30)
+    chosen = plan(ModelFacts.of(model), policy, max_prompt=max_prompt, max_tokens=max_tokens, memory_bytes=memory,
+                  rows=rows, prefill_tokens=prefill_tokens)  # fmt: skip
+    return Engine(model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, **options)

@@ -1,0 +1,108 @@
+"""One request's state in the engine, and the incremental detokenizer that finds stop strings.
+
+A request holds a row of the engine's cache from admission to its end.  Its tokens stream out as
+:class:`Event` objects; text is released only once no stop string can still begin inside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..sampling import GREEDY, Sampling
+
+_ids = itertools.count()
+
+#: Why a request ended, as the OpenAI API names it (plus ``cancelled`` and ``error``).
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+@dataclass
+class Event:
+    """What a request produced since its last event.
+
+    Attributes:
+        token_ids: the new tokens.
+        text: the new text (held back while it could still be the start of a stop string).
+        finish_reason: set on the request's last event.
+        request: the request itself (usage counts, KV bytes, timings).
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    request: Request
+
+
+@dataclass
+class Request:
+    """A generation request.
+
+    Args:
+        prompt_ids: the prompt's token ids.
+        max_tokens: tokens to generate at most.
+        sampling: greedy by default.
+        stop: strings that end the generation (not included in the output).
+        stop_ids: token ids that end it (the model's end of sequence; included in ``output_ids``).
+        budget: the request's own KV budget (None: the engine's).
+        on_event: called from the engine's thread with every :class:`Event`.
+    """
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling = GREEDY
+    stop: list[str] = field(default_factory=list)
+    stop_ids: set[int] = field(default_factory=set)
+    budget: float | int | None = None
+    on_event: Callable[[Event], None] | None = None
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+    def __post_init__(self) -> None:
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.row: int | None = None
+        self.cancelled = False
+        self.created = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.kv_bytes = 0  # what its row holds after the prompt (the compressed cache)
+        self.kv_bytes_full = 0  # what full attention holds for its tokens at the end
+        self.detokenizer: Detokenizer | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text deltas, stopping at the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.emitted = 0  # characters of the text already released
+
+    def feed(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """The new text of ``ids`` (the whole output so far), and whether a stop string ended it."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in self.stop:
+            found = text.find(stop, max(0, self.emitted - len(stop)))
+            if found >= 0:
+                delta = text[self.emitted : found]
+                self.emitted = found
+                return delta, True
+        if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 character: wait for the next token
+            text = text[:-1]
+        ready = len(text) if final else max(self.emitted, len(text) - self.hold)
+        delta = text[self.emitted : ready]
+        self.emitted = ready
+        return delta, False

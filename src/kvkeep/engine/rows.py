@@ -1,0 +1,165 @@
+"""The engine's cache: every layer's rows, and the moves of a request between them.
+
+Ordinary rows (``capacity`` slots each) come first in the batch; CO2's measurement rows (``wide_capacity``
+slots, the whole prompt plus ``N``) follow.  One decode step runs over all of them: each layer is a
+:class:`~kvkeep.cache.SlotLayer`, or a :class:`RowGroups` of two when there are measurement rows.  A new
+request's compressed prompt is loaded into its row; a CO2 request leaves its measurement row after ``N``
+steps, cut to its budget by the compacting layer's own eviction rule, into an ordinary row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import bind
+from ..cache import CompactingLayer, KVKeepCache, KVKeepLayer, SlotLayer, StepState
+from ..policies import Policy
+
+_NO_LIMIT = 1 << 62
+
+
+class RowGroups(KVKeepLayer):
+    """One layer over two slot layers of different widths: rows ``[0, narrow)`` and ``[narrow, narrow + wide)``."""
+
+    decodes_in_place = True
+
+    def __init__(self, narrow: SlotLayer, wide: SlotLayer, state: StepState):
+        super().__init__(narrow.policy, narrow.layer_idx, None, narrow.observer)
+        self.narrow, self.wide = narrow, wide
+        self.kernel = narrow.kernel
+        self.split = narrow.keys.shape[0]
+        self.narrow_state = state.view(slice(0, self.split))
+        self.wide_state = state.view(slice(self.split, None))
+        rows, heads, _, dim = narrow.keys.shape
+        total = rows + wide.keys.shape[0]
+        self.keys = bind(narrow.keys.new_empty(total, heads, 0, dim), self)  # what the model hands to attention
+        self.values = narrow.values.new_empty(total, heads, 0, dim)
+        self.positions = torch.cat([narrow.positions[..., :0], wide.positions[..., :0]])
+
+    def part(self, row: int) -> tuple[SlotLayer, int]:
+        """The slot layer holding ``row``, and the row's index there."""
+        return (self.narrow, row) if row < self.split else (self.wide, row - self.split)
+
+    def check_step(self, key_states: torch.Tensor) -> None:
+        self.narrow.check_step(key_states[: self.split])
+        self.wide.check_step(key_states[self.split :])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, state: StepState):
+        self.narrow.update(key_states[: self.split], value_states[: self.split], self.narrow_state)
+        self.wide.update(key_states[self.split :], value_states[self.split :], self.wide_state)
+        self.seen, self.step = self.narrow.seen, self.narrow.step
+        return self.keys, self.values
+
+    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None) -> torch.Tensor:
+        narrow = self.narrow.attend(query[: self.split], None, scaling, softcap, alibi_slopes)
+        wide = self.wide.attend(query[self.split :], None, scaling, softcap, alibi_slopes)
+        return torch.cat([narrow, wide])
+
+    def nbytes(self) -> int:
+        return self.narrow.nbytes() + self.wide.nbytes()
+
+
+class RowCache:
+    """The engine's KV cache over fixed rows, and the per-row step counters of its decode step.
+
+    Args:
+        model: the model (switched to kvkeep's attention).
+        policy: the engine's policy (a request's own budget only changes how much of its row it fills).
+        rows, capacity: ordinary rows and their slots per layer and KV head.
+        wide_rows, wide_capacity: CO2's measurement rows (0: none).
+        kernel: ``"triton"`` or ``"torch"``.
+    """
+
+    def __init__(self, model, policy: Policy, rows: int, capacity: int, wide_rows: int, wide_capacity: int, kernel):
+        self.policy = policy
+        self.rows, self.wide_rows = rows, wide_rows
+        config = model.config.get_text_config(decoder=True)
+        like = self._like(model)
+        device = like.device
+        self.state = StepState()
+        total = rows + wide_rows
+        zeros = torch.zeros(total, dtype=torch.long, device=device)
+        self.state.start(zeros - 1, zeros)
+        layers = []
+        for idx in range(config.num_hidden_layers):
+            narrow = SlotLayer.allocate(policy, idx, like, rows, capacity, kernel)
+            if wide_rows:
+                wide = SlotLayer.allocate(policy, idx, like, wide_rows, wide_capacity, kernel)
+                layers.append(RowGroups(narrow, wide, self.state))
+            else:
+                layers.append(narrow)
+        self.cache = KVKeepCache.of_layers(model, policy, layers, self.state)
+        self.measured_budget: dict[int, int] = {}  # a measurement row's real budget, applied when it is cut
+
+    @staticmethod
+    def _like(model) -> torch.Tensor:
+        """A ``[1, kv_heads, 1, head_dim]`` tensor of the model's K/V dtype and device."""
+        config = model.config.get_text_config(decoder=True)
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        param = next(model.parameters())
+        return torch.empty(1, kv_heads, 1, head_dim, dtype=param.dtype, device=param.device)
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows + self.wide_rows
+
+    def _slots(self, layer, row: int) -> tuple[SlotLayer, int]:
+        return layer.part(row) if isinstance(layer, RowGroups) else (layer, row)
+
+    def load(self, row: int, prompt: KVKeepCache, length: int) -> None:
+        """Put the compressed prompt of a one-sequence cache into ``row``; its next token is its step 1."""
+        for layer, source in zip(self.cache.layers, prompt.layers, strict=True):
+            slots, index = self._slots(layer, row)
+            slots.load_row(index, source)
+            if row >= self.rows:  # a measurement row: nothing is evicted until it is cut
+                self.measured_budget[row] = int(source.budget[0])
+                slots.budget[index] = _NO_LIMIT
+        newest = prompt.layers[0].seen - 1
+        self.state.set_row(row, newest, 0, length)
+
+    def held_bytes(self, row: int) -> int:
+        """Bytes of K and V the filled slots of ``row`` hold, over every layer and KV head."""
+        total = 0
+        for layer in self.cache.layers:
+            slots, index = self._slots(layer, row)
+            per_slot = 2 * slots.keys.shape[-1] * slots.keys.element_size()
+            total += int((slots.positions[index] >= 0).sum()) * per_slot
+        return total
+
+    def clear(self, row: int) -> None:
+        """Empty ``row`` (its request has finished)."""
+        for layer in self.cache.layers:
+            slots, index = self._slots(layer, row)
+            slots.clear_row(index)
+
+    def cut(self, wide_row: int, row: int) -> None:
+        """Move a request from its measurement row into ordinary ``row``, cut to its budget (CO2 after N steps).
+
+        The cut is the compacting layer's own eviction over the row's tokens in position order, so it keeps
+        what the compacting path keeps.
+        """
+        step = int(self.state.step[wide_row])
+        newest = int(self.state.position[wide_row])
+        budget = self.measured_budget.pop(wide_row)
+        for layer in self.cache.layers:
+            wide, index = self._slots(layer, wide_row)
+            held = wide.positions[index, 0] >= 0  # a measurement row holds the same tokens in every head
+            order = wide.positions[index, 0].masked_fill(~held, _NO_LIMIT).argsort()[: int(held.sum())]
+            compact = CompactingLayer(self.policy, layer.layer_idx, None, wide.kernel)
+            compact.keys = wide.keys[index : index + 1, :, order]
+            compact.values = wide.values[index : index + 1, :, order]
+            compact.positions = wide.positions[index : index + 1, :, order]
+            compact.scores = None if wide.scores is None else wide.scores[index : index + 1, :, order]
+            compact.budget = torch.tensor([budget], device=wide.keys.device)
+            compact.recent = wide.recent[index : index + 1]
+            compact.padding = torch.zeros(1, dtype=torch.long, device=wide.keys.device)
+            compact.seen, compact.step = newest + 1, step
+            compact.evict()
+            narrow, target = self._slots(layer, row)
+            narrow.load_row(target, compact)
+            wide.clear_row(index)
+        for name in ("position", "step", "length", "tau"):
+            tensor = getattr(self.state, name)
+            tensor[row] = tensor[wide_row]

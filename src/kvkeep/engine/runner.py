@@ -1,0 +1,100 @@
+"""The model side of the engine: a prompt's prefill into its row, and one decode step over every row.
+
+The decode step feeds each row's last token at its own position, lets each row's layers attend, score and
+evict, and picks each row's next token with its own sampling settings, all on the device: with CUDA it is
+captured once as a CUDA graph and replayed.  Rows without a request run too (shapes are fixed) and their
+tokens are ignored; a new request's row is overwritten when it is loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import KVKeepCache
+from ..hf import with_cache
+from ..policies import Policy
+from ..sampling import Sampling, sample
+from .planner import Plan
+from .rows import RowCache
+
+
+class ModelRunner:
+    """Runs ``model`` over the rows of ``plan`` under ``policy``.
+
+    Args:
+        cuda_graph: replay the decode step from a CUDA graph (default: on a CUDA device).
+    """
+
+    def __init__(self, model, policy: Policy, plan: Plan, kernel: str, cuda_graph: bool | None = None):
+        self.model, self.policy, self.plan, self.kernel = model, policy, plan, kernel
+        self.rows = RowCache(model, policy, plan.rows, plan.capacity, plan.wide_rows, plan.wide_capacity, kernel)
+        device = next(model.parameters()).device
+        total = self.rows.total_rows
+        self.device = device
+        self.tokens = torch.zeros(total, 1, dtype=torch.long, device=device)
+        self.temperature = torch.zeros(total, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(total, dtype=torch.float32, device=device)
+        self.seed = torch.zeros(total, dtype=torch.long, device=device)
+        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.graph = None
+        self.next_tokens = None
+        if self.use_graph:
+            self._capture()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Capture the decode step while every row is free (a first eager step compiles the kernels)."""
+        self._step()
+        self.graph = torch.cuda.CUDAGraph()
+        with self.rows.cache.capture(), torch.cuda.graph(self.graph):
+            self.next_tokens = self._step()
+
+    # -- a new request --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, row: int, prompt_ids: list[int], sampling: Sampling, max_tokens: int, budget=None):
+        """Run a prompt alone, compress it into ``row``; return its first token and the prompt's cache.
+
+        The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.
+        """
+        policy = self.policy if budget is None else type(self.policy)(**{**self.policy.params(), "budget": budget})
+        cache = KVKeepCache(self.model, policy, kernel=self.kernel, max_new_tokens=max_tokens)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(self.model, cache)).logits[
+            :, -1
+        ]
+        self.rows.load(row, cache, max_tokens)
+        self.temperature[row], self.top_p[row], self.seed[row] = sampling.temperature, sampling.top_p, sampling.seed
+        first = self._choose(logits, slice(row, row + 1), torch.zeros(1, dtype=torch.long, device=self.device))
+        self.tokens[row, 0] = first[0]
+        return int(first[0])
+
+    def move(self, wide_row: int, row: int) -> None:
+        """A CO2 request leaves its measurement row for an ordinary one, cut to its budget."""
+        self.rows.cut(wide_row, row)
+        for tensor in (self.tokens, self.temperature, self.top_p, self.seed):
+            tensor[row] = tensor[wide_row]
+
+    def release(self, row: int) -> None:
+        self.rows.clear(row)
+
+    # -- the decode step ------------------------------------------------------------------------------
+    def _choose(self, logits: torch.Tensor, rows: slice, step: torch.Tensor) -> torch.Tensor:
+        return sample(logits, self.temperature[rows], self.top_p[rows], self.seed[rows], step)
+
+    def _step(self) -> torch.Tensor:
+        state = self.rows.state
+        logits = self.model(
+            input_ids=self.tokens, position_ids=(state.position + 1)[:, None], use_cache=True, logits_to_keep=1,
+            **with_cache(self.model, self.rows.cache),
+        ).logits[:, -1]  # fmt: skip
+        chosen = self._choose(logits, slice(None), state.step)  # the counters have advanced inside the forward
+        self.tokens.copy_(chosen[:, None])
+        return chosen
+
+    @torch.inference_mode()
+    def decode(self) -> list[int]:
+        """One decode step over every row; the next token of each row (rows without a request: ignore)."""
+        if self.graph is None:
+            return self._step().tolist()
+        self.graph.replay()
+        return self.next_tokens.tolist()

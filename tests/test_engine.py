@@ -1,0 +1,140 @@
+"""The serving engine: continuous batching never changes a request's tokens, rows come back, the planner's sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import COVERING, HALF, random_prompt, tiny_model
+
+import kvkeep
+from kvkeep.engine import ModelFacts, Request, build, plan
+from kvkeep.engine.planner import DECODE_RESERVE
+from kvkeep.engine.request import Detokenizer
+from kvkeep.policies import make_policy
+from kvkeep.sampling import Sampling
+
+MODEL = tiny_model("llama")
+LENGTHS = (20, 33, 41, 27, 50, 30, 24, 45, 38, 22, 29, 47, 35, 26, 43, 31)  # 16 prompts
+
+
+class Tokens:
+    """A tokenizer stand-in: token ids as text."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def engine(policy: str, rows: int = 6, **overrides):
+    params = {**HALF[policy], **overrides}
+    return build(MODEL, Tokens(), make_policy(policy, **params), max_prompt=64, max_tokens=12, rows=rows)
+
+
+def prompts() -> list[list[int]]:
+    return [random_prompt(n, seed=n)[0].tolist() for n in LENGTHS]
+
+
+@pytest.mark.parametrize("policy", list(HALF))
+def test_sixteen_concurrent_greedy_requests_get_the_tokens_they_get_alone(policy):
+    batched = engine(policy).run([Request(p, 12) for p in prompts()])  # 16 requests through 6 rows
+    for request, prompt in zip(batched, prompts(), strict=True):
+        alone = engine(policy).run([Request(prompt, 12)])[0]
+        assert request.output_ids == alone.output_ids, f"batching changed the tokens of a {len(prompt)}-token prompt"
+        # ... and they are the tokens of kvkeep's reference (compacting) path
+        cache = kvkeep.KVKeepCache(MODEL, policy, **HALF[policy])
+        reference = kvkeep.generate(MODEL, torch.tensor([prompt]), cache=cache, max_new_tokens=12)
+        assert request.output_ids == reference.row(0)
+        assert request.finish_reason == "length" and len(request.output_ids) == 12
+
+
+def test_covering_budget_reproduces_full_attention():
+    full = engine("full").run([Request(p, 12) for p in prompts()[:6]])
+    for policy in ("window", "h2o", "keyformer", "co2"):
+        params = {k: v for k, v in COVERING[policy].items() if k != "budget"}
+        served = engine(policy, budget=100, **params).run([Request(p, 12) for p in prompts()[:6]])
+        assert [r.output_ids for r in served] == [r.output_ids for r in full], policy
+
+
+def test_sampled_requests_are_reproducible_and_batching_does_not_change_them():
+    sampling = [Sampling(temperature=1.0, top_p=0.9, seed=s) for s in range(6)]
+    batched = engine("keyformer").run([Request(p, 12, s) for p, s in zip(prompts(), sampling, strict=False)])
+    for request, prompt, s in zip(batched, prompts(), sampling, strict=False):
+        assert engine("keyformer").run([Request(prompt, 12, s)])[0].output_ids == request.output_ids
+    greedy = engine("keyformer").run([Request(p, 12) for p in prompts()[:6]])
+    assert [r.output_ids for r in batched] != [r.output_ids for r in greedy]  # the noise does change them
+
+
+def test_rows_are_freed_and_reused_and_requests_finish_at_a_stop_token():
+    served = engine("h2o", rows=2)
+    first = served.run([Request(prompts()[0], 12)])[0]
+    stop = first.output_ids[3]
+    requests = served.run([Request(p, 12, stop_ids={stop}) for p in prompts()[:5]])
+    assert requests[0].output_ids == first.output_ids[:4] and requests[0].finish_reason == "stop"
+    assert not served.running and served.peak_rows == 2 and served.stats()["rows_in_use"] == 0
+
+
+def test_cancelled_request_frees_its_row_at_the_next_step():
+    served = engine("h2o", rows=2)
+    requests = [served.submit(Request(p, 12)) for p in prompts()[:3]]
+    served.step()
+    assert len(served.running) == 2 and len(served.waiting) == 1
+    served.cancel(requests[0])
+    served.step()
+    assert requests[0].finish_reason == "cancelled" and requests[2].row is not None  # the row went to the next one
+    while served.busy:
+        served.step()
+    assert [r.finish_reason for r in requests] == ["cancelled", "length", "length"]
+
+
+def test_co2_measures_in_a_wide_row_then_moves_to_its_compressed_row():
+    served = engine("co2", rows=3)
+    assert served.plan.wide_rows >= 1 and served.plan.wide_capacity == 64 + 3 + 1
+    requests = served.run([Request(p, 12) for p in prompts()[:8]])
+    assert not served.measuring and all(r.finish_reason == "length" for r in requests)
+    assert all(r.kv_bytes < r.kv_bytes_full for r in requests)
+
+
+def test_bad_requests_are_refused_in_one_line():
+    served = engine("h2o")
+    for request, fragment in [
+        (Request([], 4), "empty"),
+        (Request(list(range(3, 80)), 4), "more than this server's limit"),
+        (Request(prompts()[0], 0), "max_tokens"),
+        (Request(prompts()[0], 99), "max_tokens"),
+        (Request(prompts()[0], 4, budget=60), "does not fit"),
+    ]:
+        with pytest.raises(ValueError, match=fragment) as info:
+            served.submit(request)
+        assert "\n" not in str(info.value)
+    assert served.run([Request(prompts()[0], 4)])[0].finish_reason == "length"
+
+
+def test_planner_arithmetic_equals_the_bytes_the_rows_allocate():
+    policy = make_policy("keyformer", budget=0.5)
+    facts = ModelFacts.of(MODEL)
+    row_bytes = 33 * facts.slot_bytes(scores=True)  # budget 32 of a 64-token prompt, plus the newcomer
+    memory = facts.weight_bytes + DECODE_RESERVE + facts.prefill_bytes(256) + 10 * row_bytes + row_bytes // 2
+    chosen = plan(facts, policy, max_prompt=64, max_tokens=12, memory_bytes=memory)
+    assert (chosen.rows, chosen.capacity, chosen.row_bytes, chosen.prefill_tokens) == (10, 33, row_bytes, 256)
+    served = build(MODEL, Tokens(), policy, max_prompt=64, max_tokens=12, memory_gib=memory / 2**30)
+    assert served.plan == chosen
+    allocated = sum(
+        t.numel() * t.element_size()
+        for layer in served.runner.rows.cache.layers
+        for t in (layer.keys, layer.values, layer.positions, layer.scores)
+    )
+    assert allocated == chosen.cache_bytes == 10 * row_bytes
+    co2 = plan(facts, make_policy("co2", budget=0.5), max_prompt=64, max_tokens=12, memory_bytes=memory)
+    wide_bytes = co2.wide_capacity * facts.slot_bytes(scores=True)
+    assert co2.wide_rows >= 1 and co2.cache_bytes == co2.rows * row_bytes + co2.wide_rows * wide_bytes <= memory
+    with pytest.raises(ValueError, match="holds no row"):
+        plan(facts, policy, max_prompt=64, max_tokens=12, memory_bytes=facts.weight_bytes)
+
+
+def test_detokenizer_holds_back_text_that_may_start_a_stop_string():
+    detok = Detokenizer(Tokens(), ["<3><4>"])
+    released = [detok.feed([1, 2, 3][:n], final=False) for n in (1, 2, 3)]
+    assert all(len(text) <= len("<1><2><3>") - 5 for text, _ in released[-1:])  # a stop-long tail is held back
+    text, stopped = detok.feed([1, 2, 3, 4], final=False)
+    assert stopped and "".join(t for t, _ in released) + text == "<1><2>"  # the stop string is not output
+    assert Detokenizer(Tokens(), []).feed([5], final=True) == ("<5>", False)
+    assert Detokenizer(Tokens(), ["x"]).feed([5, 6], final=True) == ("<5><6>", False)

