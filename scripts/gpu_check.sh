@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# On a CUDA machine (the device tool runs it in the repository root): the kernel and GPU decode-path
-# tests, then profiles of a decode step and a short benchmark. Logs go to $OUT (or /tmp/gpu_check).
+# On a CUDA machine (the device tool runs it in the repository root): the GPU tests, the issue-9 bench row
+# before/after the restructure (OLD_SRC: the earlier src/ tree, e.g. from `git archive 2255a5d src`), a
+# serving-engine smoke run, and profiles. Logs and JSON go to $OUT (or /tmp/gpu_check).
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_check}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
 stage() { echo "=== $*"; "$@" 2>&1 | tee -a "$out/gpu_check.log"; }
-stages=("$@"); [ $# -eq 0 ] && stages=(tests profile bench)
+row8=(--arch llama-2-7b --methods full,h2o,keyformer,co2 --budgets 0.5 --prompts 2048 --gens 256 --batches 8)
+stages=("$@"); [ $# -eq 0 ] && stages=(tests compare engine)
 for s in "${stages[@]}"; do
   case $s in
-    tests) stage python3 -m pytest -q -x -s -p no:cacheprovider tests/test_kernel_decode.py tests/test_kernel_prefill.py \
-             tests/test_kernel_slots.py tests/test_gpu.py tests/test_static.py ;;
+    tests) stage python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_decode.py tests/test_kernel_prefill.py \
+             tests/test_kernel_slots.py tests/test_gpu.py tests/test_static.py tests/test_engine.py ;;
+    compare) stage env PYTHONPATH="${OLD_SRC:-.carry/old/src}" python3 -m kvkeep.cli bench "${row8[@]}" \
+               --json "$out/bench_before.json"
+             stage python3 -m kvkeep.cli.main bench "${row8[@]}" --json "$out/bench_after.json" ;;
+    engine) stage python3 -m kvkeep.cli.main bench-serve --arch llama-2-7b --methods full,h2o,keyformer,co2 \
+              --budgets 0.5 --rows 8 --requests 16 --prompt-tokens 2048 --output-tokens 256 --memory-gib 76 \
+              --json "$out/engine_rows8.json" ;;
     profile) for p in window keyformer; do stage python3 scripts/profile_decode.py --policy $p; done ;;
-    bench) stage python3 -m kvkeep.cli.main bench --methods hf-sdpa,full,window,h2o,keyformer,co2 --budgets 0.5 \
-             --prompts 2048 --gens 64 --batches 1,8 --json "$out/bench_smoke.json" ;;
   esac
 done

@@ -81,3 +81,34 @@ def test_cuda_graph_replay_equals_eager_slot_steps(policy):
         assert torch.equal(a.positions, b.positions)
         assert a.get_seq_length() == b.get_seq_length() == 300 + 39
     assert runs[1][1].stats()[0]["evicted"] == runs[0][1].stats()[0]["evicted"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", list(HALF))
+def test_engine_on_cuda_batching_changes_no_token_and_covering_budget_is_full_attention(policy):
+    from kvkeep.engine import Request, build
+    from kvkeep.policies import make_policy
+
+    class NoText:
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    model = _model("cuda", layers=4, hidden=256)
+    prompts = [random_prompt(n, seed=n, vocab=256)[0].tolist() for n in (300, 217, 256, 120, 333, 190)]
+
+    def serve(requests, **params):
+        policy_ = make_policy(policy, **{**HALF[policy], **params})
+        engine = build(model, NoText(), policy_, max_prompt=400, max_tokens=40, rows=4)
+        assert engine.runner.graphs  # the decode step replays as a CUDA graph
+        return engine.run(requests)
+
+    batched = serve([Request(p, 40) for p in prompts])
+    for request, prompt in zip(batched, prompts, strict=True):
+        assert serve([Request(prompt, 40)])[0].output_ids == request.output_ids
+    if policy != "full":
+        covering = {k: v for k, v in COVERING[policy].items() if k != "budget"}
+        served = serve([Request(p, 40) for p in prompts[:4]], budget=1000, **covering)
+        for request, prompt in zip(served, prompts, strict=False):
+            cache = kvkeep.KVKeepCache(model, "full")
+            reference = kvkeep.generate(model, torch.tensor([prompt], device="cuda"), cache=cache, max_new_tokens=40)
+            assert request.output_ids == reference.row(0)

@@ -16,7 +16,7 @@ import sys
 from .. import __version__
 
 #: Command modules, in the order ``kvkeep --help`` lists them.
-COMMANDS = ("generate", "serve", "bench", "sweep", "report", "budget_search", "analyze")
+COMMANDS = ("generate", "serve", "bench", "bench_serve", "sweep", "report", "budget_search", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,12 +66,12 @@ def run(args: argparse.Namespace) -> int:
             f"--max-prompt-tokens {max_prompt} + --max-tokens {args.max_tokens} exceed the {context}-token context"
         )
 
+    import transformers
+
     from ..engine import build
     from ..generation import stop_token_ids
     from ..models import load_model
     from ..serve import create_app
-
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)

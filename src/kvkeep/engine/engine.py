@@ -53,6 +53,8 @@ class Engine:
         self.stopping = False
         self.steps = 0
         self.peak_rows = 0
+        self.row_steps = 0  # rows in use, summed over decode steps
+        self.decode_s = 0.0
 
     # -- requests -------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -104,8 +106,12 @@ class Engine:
         self._admit()
         if not self.running:
             return
-        tokens = self.runner.decode()
+        started = time.perf_counter()
+        greedy = all(request.sampling.greedy for request in self.running.values())
+        tokens = self.runner.decode(greedy)  # returns once the step's tokens are on the host
+        self.decode_s += time.perf_counter() - started
         self.steps += 1
+        self.row_steps += len(self.running)
         for row, request in list(self.running.items()):
             here = self._measuring_row(row)
             self._emit(row, request, tokens[here if here is not None else row])
@@ -232,7 +238,10 @@ class Engine:
             "peak_rows_in_use": self.peak_rows,
             "waiting": len(self.waiting),
             "steps": self.steps,
+            "rows_used_mean": self.row_steps / self.steps if self.steps else None,
+            "step_ms_mean": 1e3 * self.decode_s / self.steps if self.steps else None,
             "cache_gib": self.plan.cache_bytes / 2**30,
+            "vocab_size": self.facts.vocab,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         }
 

@@ -36,18 +36,19 @@ class ModelRunner:
         self.top_p = torch.ones(total, dtype=torch.float32, device=device)
         self.seed = torch.zeros(total, dtype=torch.long, device=device)
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graph = None
-        self.next_tokens = None
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.use_graph:
-            self._capture()
+            for greedy in (True, False):
+                self._capture(greedy)
 
     @torch.inference_mode()
-    def _capture(self) -> None:
+    def _capture(self, greedy: bool) -> None:
         """Capture the decode step while every row is free (a first eager step compiles the kernels)."""
-        self._step()
-        self.graph = torch.cuda.CUDAGraph()
-        with self.rows.cache.capture(), torch.cuda.graph(self.graph):
-            self.next_tokens = self._step()
+        self._step(greedy)
+        graph = torch.cuda.CUDAGraph()
+        with self.rows.cache.capture(), torch.cuda.graph(graph):
+            tokens = self._step(greedy)
+        self.graphs[greedy] = (graph, tokens)
 
     # -- a new request --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -81,20 +82,27 @@ class ModelRunner:
     def _choose(self, logits: torch.Tensor, rows: slice, step: torch.Tensor) -> torch.Tensor:
         return sample(logits, self.temperature[rows], self.top_p[rows], self.seed[rows], step)
 
-    def _step(self) -> torch.Tensor:
+    def _step(self, greedy: bool) -> torch.Tensor:
         state = self.rows.state
         logits = self.model(
             input_ids=self.tokens, position_ids=(state.position + 1)[:, None], use_cache=True, logits_to_keep=1,
             **with_cache(self.model, self.rows.cache),
         ).logits[:, -1]  # fmt: skip
-        chosen = self._choose(logits, slice(None), state.step)  # the counters have advanced inside the forward
+        if greedy:
+            chosen = logits.argmax(-1)
+        else:
+            chosen = self._choose(logits, slice(None), state.step)  # the counters advanced inside the forward
         self.tokens.copy_(chosen[:, None])
         return chosen
 
     @torch.inference_mode()
-    def decode(self) -> list[int]:
-        """One decode step over every row; the next token of each row (rows without a request: ignore)."""
-        if self.graph is None:
-            return self._step().tolist()
-        self.graph.replay()
-        return self.next_tokens.tolist()
+    def decode(self, greedy: bool = False) -> list[int]:
+        """One decode step over every row; the next token of each row (rows without a request: ignore).
+
+        ``greedy``: every row with a request decodes greedily, so the step skips the sampler.
+        """
+        if not self.graphs:
+            return self._step(greedy).tolist()
+        graph, tokens = self.graphs[greedy]
+        graph.replay()
+        return tokens.tolist()
