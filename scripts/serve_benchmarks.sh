@@ -6,7 +6,7 @@
 #   A        kvkeep full and every policy at budget 0.5, workload A (96 requests, 2-4k prompts, 256-1024 outputs)
 #   A02      budget 0.2, workload A with 300 requests (enough to fill the ~150 rows)
 #   anchorM  the anchor on the mixed workload M (64 requests, 512-4k prompts, 64-1024 outputs)
-#   M        kvkeep full, keyformer and co2 at 0.5 on workload M (128 requests)
+#   M        kvkeep full and keyformer at 0.5 on workload M (96 requests)
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/serve_bench}; mkdir -p "$out"
@@ -21,6 +21,6 @@ for s in "$@"; do
     A) run A "${common[@]}" "${A[@]}" --requests 96 --methods full,window,h2o,keyformer,co2 --budgets 0.5 ;;
     A02) run A02 "${common[@]}" "${A[@]}" --requests 300 --methods h2o,keyformer,co2 --budgets 0.2 ;;
     anchorM) run anchorM "${common[@]}" "${M[@]}" --requests 64 --methods hf-static ;;
-    M) run M "${common[@]}" "${M[@]}" --requests 128 --methods full,keyformer,co2 --budgets 0.5 ;;
+    M) run M "${common[@]}" "${M[@]}" --requests 96 --methods full,keyformer --budgets 0.5 ;;
   esac
 done
