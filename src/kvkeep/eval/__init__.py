@@ -9,8 +9,9 @@ command skips the rows already there.
 
 from .data import DATASETS, Dataset, DatasetSpec, Sample, data_root, load_dataset, read_jsonl
 from .metrics import agreement, perplexity, rouge
+from .results import append_row, dedupe, load_results, row_key
 from .search import bisect_budget, meets_target
-from .sweep import Runner, build_configs, load_results, row_key
+from .sweep import Runner, build_configs
 from .tasks import TASKS, RunContext, Task, get_task
 
 __all__ = [
@@ -23,9 +24,11 @@ __all__ = [
     "Sample",
     "Task",
     "agreement",
+    "append_row",
     "bisect_budget",
     "build_configs",
     "data_root",
+    "dedupe",
     "get_task",
     "load_dataset",
     "load_results",

@@ -13,11 +13,13 @@ A sweep writes ``runs/NAME/results.jsonl`` (one JSON object per sample and confi
   its Figure 12, ...) against the metric;
 - :func:`add_parser` registers the ``report`` subcommand in the style of :mod:`kvkeep.cli`.
 
-Rows that repeat one configuration, seed and sample (a resumed sweep appending again) count once: the
-last one wins. The policy parameter ``seed`` (Keyformer's noise seed) never splits groups: like the
-row's ``seed`` it is a replicate, averaged over.
+Rows of one identity (:func:`kvkeep.eval.results.row_key`: configuration, seed, sample and task options;
+a resumed sweep appending again) count once: the last one wins. Task options that vary within a run
+(``--max-new-tokens 96`` and ``128``) split it into settings, each reported with its own reference. The
+policy parameter ``seed`` (Keyformer's noise seed) never splits groups: like the row's ``seed`` it is a
+replicate, averaged over.
 
-This module needs nothing from the rest of ``kvkeep``; matplotlib is imported only to draw the plots.
+Matplotlib is imported only to draw the plots.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import numbered_jsonl
+from .results import RESULTS_FILE, dedupe
 
-RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.csv"
@@ -179,36 +181,36 @@ def _slice(row: dict) -> tuple[str, str, str, str]:
     return (str(row["task"]), str(row["dataset"]), str(row.get("model") or "unknown"), str(row["policy"]))
 
 
-def dedupe(rows: Iterable[dict]) -> tuple[list[dict], int]:
-    """Rows with one configuration, seed and sample counted once (the last wins); also the number dropped."""
-    latest: dict[tuple, dict] = {}
-    count = 0
-    for row in rows:
-        count += 1
-        key = (
-            *_slice(row),
-            json.dumps(_budget(row)),
-            json.dumps(row.get("params") or {}, sort_keys=True, default=str),
-            json.dumps(row.get("seed"), default=str),
-            json.dumps(row.get("sample_id"), default=str),
-        )
-        latest.pop(key, None)  # keep the order of the last occurrence
-        latest[key] = row
-    return list(latest.values()), count - len(latest)
+def _varying(found: dict[tuple, list[dict]], ignore: frozenset = frozenset()) -> dict[tuple, tuple[str, ...]]:
+    """For each key: the names that take more than one value among its dicts (a missing name counts as null)."""
+    varying = {}
+    for key, dicts in found.items():
+        names = {name for d in dicts for name in d if name not in ignore}
+        varying[key] = tuple(sorted(n for n in names if len({_norm(d.get(n)) for d in dicts}) > 1))
+    return varying
 
 
 def varying_params(rows: Iterable[dict]) -> dict[tuple[str, str, str, str], tuple[str, ...]]:
     """For each (task, dataset, model, policy): the policy parameters that take more than one value."""
-    values: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
-    seen: dict[tuple, list[dict]] = defaultdict(list)
+    found: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        seen[_slice(row)].append(row.get("params") or {})
-    for key, param_dicts in seen.items():
-        names = {name for params in param_dicts for name in params if name not in NOT_GROUPED}
-        for params in param_dicts:
-            for name in names:
-                values[key][name].add(_norm(params.get(name)))
-    return {key: tuple(sorted(name for name, vals in values[key].items() if len(vals) > 1)) for key in seen}
+        found[_slice(row)].append(row.get("params") or {})
+    return _varying(found, NOT_GROUPED)
+
+
+def varying_options(rows: Iterable[dict]) -> dict[tuple[str, str, str], tuple[str, ...]]:
+    """For each (task, dataset, model): the task options that take more than one value; each of their
+    values is a setting of its own, with its own full-attention reference."""
+    found: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        found[_slice(row)[:3]].append(row.get("options") or {})
+    return _varying(found)
+
+
+def setting(row: dict, varying: dict[tuple[str, str, str], tuple[str, ...]]) -> dict:
+    """The task options of ``row`` that vary within its (task, dataset, model) (see :func:`varying_options`)."""
+    options = row.get("options") or {}
+    return {name: options.get(name) for name in varying.get(_slice(row)[:3], ())}
 
 
 def _numeric(value: Any) -> bool:
@@ -234,59 +236,76 @@ def _pooled_ppl(rows: Sequence[dict]) -> float | None:
     return math.exp(total_nll / total_tokens) if total_tokens else None
 
 
-def summarize(rows: Iterable[dict]) -> list[dict]:
-    """One dict per group of rows sharing task, dataset, model, policy, budget and the varying parameters.
+def _means(members: Sequence[dict]) -> dict:
+    """Metric means (and pooled perplexity), KV share and seconds of one group's rows."""
+    names = sorted({name for row in members for name in (row.get("metrics") or {})}, key=metric_key)
+    metrics = {}
+    for name in names:
+        values = [(row.get("metrics") or {}).get(name) for row in members]
+        mean = _mean([float(v) for v in values if _numeric(v)])
+        if mean is not None:
+            metrics[name] = mean
+    if "ppl" in metrics:
+        pooled = _pooled_ppl(members)
+        if pooled is not None:
+            metrics["ppl_pooled"] = pooled
+            metrics = dict(sorted(metrics.items(), key=lambda item: metric_key(item[0])))
+    kept = [(r.get("kv_bytes"), r.get("kv_bytes_full")) for r in members]
+    kept = [(k, f) for k, f in kept if _numeric(k) and _numeric(f)]
+    full_sum = sum(f for _, f in kept)
+    seconds = [float(r["seconds"]) for r in members if _numeric(r.get("seconds"))]
+    return {
+        "n": len(members),
+        "metrics": metrics,
+        "kv_ratio": sum(k for k, _ in kept) / full_sum if full_sum else None,
+        "seconds": _mean(seconds),
+    }
 
-    Each dict holds ``task``, ``dataset``, ``model``, ``policy``, ``budget``, ``params`` (only the policy
-    parameters that vary within the run for this task, dataset, model and policy), ``n`` (rows, after
-    repeats are dropped), ``metrics`` (metric name -> mean over the rows that have a number for it; for
-    perplexity also ``ppl_pooled``, exp of the token-weighted mean NLL, when ``nll`` is per token),
-    ``kv_ratio`` (sum of ``kv_bytes`` / sum of ``kv_bytes_full``) and ``seconds`` (mean). Sorted by task,
-    dataset, model, policy (``full`` first), budget and parameters.
+
+def summarize(rows: Iterable[dict]) -> list[dict]:
+    """One dict per group of rows sharing task, dataset, model, the varying task options, policy, budget and
+    the varying parameters.
+
+    Each dict holds ``task``, ``dataset``, ``model``, ``options`` (only the task options that vary within the
+    run for this task, dataset and model), ``policy``, ``budget``, ``params`` (only the policy parameters that
+    vary within the run for this task, dataset, model and policy), ``n`` (rows, after repeats are dropped),
+    ``metrics`` (metric name -> mean over the rows that have a number for it; for perplexity also
+    ``ppl_pooled``, exp of the token-weighted mean NLL, when ``nll`` is per token), ``kv_ratio`` (sum of
+    ``kv_bytes`` / sum of ``kv_bytes_full``) and ``seconds`` (mean). Sorted by task, dataset, model, options,
+    policy (``full`` first), budget and parameters.
     """
     rows, _ = dedupe(rows)
-    varying = varying_params(rows)
+    varying, settings = varying_params(rows), varying_options(rows)
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    shown: dict[tuple, dict] = {}
+    shown: dict[tuple, tuple[dict, dict]] = {}
     for row in rows:
         key = _slice(row)
         params = row.get("params") or {}
         names = varying.get(key, ())
-        group = (*key, _budget(row), tuple((name, _norm(params.get(name))) for name in names))
+        options = setting(row, settings)
+        group = (
+            *key,
+            _budget(row),
+            tuple((name, _norm(params.get(name))) for name in names),
+            tuple((name, _norm(value)) for name, value in options.items()),
+        )
         groups[group].append(row)
-        shown.setdefault(group, {name: params.get(name) for name in names})
+        shown.setdefault(group, ({name: params.get(name) for name in names}, options))
 
     summaries = []
     for group, members in groups.items():
-        task, dataset, model, policy, budget, _ = group
-        names = sorted({name for row in members for name in (row.get("metrics") or {})}, key=metric_key)
-        metrics = {}
-        for name in names:
-            values = [(row.get("metrics") or {}).get(name) for row in members]
-            mean = _mean([float(v) for v in values if _numeric(v)])
-            if mean is not None:
-                metrics[name] = mean
-        if "ppl" in metrics:
-            pooled = _pooled_ppl(members)
-            if pooled is not None:
-                metrics["ppl_pooled"] = pooled
-                metrics = dict(sorted(metrics.items(), key=lambda item: metric_key(item[0])))
-        kept = [(r.get("kv_bytes"), r.get("kv_bytes_full")) for r in members]
-        kept = [(k, f) for k, f in kept if _numeric(k) and _numeric(f)]
-        full_sum = sum(f for _, f in kept)
-        seconds = [float(r["seconds"]) for r in members if _numeric(r.get("seconds"))]
+        task, dataset, model, policy, budget, _, _ = group
+        params, options = shown[group]
         summaries.append(
             {
                 "task": task,
                 "dataset": dataset,
                 "model": model,
+                "options": options,
                 "policy": policy,
                 "budget": budget,
-                "params": shown[group],
-                "n": len(members),
-                "metrics": metrics,
-                "kv_ratio": sum(k for k, _ in kept) / full_sum if full_sum else None,
-                "seconds": _mean(seconds),
+                "params": params,
+                **_means(members),
             }
         )
     summaries.sort(
@@ -294,6 +313,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
             s["task"],
             s["dataset"],
             s["model"],
+            tuple(_sortable(_norm(v)) for v in s["options"].values()),
             policy_key(s["policy"]),
             budget_key(s["budget"]),
             tuple(_sortable(_norm(v)) for v in s["params"].values()),
@@ -360,10 +380,11 @@ def _has_bar(metric: str) -> bool:
 
 # -- the report ---------------------------------------------------------------------------------------
 class _Slice:
-    """The groups of one (task, dataset, model): the reference, the budgets and the policies' groups."""
+    """The groups of one (task, dataset, model, setting of the varying task options): the reference, the
+    budgets and the policies' groups."""
 
-    def __init__(self, task: str, dataset: str, model: str, groups: list[dict], samples: int) -> None:
-        self.task, self.dataset, self.model, self.samples = task, dataset, model, samples
+    def __init__(self, task: str, dataset: str, model: str, options: dict, groups: list[dict], samples: int) -> None:
+        self.task, self.dataset, self.model, self.options, self.samples = task, dataset, model, options, samples
         self.full = [g for g in groups if g["policy"] == "full"]
         self.groups = [g for g in groups if g["policy"] != "full"]
         self.budgets = sorted({g["budget"] for g in self.groups}, key=budget_key)
@@ -410,7 +431,8 @@ class _Slice:
 
     @property
     def title(self) -> str:
-        return f"{self.model} · {self.dataset} · n={self.samples}"
+        setting = f" · {fmt_params(self.options)}" if self.options else ""
+        return f"{self.model} · {self.dataset}{setting} · n={self.samples}"
 
 
 def _cell(group: dict | None, metric: str, sl: _Slice) -> str:
@@ -488,7 +510,8 @@ def _header(run_dir: Path, rows: list[dict], dropped: int, config: dict) -> list
     if command:
         lines += ["", f"command: `{command}`"]
     if dropped:
-        lines += ["", f"{dropped} repeated rows (same configuration, seed and sample) counted once, the last kept."]
+        repeated = "repeated rows (same configuration, seed, sample and options) counted once, the last kept"
+        lines += ["", f"{dropped} {repeated}."]
     return lines
 
 
@@ -503,22 +526,25 @@ def _selected_metrics(sl: _Slice, requested: Sequence[str] | None) -> list[str]:
 
 
 def _slices(summary: list[dict], rows: list[dict]) -> list[_Slice]:
+    settings = varying_options(rows)
     samples: dict[tuple, set] = defaultdict(set)
     for row in rows:
-        task, dataset, model, _ = _slice(row)
-        samples[(task, dataset, model)].add(json.dumps(row.get("sample_id"), default=str))
+        key = (*_slice(row)[:3], json.dumps(setting(row, settings), default=str))
+        samples[key].add(json.dumps(row.get("sample_id"), default=str))
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     for g in summary:
-        by_key[(g["task"], g["dataset"], g["model"])].append(g)
-    return [_Slice(*key, groups, len(samples[key])) for key, groups in by_key.items()]
+        by_key[(g["task"], g["dataset"], g["model"], json.dumps(g["options"], default=str))].append(g)
+    return [_Slice(*key[:3], groups[0]["options"], groups, len(samples[key])) for key, groups in by_key.items()]
 
 
 def write_summary_csv(summary: list[dict], path: Path) -> None:
-    """One row per group: keys, ``param_<name>`` for each varying parameter, n, kv_ratio, seconds, metrics."""
+    """One row per group: keys, ``param_<name>`` for each varying parameter, ``option_<name>`` for each
+    varying task option, n, kv_ratio, seconds, metrics."""
     params = sorted({name for g in summary for name in g["params"]})
+    options = sorted({name for g in summary for name in g["options"]})
     metrics = sorted({m for g in summary for m in g["metrics"]}, key=metric_key)
     fields = ["task", "dataset", "model", "policy", "budget", *(f"param_{p}" for p in params)]
-    fields += ["n", "kv_ratio", "seconds", *metrics]
+    fields += [*(f"option_{o}" for o in options), "n", "kv_ratio", "seconds", *metrics]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
@@ -526,6 +552,7 @@ def write_summary_csv(summary: list[dict], path: Path) -> None:
         row = {k: g[k] for k in ("task", "dataset", "model", "policy", "n")}
         row["budget"] = "" if g["budget"] is None else g["budget"]
         row.update({f"param_{p}": g["params"].get(p, "") for p in params})
+        row.update({f"option_{o}": g["options"].get(o, "") for o in options})
         row.update({k: "" if g[k] is None else g[k] for k in ("kv_ratio", "seconds")})
         row.update({m: g["metrics"].get(m, "") for m in metrics})
         writer.writerow(row)
@@ -568,9 +595,12 @@ def write_report(
         md += ["", "No plots: matplotlib is not installed (pip install 'kvkeep[eval]')."]
 
     for sl in slices:
-        md += ["", f"## {sl.task} · {sl.dataset}" + (f" · {sl.model}" if many_models else ""), ""]
+        setting = fmt_params(sl.options)
+        heading = f"## {sl.task} · {sl.dataset}" + (f" · {sl.model}" if many_models else "")
+        md += ["", heading + (f" · {setting}" if setting else ""), ""]
         md.append(f"{sl.samples} samples; policies: {', '.join(sl.policies) or 'none but full'}.")
         prefix = _slug(sl.dataset) + (f"_{_slug(sl.model)}" if many_models else "")
+        prefix += f"_{_slug(setting)}" if setting else ""
         chosen = _selected_metrics(sl, metrics)
         if not sl.full:
             md += ["", "No full-attention rows: no reference value, no 99%-of-full bar."]

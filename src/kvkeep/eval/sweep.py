@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -29,7 +28,8 @@ from .. import __version__
 from ..cli import options as _cli
 from ..models import load_model
 from ..policies import POLICIES, make_policy
-from .data import load_dataset, read_jsonl
+from .data import load_dataset
+from .results import KEY_FIELDS, RESULTS_FILE, append_row, load_results, row_key
 from .tasks import TASKS, RunContext, get_task
 
 __all__ = [
@@ -38,12 +38,10 @@ __all__ = [
     "add_run_options",
     "build_configs",
     "full_config",
-    "load_results",
     "mean_metrics",
     "parse_budgets",
     "parse_grid",
     "parse_policies",
-    "row_key",
 ]
 
 DEFAULT_BUDGETS = "0.2,0.3,0.5,0.7,0.9"
@@ -117,28 +115,6 @@ def build_configs(policies: list[str], budgets: list, grid: list[tuple[str, list
 
 
 # -- results ------------------------------------------------------------------------------------------
-_KEY_FIELDS = ("task", "dataset", "sample_id", "model", "policy", "params", "seed", "options")
-
-
-def row_key(row: dict) -> str:
-    """A row's identity: task, data set, sample, model, policy, its parameters (budget included), seed and
-    the task options (decoding, prompt template, window sizes)."""
-    return json.dumps([row[k] for k in _KEY_FIELDS], sort_keys=True)
-
-
-def load_results(path: Path) -> dict[str, dict]:
-    """Rows already in ``results.jsonl`` by :func:`row_key`; a line cut short by a kill is dropped."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        print(f"kvkeep: dropping an incomplete last line of {path}", file=sys.stderr)
-        with path.open("r+b") as f:
-            f.truncate(keep)
-    return {row_key(row): row for row in read_jsonl(path)}
-
-
 def mean_metrics(rows: list[dict], names) -> dict[str, float]:
     """Mean of each metric in ``names`` over ``rows``."""
     return {name: mean(row["metrics"][name] for row in rows) for name in names}
@@ -176,7 +152,7 @@ class Runner:
             )
         self.options = self.task.options(args)
         self.out = Path(args.out)
-        self.results = self.out / "results.jsonl"
+        self.results = self.out / RESULTS_FILE
         self.done = load_results(self.results)
         self._ctx: RunContext | None = None
 
@@ -193,7 +169,7 @@ class Runner:
     def key(self, sample_id: str, config: Config) -> str:
         policy, params = config
         fields = (self.task.name, self.dataset.name, sample_id, self.args.model, policy, params, self.args.seed)
-        return row_key({**dict(zip(_KEY_FIELDS, fields, strict=False)), "options": self.options})
+        return row_key({**dict(zip(KEY_FIELDS, fields, strict=False)), "options": self.options})
 
     def run(self, configs: list[Config], desc: str | None = None) -> list[dict]:
         """Rows of every sample x configuration (full attention first), computing only the missing ones."""
@@ -214,9 +190,7 @@ class Runner:
                         parts = self.task.run(self.context(), pending, *config)
                         for sample, part in zip(pending, parts, strict=True):
                             row = self._row(sample.id, config, part, len(pending))
-                            f.write(json.dumps(row) + "\n")
-                            f.flush()
-                            os.fsync(f.fileno())
+                            append_row(f, row)
                             self.done[self.key(sample.id, config)] = row
                             bar.update()
                     rows.extend(self.done[self.key(s.id, config)] for s in batch)
