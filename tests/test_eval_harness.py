@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import smollm2_available
 
+from kvkeep.cli import budget_search, sweep
 from kvkeep.eval import (
     TASKS,
     agreement,
@@ -27,8 +28,6 @@ from kvkeep.eval import (
     perplexity,
     rouge,
     row_key,
-    search,
-    sweep,
 )
 from kvkeep.eval.data import data_root
 from kvkeep.eval.tasks import window_starts
@@ -56,7 +55,7 @@ def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     sweep.add_parser(sub)
-    search.add_parser(sub)
+    budget_search.add_parser(sub)
     args = parser.parse_args(list(argv))
     return args.func(args)
 

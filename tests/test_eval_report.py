@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvkeep.eval.report import add_parser, load_rows, summarize, write_report
+from kvkeep.cli.report import add_parser
+from kvkeep.eval.report import load_rows, summarize, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 OFFSETS = (-0.03, -0.01, 0.01, 0.03)  # per-sample offsets: sum zero, so each mean is the base value

@@ -37,10 +37,8 @@ time (heat maps keep the chosen maps). The command line caps the prompt at ``--m
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,22 +47,27 @@ import torch
 
 from ..attention import probe
 from ..cache import Eviction, KVKeepCache
-from ..cli import options as _cli
 from ..generation import generate, stop_token_ids
 from ..hf import install
 from ..policies import POLICIES, ScoringPolicy
+from ..runinfo import run_metadata
+from .data import Sample, load_dataset
+from .tasks import prompt_ids
 
 __all__ = [
     "CATEGORIES",
     "KINDS",
     "THRESHOLDS",
-    "add_parser",
     "analyze_cached",
     "analyze_heatmap",
     "analyze_replacement",
     "analyze_scores",
     "analyze_sparsity",
+    "data_prompt",
     "full_attention",
+    "headline",
+    "text_prompt",
+    "update_result",
 ]
 
 #: Thresholds of ``sparsity``, relative to each row's largest probability (Keyformer Figure 11).
@@ -229,7 +232,7 @@ def _setup(model, tok, gen: _Generation, policy: str, params: dict) -> dict:
     }
     if tok is not None:
         setup["output"] = tok.decode(new, skip_special_tokens=True)
-    return setup
+    return {**setup, **run_metadata(model)}
 
 
 def _title(result: dict, what: str) -> str:
@@ -253,7 +256,13 @@ def _write(out: Path, kind: str, result: dict, draw: Callable[[Path], None]) -> 
         draw(png)
         result["png"] = str(png)
     result["json"] = str(out / f"{kind}.json")
-    (out / f"{kind}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return update_result(result)
+
+
+def update_result(result: dict, **extra) -> dict:
+    """Add ``extra`` to an analysis' result and (re)write its JSON file, ``result['json']``."""
+    result.update(extra)
+    Path(result["json"]).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
 
@@ -853,164 +862,32 @@ KINDS: dict[str, Callable[..., dict]] = {
 POLICY_KINDS = ("cached", "replacement", "scores")
 
 
-# -- command line -------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    """Register ``kvkeep analyze KIND``."""
-    parser = subparsers.add_parser(
-        "analyze",
-        help="attention and cache analyses of one prompt (PNG + JSON)",
-        description=(
-            "Analyse one prompt: sparsity (share of attention scores below p% of the row max, per layer), heatmap "
-            "(attention maps), cached (activated vs kept tokens), replacement (where evictions fall among the "
-            "candidates), scores (accumulated score distributions). Writes OUT/KIND.json and OUT/KIND.png. "
-            "sparsity and heatmap generate with full attention; the others with --policy."
-        ),
-    )
-    parser.add_argument("kind", choices=list(KINDS), help="the analysis")
-    _cli.add_model_options(parser)
-    group = parser.add_argument_group("input")
-    source = group.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="a data set name (e.g. cnndm) or a JSONL file; the prompt as in summarization")
-    source.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file ('-': stdin)")
-    source.add_argument("--prompt", help="the prompt text")
-    group.add_argument(
-        "--sample", type=int, default=0, metavar="N", help="with --data: the N-th sample, 0-based (default: 0)"
-    )
-    group.add_argument("--chat", action="store_true", help="with --prompt/--prompt-file: wrap in the chat template")
-    group.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=1024,
-        help="cap on the prompt (the document's end is cut); attention is held as heads x n x n per layer "
-        "(default: %(default)s)",
-    )
-    group.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
-    group = parser.add_argument_group("cache policy (cached, replacement, scores)")
-    group.add_argument(
-        "--policy", default=DEFAULT_POLICY, choices=list(POLICIES), help="eviction policy (default: %(default)s)"
-    )
-    group.add_argument(
-        "--budget",
-        type=_cli.parse_budget,
-        help=f"a ratio of the prompt such as 0.5 or a token count (default: {DEFAULT_BUDGET}; none for 'full')",
-    )
-    group.add_argument(
-        "--param",
-        dest="params",
-        metavar="KEY=VALUE",
-        type=_cli.parse_param,
-        action="append",
-        default=[],
-        help="a policy parameter, e.g. N=10 or sinks=4 (repeatable)",
-    )
-    group = parser.add_argument_group("analysis")
-    group.add_argument(
-        "--layers",
-        type=_cli.comma_list(int, "0,15,-1"),
-        help="layers, negative from the end: heatmap's maps (default: first, middle, last); the per-step view of "
-        "cached (the first one; default: middle); replacement and scores pool them (default: all)",
-    )
-    group.add_argument(
-        "--heads",
-        type=_cli.comma_list(int, "0,15,-1"),
-        help="heatmap: query heads (default: 0); cached: the KV head of the per-step view (default: 0)",
-    )
-    group.add_argument("--gamma", type=float, default=0.01, help="cached: activation threshold (default: %(default)s)")
-    group.add_argument(
-        "--thresholds",
-        type=_cli.comma_list(float, "0.01,0.05"),
-        default=list(THRESHOLDS),
-        help="sparsity: thresholds as shares of the row max (default: 0.001,0.005,0.01,0.05,0.1)",
-    )
-    group.add_argument(
-        "--steps",
-        type=_cli.comma_list(int, "0,15,-1"),
-        help="scores: decode steps of the snapshots (default: 4, evenly)",
-    )
-    group.add_argument("--out", required=True, metavar="DIR", help="where KIND.json and KIND.png go")
-    parser.set_defaults(func=_analyze)
+# -- the prompt of the command line ------------------------------------------------------------------
+def data_prompt(tok, data: str, sample: int, limit: int) -> tuple[list[int], dict]:
+    """Token ids of the ``sample``-th (0-based) sample of data set ``data`` prompted as in summarization (its
+    document cut to fit ``limit`` tokens), and where it came from."""
+    if sample < 0:
+        raise ValueError(f"--sample must be >= 0, got {sample}")
+    dataset = load_dataset(data, limit=sample + 1)
+    if len(dataset.samples) <= sample:
+        raise ValueError(f"--data {data} has {len(dataset.samples)} samples: no sample {sample}")
+    chosen = dataset.samples[sample]
+    ids, truncated = prompt_ids(tok, dataset.template, chosen, limit)
+    return ids, {"data": data, "sample": sample, "sample_id": chosen.id, "truncated": truncated}
 
 
-def _prompt_ids(args: argparse.Namespace, model, tok, limit: int) -> tuple[list[int], dict]:
-    """Token ids of the prompt (document cut to ``limit`` tokens) and where it came from."""
-    from .data import Dataset, Sample, load_dataset
-    from .tasks import RunContext
-    from .tasks import _prompt_ids as task_prompt_ids
-
-    if args.data is not None:
-        if args.sample < 0:
-            raise ValueError(f"--sample must be >= 0, got {args.sample}")
-        dataset = load_dataset(args.data, limit=args.sample + 1)
-        if len(dataset.samples) <= args.sample:
-            raise ValueError(f"--data {args.data} has {len(dataset.samples)} samples: no sample {args.sample}")
-        sample = dataset.samples[args.sample]
-        ctx = RunContext(model, tok, dataset, {"template": None}, seed=0)
-        ids, truncated = task_prompt_ids(ctx, sample, limit)
-        return ids, {"data": args.data, "sample": args.sample, "sample_id": sample.id, "truncated": truncated}
-    text = _cli.read_prompt(args.prompt, args.prompt_file)
-    if args.chat:
-        ctx = RunContext(model, tok, Dataset("prompt", "summarization", "{doc}", []), {"template": None}, seed=0)
-        ids, truncated = task_prompt_ids(ctx, Sample("prompt", text), limit)
+def text_prompt(tok, text: str, chat: bool, limit: int) -> tuple[list[int], dict]:
+    """Token ids of ``text`` (in the chat template when ``chat``; cut to ``limit`` tokens), and how."""
+    if chat:
+        ids, truncated = prompt_ids(tok, "{doc}", Sample("prompt", text), limit)
     else:
         ids = tok(text, verbose=False)["input_ids"]
         truncated = len(ids) > limit
         ids = ids[:limit]
-    return ids, {"prompt_file": args.prompt_file, "chat": args.chat, "truncated": truncated}
+    return ids, {"chat": chat, "truncated": truncated}
 
 
-def _analyze(args: argparse.Namespace) -> int:
-    import transformers
-
-    from .. import __version__
-    from ..models import load_model
-
-    if args.max_prompt_tokens < 1 or args.max_new_tokens < 1:
-        raise ValueError("--max-prompt-tokens and --max-new-tokens must be >= 1")
-    if args.kind not in POLICY_KINDS and (args.budget is not None or args.params or args.policy != DEFAULT_POLICY):
-        print(f"[kvkeep] {args.kind} analyses full attention: --policy/--budget/--param are ignored", file=sys.stderr)
-    transformers.utils.logging.disable_progress_bar()
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    context = int(getattr(_text_config(model), "max_position_embeddings", None) or 2048)
-    limit = min(args.max_prompt_tokens, context - args.max_new_tokens)
-    if limit < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context")
-    ids, source = _prompt_ids(args, model, tok, limit)
-    options: dict = {"out": args.out, "max_new_tokens": args.max_new_tokens}
-    if args.kind in POLICY_KINDS:
-        budget = args.budget if args.budget is not None else DEFAULT_BUDGET
-        options.update(policy=args.policy, budget=budget, params=dict(args.params))
-    if args.kind == "sparsity":
-        options["thresholds"] = args.thresholds
-    elif args.kind == "heatmap":
-        options.update(layers=args.layers, heads=args.heads)
-    elif args.kind == "cached":
-        options["gamma"] = args.gamma
-        if args.layers:
-            options["layer"] = args.layers[0]
-        if args.heads:
-            options["head"] = args.heads[0]
-    elif args.kind == "replacement":
-        options["layers"] = args.layers
-    else:
-        options.update(layers=args.layers, steps=args.steps)
-    result = KINDS[args.kind](model, tok, torch.tensor([ids]), **options)
-    extra = {
-        "source": source,
-        "command_line": getattr(args, "command_line", None),
-        "kvkeep_version": __version__,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "device": str(model.device),
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
-    result.update(extra)
-    Path(result["json"]).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"[kvkeep] {args.kind}: {_headline(result)}", file=sys.stderr)
-    print(f"[kvkeep] wrote {result['json']}" + (f" and {result['png']}" if result.get("png") else ""), file=sys.stderr)
-    return 0
-
-
-def _headline(result: dict) -> str:
+def headline(result: dict) -> str:
     """One line of the main numbers of an analysis."""
     kind = result["kind"]
     if kind == "sparsity":

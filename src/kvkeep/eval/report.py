@@ -10,8 +10,7 @@ A sweep writes ``runs/NAME/results.jsonl`` (one JSON object per sample and confi
   plots: each metric against the KV budget per policy, with the full-attention value and the 99%-of-full
   bar (the MLPerf accuracy target, Keyformer Figure 13; perplexity against budget as in CO2 Figure 6), and
   each swept policy parameter (Keyformer's temperature as in its Figure 16, the recent-window ratio as in
-  its Figure 12, ...) against the metric;
-- :func:`add_parser` registers the ``report`` subcommand in the style of :mod:`kvkeep.cli`.
+  its Figure 12, ...) against the metric.
 
 Rows of one identity (:func:`kvkeep.eval.results.row_key`: configuration, seed, sample and task options;
 a resumed sweep appending again) count once: the last one wins. Task options that vary within a run
@@ -24,14 +23,12 @@ Matplotlib is imported only to draw the plots.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import re
 import shlex
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -749,36 +746,3 @@ def _plot_sweep(path: Path, sl: _Slice, metric: str, axis: str, series_params: l
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# -- command line -------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    """Register ``kvkeep report RUN_DIR [--out DIR] [--metric NAME ...]``."""
-    parser = subparsers.add_parser(
-        "report",
-        help="tables and plots from a sweep's results",
-        description=(
-            "Summarise a sweep run (RUN_DIR/results.jsonl): report.md with tables of each metric by policy and "
-            "KV budget, summary.csv with one row per group, and PNG plots of each metric against the budget and "
-            "against every swept policy parameter. The markdown is printed too."
-        ),
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a sweep's output folder (holds results.jsonl)")
-    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: RUN_DIR)")
-    parser.add_argument(
-        "--metric",
-        dest="metrics",
-        metavar="NAME",
-        nargs="+",
-        action="extend",
-        help="metrics of the tables and plots (default: rouge1_ref rouge2_ref rougeL_ref; ppl for perplexity)",
-    )
-    parser.set_defaults(func=_report)
-
-
-def _report(args: argparse.Namespace) -> int:
-    markdown, paths = write_report(args.run_dir, args.out, args.metrics)
-    print(markdown, end="")
-    plots = sum(path.suffix == ".png" for path in paths)
-    print(f"[kvkeep] wrote {REPORT_FILE}, {SUMMARY_FILE} and {plots} plots to {paths[0].parent}", file=sys.stderr)
-    return 0
