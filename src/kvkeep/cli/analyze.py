@@ -11,7 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import POLICY_NAMES, add_model_options, comma_list, parse_budget, parse_param, positive_int, read_prompt
+from .options import (
+    POLICY_NAMES,
+    add_model_options,
+    add_param_option,
+    comma_list,
+    parse_budget,
+    positive_int,
+    read_prompt,
+)
 
 #: The analyses, as :data:`kvkeep.eval.analyze.KINDS` names them.
 ANALYSES = ("sparsity", "heatmap", "cached", "replacement", "scores")
@@ -59,15 +67,7 @@ def _add_policy_options(group) -> None:
         type=parse_budget,
         help="a ratio of the prompt such as 0.5 or a token count (default: 0.5; none for 'full')",
     )
-    group.add_argument(
-        "--param",
-        dest="params",
-        metavar="KEY=VALUE",
-        type=parse_param,
-        action="append",
-        default=[],
-        help="a policy parameter, e.g. N=10 or sinks=4 (repeatable)",
-    )
+    add_param_option(group, "N=10 or sinks=4")
 
 
 def _add_analysis_options(group) -> None:
