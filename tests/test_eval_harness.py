@@ -167,6 +167,26 @@ def test_bad_inputs(tmp_path, news, monkeypatch) -> None:
     assert not (tmp_path / "runs" / "results.jsonl").exists()
 
 
+def test_runner_takes_plain_values(news, tmp_path) -> None:
+    """The Python side of a sweep: RunOptions, the chosen task's options filled with its defaults and checked."""
+    from kvkeep.eval import Runner, RunOptions
+
+    given = {"summarization": {"max_new_tokens": 8}, "perplexity": {"windows": 2}}
+    runner = Runner(RunOptions(data=str(news), out=tmp_path / "run", limit=2, task_options=given))
+    assert runner.task.name == "summarization" and len(runner.dataset.samples) == 2
+    assert runner.options == {
+        "max_new_tokens": 8, "do_sample": False, "temperature": None, "top_p": None, "num_beams": 1,
+        "template": None, "max_prompt_tokens": None,
+    }  # fmt: skip
+    assert runner.key("a0", ("full", {"budget": None})) == row_key(runner.identity("a0", ("full", {"budget": None})))
+    with pytest.raises(ValueError, match="unknown summarization option beams"):
+        Runner(RunOptions(data=str(news), out=tmp_path, task_options={"summarization": {"beams": 2}}))
+    with pytest.raises(ValueError, match="temperature and top_p need do_sample"):
+        Runner(RunOptions(data=str(news), out=tmp_path, task_options={"summarization": {"temperature": 0.7}}))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Runner(RunOptions(data=str(news), out=tmp_path, batch_size=0))
+
+
 # -- sweep ----------------------------------------------------------------------------------------------
 def test_sweep_resumes_without_duplicates(tiny_dir, news, tmp_path, monkeypatch) -> None:
     out = tmp_path / "run"
