@@ -116,7 +116,15 @@ def format_table(header: list[str], lines: list[list]) -> str:
 # -- running ------------------------------------------------------------------------------------------
 class Runner:
     """Runs configurations of one task on one data set, appending each row to ``OUT/results.jsonl`` and
-    reusing the rows already there.  The model is loaded on the first run that is not cached."""
+    reusing the rows already there.  The model is loaded on the first run that is not cached.
+
+    Attributes:
+        run_options: what it was built from.
+        dataset, task: the loaded data set and the task evaluated.
+        options: every option of the task (its defaults filled in), as each row records it.
+        out, results: the results folder and its ``results.jsonl``.
+        done: the rows already there, by :func:`~kvkeep.eval.results.row_key`.
+    """
 
     def __init__(self, options: RunOptions):
         if options.batch_size < 1:
