@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +180,52 @@ def test_usage_errors(capsys, argv) -> None:
 def test_version(capsys) -> None:
     status, out, _ = run(capsys, "--version")
     assert status == 0 and out.strip() == f"kvkeep {kvkeep.__version__}"
+
+
+# -- the command line stays light, and apart from the library -------------------------------------------
+def test_building_the_command_line_imports_no_library() -> None:
+    """Every command's options are declared without torch, transformers or the evaluation code."""
+    code = (
+        "import sys; from kvkeep.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'transformers', 'kvkeep.eval') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(kvkeep.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def _imported(path: Path, src: Path):
+    """Absolute names of the modules (and of the names taken from them) that ``path`` imports."""
+    package = path.parent.relative_to(src).parts
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            yield module
+            yield from (f"{module}.{alias.name}" for alias in node.names)
+
+
+def test_the_library_does_not_import_the_command_line() -> None:
+    package = Path(kvkeep.__file__).parent
+    for path in package.rglob("*.py"):
+        if "cli" not in path.relative_to(package).parts:
+            imported = list(_imported(path, package.parent))
+            assert not [name for name in imported if name.startswith("kvkeep.cli")], path
+    assert "kvkeep.eval.results.row_key" in _imported(package / "eval" / "sweep.py", package.parent)
+
+
+def test_command_line_names_match_the_registries() -> None:
+    """The names the command line offers without importing the library are those of the registries."""
+    from kvkeep.cli import analyze, options, sweep
+    from kvkeep.eval.analyze import KINDS
+    from kvkeep.eval.tasks import TASKS
+    from kvkeep.policies import POLICIES
+
+    assert analyze.ANALYSES == tuple(KINDS)
+    assert sweep.TASK_NAMES == tuple(TASKS)
+    assert options.POLICY_NAMES == tuple(POLICIES)
 
 
 # -- the real model ---------------------------------------------------------------------------------------

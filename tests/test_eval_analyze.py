@@ -167,6 +167,30 @@ def test_replacement_bulk_and_scores(llama, ids, tmp_path: Path) -> None:
         analyze_scores(llama, None, ids, out=tmp_path, policy="window")
 
 
+@pytest.mark.parametrize("kind", ["sparsity", "heatmap", "cached", "replacement", "scores"])
+def test_cli_on_tiny_model(kind, tiny_dir, tmp_path: Path, capsys) -> None:
+    """Every analysis through the command line: its options reach the function, the JSON says where it ran."""
+    from kvkeep.cli import main
+
+    args = ["analyze", kind, "--model", tiny_dir, "--prompt", "The lighthouse keeper climbed the stairs. " * 12]
+    args += ["--max-new-tokens", "6", "--max-prompt-tokens", "48", "--layers", "-1", "--out", str(tmp_path)]
+    if kind in ("cached", "replacement", "scores"):
+        args += ["--policy", "h2o", "--budget", "0.5", "--param", "sinks=2"]
+    assert main(args) == 0
+    result = read(tmp_path, kind)
+    assert result["kind"] == kind and result["prompt_tokens"] == 48 and result["source"]["truncated"] is True
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["kvkeep_version"]
+    assert result["command_line"].startswith(f"kvkeep analyze {kind}")
+    if kind in ("cached", "replacement", "scores"):
+        assert result["policy"] == "h2o" and result["budget"] == 0.5 and result["params"]["sinks"] == 2
+    layers = {"heatmap": "layers", "replacement": "layers", "scores": "layers"}
+    if kind in layers:
+        assert result[layers[kind]] == [1]
+    if kind == "cached":
+        assert result["view"]["layer"] == 1
+    assert f"[kvkeep] {kind}: " in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cli_smollm2(tmp_path: Path) -> None:
     from kvkeep.cli import main

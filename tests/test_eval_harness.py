@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import smollm2_available
 
+from kvkeep.cli import budget_search, sweep
 from kvkeep.eval import (
     TASKS,
     agreement,
@@ -27,8 +28,6 @@ from kvkeep.eval import (
     perplexity,
     rouge,
     row_key,
-    search,
-    sweep,
 )
 from kvkeep.eval.data import data_root
 from kvkeep.eval.tasks import window_starts
@@ -56,7 +55,7 @@ def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     sweep.add_parser(sub)
-    search.add_parser(sub)
+    budget_search.add_parser(sub)
     args = parser.parse_args(list(argv))
     return args.func(args)
 
@@ -166,6 +165,26 @@ def test_bad_inputs(tmp_path, news, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # the hub package is not installed
     assert "datasets" in one_line_error("sweep", "--data", "someone/some-set", "--out", out)
     assert not (tmp_path / "runs" / "results.jsonl").exists()
+
+
+def test_runner_takes_plain_values(news, tmp_path) -> None:
+    """The Python side of a sweep: RunOptions, the chosen task's options filled with its defaults and checked."""
+    from kvkeep.eval import Runner, RunOptions
+
+    given = {"summarization": {"max_new_tokens": 8}, "perplexity": {"windows": 2}}
+    runner = Runner(RunOptions(data=str(news), out=tmp_path / "run", limit=2, task_options=given))
+    assert runner.task.name == "summarization" and len(runner.dataset.samples) == 2
+    assert runner.options == {
+        "max_new_tokens": 8, "do_sample": False, "temperature": None, "top_p": None, "num_beams": 1,
+        "template": None, "max_prompt_tokens": None,
+    }  # fmt: skip
+    assert runner.key("a0", ("full", {"budget": None})) == row_key(runner.identity("a0", ("full", {"budget": None})))
+    with pytest.raises(ValueError, match="unknown summarization option beams"):
+        Runner(RunOptions(data=str(news), out=tmp_path, task_options={"summarization": {"beams": 2}}))
+    with pytest.raises(ValueError, match="temperature and top_p need do_sample"):
+        Runner(RunOptions(data=str(news), out=tmp_path, task_options={"summarization": {"temperature": 0.7}}))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Runner(RunOptions(data=str(news), out=tmp_path, batch_size=0))
 
 
 # -- sweep ----------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvkeep.eval.report import add_parser, load_rows, summarize, write_report
+from kvkeep.cli.report import add_parser
+from kvkeep.eval.report import load_rows, summarize, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 OFFSETS = (-0.03, -0.01, 0.01, 0.03)  # per-sample offsets: sum zero, so each mean is the base value
@@ -300,6 +301,39 @@ def test_missing_samples_and_token_budgets(tmp_path, capsys) -> None:
     assert "| window | 0.2800 (n=2) | 0.3000 |" in md
     assert_png(run / "cnn_dm_rouge1_ref_vs_budget.png")
     assert_png(run / "cnn_dm_rouge1_ref_vs_budget_tokens.png")
+
+
+# -- task options are part of a result's identity ------------------------------------------------------
+def test_rows_differing_only_in_task_options_are_both_reported(tmp_path, capsys) -> None:
+    """Two sweeps of one sample that differ only in --max-new-tokens (96, 128) are two results, not a repeat."""
+    from kvkeep.eval.results import dedupe, row_key
+
+    rows = []
+    for new_tokens, r1 in ((96, 0.40), (128, 0.44)):
+        options = {"max_new_tokens": new_tokens, "do_sample": False, "template": None}
+        for policy, budget, shift in (("full", None, 0.0), ("h2o", 0.5, -0.05)):
+            one = rouge_rows(policy, budget, (r1 + shift, 0.2, 0.3), samples=1)[0]
+            rows.append({**one, "options": options})
+    assert len({row_key(r) for r in rows}) == 4
+    assert dedupe(rows) == (rows, 0)
+
+    run = write_run(tmp_path / "options", rows)
+    run_report(capsys, run)
+    md = (run / "report.md").read_text()
+    assert "rows: 4" in md and "repeated rows" not in md
+    assert "## summarization · cnn_dm · max_new_tokens=96" in md
+    assert "## summarization · cnn_dm · max_new_tokens=128" in md
+    summary = read_csv(run / "summary.csv")
+    assert [(r["policy"], r["option_max_new_tokens"], r["n"]) for r in summary] == [
+        ("full", "96", "1"), ("h2o", "96", "1"), ("full", "128", "1"), ("h2o", "128", "1"),
+    ]  # fmt: skip
+    rouge1 = {(r["policy"], r["option_max_new_tokens"]): float(r["rouge1_ref"]) for r in summary}
+    assert rouge1 == pytest.approx({("full", "96"): 0.37, ("h2o", "96"): 0.32, ("full", "128"): 0.41,
+                                    ("h2o", "128"): 0.36})  # fmt: skip
+    groups = summarize(rows)
+    assert [g["options"] for g in groups] == [{"max_new_tokens": 96}] * 2 + [{"max_new_tokens": 128}] * 2
+    assert_png(run / "cnn_dm_max_new_tokens_96_rouge1_ref_vs_budget.png")
+    assert_png(run / "cnn_dm_max_new_tokens_128_rouge1_ref_vs_budget.png")
 
 
 # -- the API -----------------------------------------------------------------------------------------------

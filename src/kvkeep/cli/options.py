@@ -92,6 +92,17 @@ def add_policy_options(parser: argparse.ArgumentParser, static: bool = True) -> 
         type=parse_budget,
         help="kept tokens: a ratio of the prompt in (0, 1] such as 0.5, or a token count such as 512 (not for 'full')",
     )
+    add_param_option(group, "sinks=4 or tau_end=3")
+    if static:
+        group.add_argument(
+            "--static",
+            action="store_true",
+            help="fixed-capacity slot buffers after the prompt (the fast GPU decode path: fused kernel, CUDA graph)",
+        )
+
+
+def add_param_option(group, example: str) -> None:
+    """``--param KEY=VALUE`` (repeatable) into ``params``, a list of ``(key, value)``; ``example`` for the help."""
     group.add_argument(
         "--param",
         dest="params",
@@ -99,14 +110,8 @@ def add_policy_options(parser: argparse.ArgumentParser, static: bool = True) -> 
         type=parse_param,
         action="append",
         default=[],
-        help="a policy parameter, e.g. sinks=4 or tau_end=3 (repeatable)",
+        help=f"a policy parameter, e.g. {example} (repeatable)",
     )
-    if static:
-        group.add_argument(
-            "--static",
-            action="store_true",
-            help="fixed-capacity slot buffers after the prompt (the fast GPU decode path: fused kernel, CUDA graph)",
-        )
 
 
 def add_sampling_options(group) -> None:

@@ -1,4 +1,4 @@
-"""``kvkeep budget-search``: per policy, the smallest budget that keeps quality within a target of full attention.
+"""Per policy, the smallest budget that keeps quality within a target of full attention (``kvkeep budget-search``).
 
     kvkeep budget-search --task summarization --data cnndm --policies h2o,keyformer,co2 --target 0.99 \\
         --limit 8 --out runs/cnndm-search
@@ -7,18 +7,16 @@ Quality is the task's metrics averaged over the calibration samples (the first `
 summarization each of ROUGE-1/2/L vs the references must be >= target x full attention's; for perplexity
 ppl <= full ppl / target.  The budget ratio is bisected on ``[--lo, --hi]`` down to ``--tol``, assuming quality
 rises with the budget.  Every evaluated point is a sweep row in ``OUT/results.jsonl``, so points already
-evaluated (by a sweep or an earlier search) are not recomputed.  Writes ``OUT/search.json``.
+evaluated (by a sweep or an earlier search) are not recomputed.  The command writes ``OUT/search.json``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable
 
-from .sweep import Runner, add_run_options, format_table, mean_metrics, parse_grid, parse_policies
+from .sweep import Runner, format_table, mean_metrics
 
-__all__ = ["add_parser", "bisect_budget", "meets_target"]
+__all__ = ["bisect_budget", "budget_search", "meets_target", "search_table"]
 
 
 def meets_target(quality: dict[str, str], metrics: dict, full: dict, target: float) -> bool:
@@ -57,38 +55,25 @@ def bisect_budget(
     return hi, evaluated
 
 
-def add_parser(subparsers) -> None:
-    """Register ``kvkeep budget-search``."""
-    parser = subparsers.add_parser(
-        "budget-search",
-        help="find each policy's smallest budget within a target of full attention",
-        description="Bisect, per policy, the smallest budget ratio whose mean quality on the calibration samples "
-        "is within --target of full attention's; reuses and extends the sweep rows in DIR/results.jsonl.",
-    )
-    add_run_options(parser, policies="h2o,keyformer,co2")
-    group = parser.add_argument_group("search")
-    group.add_argument(
-        "--target", type=float, default=0.99, help="share of full quality to keep (default: %(default)s)"
-    )
-    group.add_argument("--lo", type=float, default=0.05, help="smallest budget ratio tried (default: %(default)s)")
-    group.add_argument("--hi", type=float, default=1.0, help="largest budget ratio tried (default: %(default)s)")
-    group.add_argument("--tol", type=float, default=0.05, help="bisection stops at this width (default: %(default)s)")
-    parser.set_defaults(func=_search, limit=8)
+def budget_search(
+    runner: Runner, policies: list[str], grid: list[tuple[str, list]], target: float, lo: float, hi: float, tol: float
+) -> dict:
+    """Bisect each policy's smallest budget within ``target`` of full attention (``grid``: one value per key).
 
-
-def _search(args: argparse.Namespace) -> int:
-    if not 0 < args.target <= 1:
-        raise ValueError(f"--target must be in (0, 1], got {args.target}")
-    bisect_budget(lambda b: True, args.lo, args.hi, args.tol)  # validates the range before any work
-    policies = [p for p in parse_policies(args.policies) if p != "full"]
-    grid = parse_grid(args.params)
+    Returns ``task``, ``dataset``, ``samples``, ``target``, ``full`` (full attention's mean quality metrics)
+    and ``policies``: per policy the ``budget`` found (None: even ``hi`` fails), its ``metrics`` and every
+    point ``evaluated``.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"--target must be in (0, 1], got {target}")
+    bisect_budget(lambda b: True, lo, hi, tol)  # validates the range before any work
     if any(len(values) > 1 for _, values in grid):
         raise ValueError("budget-search takes one value per --param (use sweep for a grid)")
-    runner = Runner(args)
+    policies = [p for p in policies if p != "full"]
     quality = list(runner.task.quality)
-    runner.configs(policies, [args.hi], grid)  # validates policies and parameters before any work
+    runner.configs(policies, [hi], grid)  # validates policies and parameters before any work
     full = mean_metrics(runner.run([], desc="full"), quality)
-    report = {}
+    found = {}
     for policy in policies:
         points = {}
 
@@ -96,32 +81,32 @@ def _search(args: argparse.Namespace) -> int:
             configs = [c for c in runner.configs([policy], [budget], grid) if c[0] == policy]
             rows = [r for r in runner.run(configs, desc=f"{policy} {budget}") if r["policy"] == policy]
             metrics = mean_metrics(rows, quality)
-            ok = meets_target(runner.task.quality, metrics, full, args.target)
+            ok = meets_target(runner.task.quality, metrics, full, target)
             points[budget] = {"budget": budget, "metrics": metrics, "passes": ok}
             return ok
 
-        budget, _ = bisect_budget(passes, args.lo, args.hi, args.tol)
-        report[policy] = {
+        budget, _ = bisect_budget(passes, lo, hi, tol)
+        found[policy] = {
             "budget": budget,
             "metrics": points[budget]["metrics"] if budget is not None else None,
             "evaluated": list(points.values()),
         }
-    lines = [["full", "-", *full.values(), "-"]]
-    for policy, found in report.items():
-        shown = found["metrics"] or dict.fromkeys(quality, float("nan"))
-        budget = found["budget"] if found["budget"] is not None else f"> {args.hi}"
-        lines.append([policy, budget, *shown.values(), len(found["evaluated"])])
-    samples = len(runner.dataset.samples)
-    print(f"{runner.task.name} on {runner.dataset.name} ({samples} samples), target {args.target} of full attention")
-    print(format_table(["policy", "budget", *quality, "evaluated"], lines))
-    result = {
+    return {
         "task": runner.task.name,
         "dataset": runner.dataset.name,
-        "samples": samples,
-        "target": args.target,
+        "samples": len(runner.dataset.samples),
+        "target": target,
         "full": full,
-        "policies": report,
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "policies": found,
     }
-    (runner.out / "search.json").write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+
+
+def search_table(result: dict, hi: float) -> str:
+    """The found budget and quality of each policy (``> hi``: none found), under full attention's."""
+    quality = list(result["full"])
+    lines = [["full", "-", *result["full"].values(), "-"]]
+    for policy, found in result["policies"].items():
+        shown = found["metrics"] or dict.fromkeys(quality, float("nan"))
+        budget = found["budget"] if found["budget"] is not None else f"> {hi}"
+        lines.append([policy, budget, *shown.values(), len(found["evaluated"])])
+    return format_table(["policy", "budget", *quality, "evaluated"], lines)

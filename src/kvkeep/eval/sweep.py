@@ -1,99 +1,83 @@
-"""``kvkeep sweep``: run policies x budgets x a parameter grid over a data set, one JSONL row per run.
+"""Run policies x budgets x a parameter grid over a data set, one JSONL row per sample and configuration.
 
-    kvkeep sweep --task summarization --data cnndm --policies full,h2o,keyformer,co2 --budgets 0.2,0.5 \\
-        --param tau_end=1,2,3 --limit 20 --out runs/cnndm
+    runner = Runner(RunOptions(data="cnndm", out="runs/cnndm", limit=20))
+    rows = runner.run(runner.configs(["full", "h2o"], [0.2, 0.5], [("recent_ratio", [0.25, 0.5])]))
 
-Full attention runs first for every sample (the other rows are compared with it).  Each row is appended
-to ``OUT/results.jsonl`` (flushed and fsynced) as soon as it is done; running the same command again
-skips the rows already there (see :func:`row_key`), so a killed sweep resumes without duplicates.
+The command line is ``kvkeep sweep`` (:mod:`kvkeep.cli.sweep`).  Full attention runs first for every sample
+(the other rows are compared with it).  Each row is appended to ``OUT/results.jsonl`` (flushed and fsynced)
+as soon as it is done; running the same configurations again skips the rows already there (see
+:func:`kvkeep.eval.results.row_key`), so a killed sweep resumes without duplicates.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
-import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import product
 from pathlib import Path
 from statistics import mean
 
-import torch
 import transformers
 from tqdm import tqdm
 
-from .. import __version__
-from ..cli import options as _cli
 from ..models import load_model
 from ..policies import POLICIES, make_policy
-from .data import load_dataset, read_jsonl
-from .tasks import TASKS, RunContext, get_task
+from ..runinfo import run_metadata
+from .data import load_dataset
+from .results import RESULTS_FILE, append_row, load_results, row_key
+from .tasks import RunContext, get_task
 
 __all__ = [
+    "Config",
+    "RunOptions",
     "Runner",
-    "add_parser",
-    "add_run_options",
     "build_configs",
+    "format_table",
     "full_config",
-    "load_results",
     "mean_metrics",
-    "parse_budgets",
-    "parse_grid",
-    "parse_policies",
-    "row_key",
+    "summary_table",
 ]
 
-DEFAULT_BUDGETS = "0.2,0.3,0.5,0.7,0.9"
 Config = tuple[str, dict]  # (policy name, every policy parameter as in Policy.params(), budget included)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a :class:`Runner` evaluates, and where its rows go.
+
+    Args:
+        data: a data set name, a JSONL or .txt file, or a Hugging Face data set ``NAME[:CONFIG]``.
+        out: the results folder (``out/results.jsonl``).
+        task: the task (default: the data set's).
+        task_options: option values per task name, e.g. ``{"summarization": {"max_new_tokens": 64}}``; the
+            chosen task's are checked and filled with its defaults (see :data:`kvkeep.eval.tasks.TASKS`).
+        model, device, dtype: as :func:`kvkeep.models.load_model` takes them.
+        limit, doc_field, ref_field, id_field, split: as :func:`kvkeep.eval.data.load_dataset` takes them.
+        seed: random seed for sampling.
+        batch_size: samples per generate call (batched tasks).
+    """
+
+    data: str
+    out: str | Path
+    task: str | None = None
+    task_options: dict[str, dict] = field(default_factory=dict)
+    model: str = "smollm2"
+    device: str | None = None
+    dtype: str | None = None
+    limit: int | None = None
+    doc_field: str | None = None
+    ref_field: str | None = None
+    id_field: str | None = None
+    split: str = "test"
+    seed: int = 0
+    batch_size: int = 1
 
 
 def full_config() -> Config:
     """Full attention: no budget, no parameters."""
     return ("full", make_policy("full").params())
-
-
-# -- parsing --------------------------------------------------------------------------------------------
-def _items(text: str, what: str) -> list[str]:
-    items = [item.strip() for item in text.split(",")]
-    if not all(items):
-        raise ValueError(f"{what} list {text!r} has an empty item")
-    return items
-
-
-def parse_budgets(text: str) -> list[float | int]:
-    """``"0.2,0.5,512"`` -> ``[0.2, 0.5, 512]``; a bad item raises a ``ValueError`` naming it."""
-    budgets = []
-    for item in _items(text, "budget"):
-        try:
-            budgets.append(_cli.parse_budget(item))
-        except argparse.ArgumentTypeError as err:
-            raise ValueError(f"--budgets: {err}") from None
-    return budgets
-
-
-def parse_policies(text: str) -> list[str]:
-    """``"full,h2o"`` -> ``["full", "h2o"]``, checked against :data:`POLICIES`."""
-    names = _items(text, "policy")
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown policy {', '.join(map(repr, unknown))}: choose among {', '.join(POLICIES)}")
-    return list(dict.fromkeys(names))
-
-
-def parse_grid(items: list[str]) -> list[tuple[str, list]]:
-    """``["tau_end=1,2,3", "sinks=4"]`` -> ``[("tau_end", [1, 2, 3]), ("sinks", [4])]`` (values as ``--param``)."""
-    grid = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        try:
-            parsed = [_cli.parse_param(f"{key}={value}") for value in (_items(values, key) if sep else [""])]
-        except argparse.ArgumentTypeError as err:
-            raise ValueError(f"--param: {err}") from None
-        grid[parsed[0][0]] = [value for _, value in parsed]
-    return list(grid.items())
 
 
 def build_configs(policies: list[str], budgets: list, grid: list[tuple[str, list]], defaults: dict) -> list[Config]:
@@ -117,28 +101,6 @@ def build_configs(policies: list[str], budgets: list, grid: list[tuple[str, list
 
 
 # -- results ------------------------------------------------------------------------------------------
-_KEY_FIELDS = ("task", "dataset", "sample_id", "model", "policy", "params", "seed", "options")
-
-
-def row_key(row: dict) -> str:
-    """A row's identity: task, data set, sample, model, policy, its parameters (budget included), seed and
-    the task options (decoding, prompt template, window sizes)."""
-    return json.dumps([row[k] for k in _KEY_FIELDS], sort_keys=True)
-
-
-def load_results(path: Path) -> dict[str, dict]:
-    """Rows already in ``results.jsonl`` by :func:`row_key`; a line cut short by a kill is dropped."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        print(f"kvkeep: dropping an incomplete last line of {path}", file=sys.stderr)
-        with path.open("r+b") as f:
-            f.truncate(keep)
-    return {row_key(row): row for row in read_jsonl(path)}
-
-
 def mean_metrics(rows: list[dict], names) -> dict[str, float]:
     """Mean of each metric in ``names`` over ``rows``."""
     return {name: mean(row["metrics"][name] for row in rows) for name in names}
@@ -154,31 +116,40 @@ def format_table(header: list[str], lines: list[list]) -> str:
 # -- running ------------------------------------------------------------------------------------------
 class Runner:
     """Runs configurations of one task on one data set, appending each row to ``OUT/results.jsonl`` and
-    reusing the rows already there.  The model is loaded on the first run that is not cached."""
+    reusing the rows already there.  The model is loaded on the first run that is not cached.
 
-    def __init__(self, args: argparse.Namespace):
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        self.args = args
+    Attributes:
+        run_options: what it was built from.
+        dataset, task: the loaded data set and the task evaluated.
+        options: every option of the task (its defaults filled in), as each row records it.
+        out, results: the results folder and its ``results.jsonl``.
+        done: the rows already there, by :func:`~kvkeep.eval.results.row_key`.
+    """
+
+    def __init__(self, options: RunOptions):
+        if options.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {options.batch_size}")
+        self.run_options = options
         self.dataset = load_dataset(
-            args.data,
-            limit=args.limit,
-            doc_field=args.doc_field,
-            ref_field=args.ref_field,
-            id_field=args.id_field,
-            split=args.split,
+            options.data,
+            limit=options.limit,
+            doc_field=options.doc_field,
+            ref_field=options.ref_field,
+            id_field=options.id_field,
+            split=options.split,
         )
-        self.task = get_task(args.task or self.dataset.task)
+        self.task = get_task(options.task or self.dataset.task)
         if self.task.needs_refs and not all(s.refs for s in self.dataset.samples):
             raise ValueError(
                 f"task {self.task.name!r} needs references but data set {self.dataset.name!r} has none "
                 "(see --ref-field, or --task perplexity)"
             )
-        self.options = self.task.options(args)
-        self.out = Path(args.out)
-        self.results = self.out / "results.jsonl"
+        self.options = self.task.check_options(options.task_options.get(self.task.name, {}))
+        self.out = Path(options.out)
+        self.results = self.out / RESULTS_FILE
         self.done = load_results(self.results)
         self._ctx: RunContext | None = None
+        self._meta: dict | None = None
 
     def configs(self, policies: list[str], budgets: list, grid: list[tuple[str, list]]) -> list[Config]:
         return build_configs(policies, budgets, grid, self.task.policy_defaults(self.options))
@@ -186,21 +157,35 @@ class Runner:
     def context(self) -> RunContext:
         if self._ctx is None:
             transformers.utils.logging.disable_progress_bar()
-            model, tok = load_model(self.args.model, dtype=self.args.dtype, device=self.args.device)
-            self._ctx = RunContext(model, tok, self.dataset, self.options, self.args.seed)
+            options = self.run_options
+            model, tok = load_model(options.model, dtype=options.dtype, device=options.device)
+            self._ctx = RunContext(model, tok, self.dataset, self.options, options.seed)
+            self._meta = run_metadata(model)
         return self._ctx
 
-    def key(self, sample_id: str, config: Config) -> str:
+    def identity(self, sample_id: str, config: Config) -> dict:
+        """The fields of the row of ``sample_id`` under ``config`` that make its identity (:func:`row_key`)."""
         policy, params = config
-        fields = (self.task.name, self.dataset.name, sample_id, self.args.model, policy, params, self.args.seed)
-        return row_key({**dict(zip(_KEY_FIELDS, fields, strict=False)), "options": self.options})
+        return {
+            "task": self.task.name,
+            "dataset": self.dataset.name,
+            "sample_id": sample_id,
+            "model": self.run_options.model,
+            "policy": policy,
+            "params": params,
+            "seed": self.run_options.seed,
+            "options": self.options,
+        }
+
+    def key(self, sample_id: str, config: Config) -> str:
+        return row_key(self.identity(sample_id, config))
 
     def run(self, configs: list[Config], desc: str | None = None) -> list[dict]:
         """Rows of every sample x configuration (full attention first), computing only the missing ones."""
         configs = [full_config()] + [c for c in configs if c[0] != "full"]
         samples = self.dataset.samples
         todo = sum(self.key(s.id, c) not in self.done for s in samples for c in configs)
-        size = self.args.batch_size if self.task.batched else 1
+        size = self.run_options.batch_size if self.task.batched else 1
         rows = []
         self.out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=todo, desc=desc or f"{self.task.name} {self.dataset.name}", unit="run", disable=not todo)
@@ -214,37 +199,22 @@ class Runner:
                         parts = self.task.run(self.context(), pending, *config)
                         for sample, part in zip(pending, parts, strict=True):
                             row = self._row(sample.id, config, part, len(pending))
-                            f.write(json.dumps(row) + "\n")
-                            f.flush()
-                            os.fsync(f.fileno())
+                            append_row(f, row)
                             self.done[self.key(sample.id, config)] = row
                             bar.update()
                     rows.extend(self.done[self.key(s.id, config)] for s in batch)
         return rows
 
     def _row(self, sample_id: str, config: Config, part: dict, batch_size: int) -> dict:
-        policy, params = config
-        model = self.context().model
         row = {
-            "task": self.task.name,
-            "dataset": self.dataset.name,
-            "sample_id": sample_id,
-            "model": self.args.model,
-            "policy": policy,
-            "params": params,
-            "budget": params.get("budget"),
-            "seed": self.args.seed,
-            "options": self.options,
+            **self.identity(sample_id, config),
+            "budget": config[1].get("budget"),
             **part,
             "batch_size": batch_size,
-            "kvkeep_version": __version__,
-            "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__,
-            "device": str(model.device),
-            "dtype": str(model.dtype).removeprefix("torch."),
+            **self._meta,
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        full = row if policy == "full" else self.done[self.key(sample_id, full_config())]
+        full = row if config[0] == "full" else self.done[self.key(sample_id, full_config())]
         row["metrics"] = {**part["metrics"], **self.task.compare(row, full)}
         return row
 
@@ -263,69 +233,3 @@ def summary_table(rows: list[dict], metrics, shown_params) -> str:
         budget = "-" if first["budget"] is None else first["budget"]
         lines.append([first["policy"], budget, extra, len(group), *means.values(), f"{100 * kept:.1f}%"])
     return format_table(["policy", "budget", "params", "n", *metrics, "kv kept"], lines)
-
-
-# -- command line -------------------------------------------------------------------------------------
-def add_run_options(parser: argparse.ArgumentParser, policies: str, budgets: bool = False) -> None:
-    """Options shared by ``sweep`` and ``budget-search``: data, model, policies (``--budgets`` too when
-    ``budgets``), every task's options, output."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--task", help=f"{', '.join(TASKS)} (default: the data set's)")
-    group.add_argument(
-        "--data", required=True, help="a data set name, a JSONL or .txt file, or a Hugging Face data set NAME[:CONFIG]"
-    )
-    group.add_argument("--limit", type=int, help="the first N samples only")
-    group.add_argument("--doc-field", help="document field of a JSONL file or hub data set (default: article)")
-    group.add_argument("--ref-field", help="reference field(s), comma-separated (default: reference)")
-    group.add_argument("--id-field", help="sample id field (default: id, else the record index)")
-    group.add_argument("--split", default="test", help="split of a hub data set (default: %(default)s)")
-    _cli.add_model_options(parser)
-    group = parser.add_argument_group("policies")
-    group.add_argument("--policies", default=policies, help="comma-separated (default: %(default)s); full always runs")
-    if budgets:
-        group.add_argument("--budgets", default=DEFAULT_BUDGETS, help="comma-separated ratios or token counts")
-    group.add_argument(
-        "--param",
-        dest="params",
-        metavar="KEY=V1,V2",
-        action="append",
-        default=[],
-        help="policy parameter values, a grid over every --param; applies to the policies that have KEY",
-    )
-    for task in TASKS.values():
-        task.arguments(parser.add_argument_group(f"{task.name} task"))
-    group = parser.add_argument_group("run")
-    group.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    group.add_argument(
-        "--batch-size", type=int, default=1, help="samples per generate call, summarization (default: %(default)s)"
-    )
-    group.add_argument("--out", required=True, metavar="DIR", help="results folder, e.g. runs/NAME")
-
-
-def add_parser(subparsers) -> None:
-    """Register ``kvkeep sweep``."""
-    parser = subparsers.add_parser(
-        "sweep",
-        help="evaluate policies x budgets x parameters on a data set",
-        description="Run every policy at every budget (and --param grid) on a data set; append one JSON row per "
-        "sample and configuration to DIR/results.jsonl, skipping rows already there.",
-    )
-    add_run_options(parser, policies=",".join(POLICIES), budgets=True)
-    parser.set_defaults(func=_sweep)
-
-
-def _config_dict(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k != "func"}
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    policies, budgets, grid = parse_policies(args.policies), parse_budgets(args.budgets), parse_grid(args.params)
-    runner = Runner(args)
-    configs = runner.configs(policies, budgets, grid)
-    runner.out.mkdir(parents=True, exist_ok=True)
-    (runner.out / "config.json").write_text(json.dumps(_config_dict(args), indent=2) + "\n")
-    start = time.perf_counter()
-    rows = runner.run(configs)
-    print(summary_table(rows, list(runner.task.quality), [k for k, _ in grid]))
-    print(f"{len(rows)} rows in {runner.results} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    return 0

@@ -1,14 +1,14 @@
 """Evaluation tasks: how one policy configuration is run on samples and scored.
 
-A :class:`Task` declares its command-line options, the options that enter a result's identity, how to run
-a batch of samples under one policy (``run``), how a row compares with the full-attention row of the same
-sample (``compare``) and which metrics define quality for the budget search.  Adding a task is one entry
-in :data:`TASKS`.
+A :class:`Task` declares its options (a frozen dataclass with defaults; every option enters each row and its
+identity), how to run a batch of samples under one policy (``run``), how a row compares with the
+full-attention row of the same sample (``compare``) and which metrics define quality for the budget search.
+Adding a task is one entry in :data:`TASKS` (and its flags in :mod:`kvkeep.cli.sweep`).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -19,10 +19,21 @@ import torch
 from ..cache import KVKeepCache
 from ..generation import generate, stop_token_ids, until_stop
 from ..hf import with_cache
+from ..models import context_length
 from .data import Dataset, Sample
 from .metrics import agreement, perplexity, rouge
 
-__all__ = ["TASKS", "RunContext", "Task", "get_task", "window_starts"]
+__all__ = [
+    "TASKS",
+    "PerplexityOptions",
+    "RunContext",
+    "SummarizationOptions",
+    "Task",
+    "get_task",
+    "model_context",
+    "prompt_ids",
+    "window_starts",
+]
 
 
 @dataclass
@@ -42,8 +53,8 @@ class Task:
     """An evaluation task.
 
     Attributes:
-        arguments: adds the task's options to an argument group.
-        options: the options (from parsed arguments) that enter every row and its identity.
+        options: the frozen dataclass of the task's options (defaults, checks); they enter every row and its
+            identity (see :meth:`check_options`).
         run: ``run(ctx, samples, policy, params) -> [row part per sample]``; a part holds ``metrics`` and
             ``prompt_tokens``, ``new_tokens``, ``kv_bytes``, ``kv_bytes_full``, ``seconds`` (a batch's wall time
             split evenly), ``truncated`` (the document's end was cut to fit the prompt limit).
@@ -56,8 +67,7 @@ class Task:
 
     name: str
     description: str
-    arguments: Callable[[argparse._ArgumentGroup], None]
-    options: Callable[[argparse.Namespace], dict]
+    options: type
     run: Callable[[RunContext, list[Sample], str, dict], list[dict]]
     compare: Callable[[dict, dict], dict]
     quality: dict[str, str]
@@ -65,15 +75,23 @@ class Task:
     needs_refs: bool = False
     batched: bool = False
 
+    def check_options(self, values: dict) -> dict:
+        """Every option of the task as a dict: ``values`` over the defaults, checked (one-line ``ValueError``)."""
+        names = [f.name for f in dataclasses.fields(self.options)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"unknown {self.name} option {', '.join(unknown)}: choose among {', '.join(names)}")
+        return dataclasses.asdict(self.options(**values))
+
 
 # -- shared helpers -----------------------------------------------------------------------------------
 def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
 
 
-def _context_length(model) -> int:
-    config = model.config.get_text_config(decoder=True)
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
+def model_context(model) -> int:
+    """The longest sequence the model was built for (2048 when its config does not say)."""
+    return context_length(model.config) or 2048
 
 
 def _timed(model, fn: Callable[[], object]) -> tuple[object, float]:
@@ -90,43 +108,32 @@ def _timed(model, fn: Callable[[], object]) -> tuple[object, float]:
 
 
 # -- summarization ------------------------------------------------------------------------------------
-def _summarization_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--max-new-tokens", type=int, default=96, help="default: %(default)s")
-    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    group.add_argument("--temperature", type=float, help="sampling temperature (with --sample)")
-    group.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --sample)")
-    group.add_argument("--num-beams", type=int, default=1, help="beam search width (default: %(default)s)")
-    group.add_argument(
-        "--template", help="prompt with {doc} and {query}, instruction included (default: the data set's)"
-    )
-    group.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        help="truncate the document's end to fit (default: the model's context minus --max-new-tokens)",
-    )
+@dataclass(frozen=True)
+class SummarizationOptions:
+    """Decoding and prompt of the summarization task.
+
+    ``template``: the prompt with ``{doc}`` and ``{query}`` (None: the data set's); ``max_prompt_tokens``:
+    the document's end is cut to fit (None: the model's context minus ``max_new_tokens``).
+    """
+
+    max_new_tokens: int = 96
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    template: str | None = None
+    max_prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.do_sample and (self.temperature is not None or self.top_p is not None):
+            raise ValueError("temperature and top_p need do_sample")
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise ValueError(f"max_new_tokens and num_beams must be >= 1, got {self.max_new_tokens}, {self.num_beams}")
 
 
-def _summarization_options(args: argparse.Namespace) -> dict:
-    if not args.sample and (args.temperature is not None or args.top_p is not None):
-        raise ValueError("--temperature and --top-p need --sample")
-    if args.max_new_tokens < 1 or args.num_beams < 1:
-        raise ValueError("--max-new-tokens and --num-beams must be >= 1")
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "do_sample": args.sample,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "num_beams": args.num_beams,
-        "template": args.template,
-        "max_prompt_tokens": args.max_prompt_tokens,
-    }
-
-
-def _prompt_ids(ctx: RunContext, sample: Sample, limit: int) -> tuple[list[int], bool]:
-    """Token ids of the sample's prompt (chat template when the tokenizer has one) and whether the
-    document's end was cut to fit ``limit`` tokens."""
-    tok = ctx.tokenizer
-    template = ctx.options["template"] or ctx.dataset.template
+def prompt_ids(tok, template: str, sample: Sample, limit: int) -> tuple[list[int], bool]:
+    """Token ids of the sample's prompt (``template`` with ``{doc}`` and ``{query}``, in the chat template when
+    the tokenizer has one) and whether the document's end was cut to fit ``limit`` tokens."""
 
     def encode(doc: str) -> list[int]:
         values = {"doc": doc, "query": sample.query or ""}
@@ -164,11 +171,12 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 def _summarize(ctx: RunContext, samples: list[Sample], policy: str, params: dict) -> list[dict]:
     """Generate a summary per sample (one batched ``generate`` call) and score it against the references."""
     model, tok, opts = ctx.model, ctx.tokenizer, ctx.options
-    limit = opts["max_prompt_tokens"] or _context_length(model) - opts["max_new_tokens"]
+    limit = opts["max_prompt_tokens"] or model_context(model) - opts["max_new_tokens"]
     prompts = []
     for s in samples:
         if ("prompt", s.id) not in ctx.memo:
-            ctx.memo["prompt", s.id] = _prompt_ids(ctx, s, limit)
+            template = opts["template"] or ctx.dataset.template
+            ctx.memo["prompt", s.id] = prompt_ids(tok, template, s, limit)
         prompts.append(ctx.memo["prompt", s.id])
     input_ids, mask = _left_pad([ids for ids, _ in prompts], tok.pad_token_id, model.device)
     cache = KVKeepCache(model, policy, max_new_tokens=opts["max_new_tokens"], **params)
@@ -220,20 +228,18 @@ def _summary_vs_full(row: dict, full: dict) -> dict:
 
 
 # -- perplexity ---------------------------------------------------------------------------------------
-def _perplexity_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--prompt-tokens", type=int, default=1500, help="L, prefilled per window (default: %(default)s)")
-    group.add_argument(
-        "--eval-tokens", type=int, default=100, help="M, scored one at a time per window (default: %(default)s)"
-    )
-    group.add_argument(
-        "--windows", type=int, default=4, help="windows per document, evenly spaced (default: %(default)s)"
-    )
+@dataclass(frozen=True)
+class PerplexityOptions:
+    """CO2's protocol: ``windows`` windows per document, evenly spaced; each prefills ``prompt_tokens`` (L)
+    and scores the next ``eval_tokens`` (M) one at a time through the cache."""
 
+    prompt_tokens: int = 1500
+    eval_tokens: int = 100
+    windows: int = 4
 
-def _perplexity_options(args: argparse.Namespace) -> dict:
-    if args.prompt_tokens < 1 or args.eval_tokens < 1 or args.windows < 1:
-        raise ValueError("--prompt-tokens, --eval-tokens and --windows must be >= 1")
-    return {"prompt_tokens": args.prompt_tokens, "eval_tokens": args.eval_tokens, "windows": args.windows}
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.eval_tokens < 1 or self.windows < 1:
+            raise ValueError("prompt_tokens, eval_tokens and windows must be >= 1")
 
 
 def window_starts(n_tokens: int, width: int, windows: int) -> list[int]:
@@ -263,7 +269,7 @@ def _perplexity(ctx: RunContext, samples: list[Sample], policy: str, params: dic
     """Perplexity of each document's evaluated tokens (pooled over its windows) under the policy."""
     model, opts = ctx.model, ctx.options
     L, M = opts["prompt_tokens"], opts["eval_tokens"]
-    if L + M > _context_length(model):
+    if L + M > model_context(model):
         raise ValueError(f"--prompt-tokens + --eval-tokens ({L + M}) exceed the model's context")
     parts = []
     for s in samples:
@@ -308,8 +314,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="summarization",
             description="generate a summary per sample; ROUGE vs the references and vs full attention's output",
-            arguments=_summarization_arguments,
-            options=_summarization_options,
+            options=SummarizationOptions,
             run=_summarize,
             compare=_summary_vs_full,
             quality={"rouge1_ref": "max", "rouge2_ref": "max", "rougeL_ref": "max"},
@@ -319,8 +324,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="perplexity",
             description="CO2's protocol: prefill L tokens, score the next M one at a time through the cache",
-            arguments=_perplexity_arguments,
-            options=_perplexity_options,
+            options=PerplexityOptions,
             run=_perplexity,
             compare=_ppl_vs_full,
             quality={"ppl": "min"},

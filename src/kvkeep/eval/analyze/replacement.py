@@ -1,0 +1,137 @@
+"""``replacement`` (CO2 Figure 4): where each decode-step eviction falls among the score-managed candidates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ...cache import Eviction
+from .common import PolicyRun, num_layers, pick
+from .output import describe, new_figure, save_png, title, write_result
+
+REPLACEMENT_BINS = 20
+
+
+def _evictions(event: Eviction) -> list[tuple[int, int, int | None, int]]:
+    """``(kv_head, position, index among candidates or None, candidates)`` of every token this eviction dropped."""
+    before, after, candidate = event.before, event.after, event.candidates
+    found = []
+    for h in range(before.shape[0]):
+        kept = set(after[h][after[h] >= 0].tolist())
+        cands = sorted(before[h][candidate[h]].tolist())
+        rank = {col: i for i, col in enumerate(cands)}
+        for col in sorted(set(before[h][before[h] >= 0].tolist()) - kept):
+            found.append((h, col, rank.get(col), len(cands)))
+    return found
+
+
+def analyze_replacement(
+    model: torch.nn.Module,
+    tok,
+    input_ids,
+    *,
+    out: str | Path,
+    layers: Sequence[int] | None = None,
+    bins: int = REPLACEMENT_BINS,
+    **policy_run,
+) -> dict:
+    """Where each decode-step eviction falls among the score-managed candidates (CO2 Figure 4).
+
+    Per eviction: the evicted token's index among the candidates (kept tokens not protected as sinks or
+    recent window/FIFO, ordered by position) normalised to [0, 1] (1: the newest candidate, the token that
+    just left the recent window; a lone candidate counts as 1). Steps that evict one token per KV head are
+    ``steady``; more (CO2 cutting the cache to its budget after N steps) are ``bulk``. Evictions of tokens
+    that were not candidates (a sliding window's exits) are counted in ``outside_candidates``.
+
+    The policy and the generation: the fields of :class:`~kvkeep.eval.analyze.common.PolicyRun` as keywords
+    (``policy``, ``budget``, ``params``, ``max_new_tokens``, ``stop_at_eos``).
+    """
+    run = PolicyRun(**policy_run)
+    n_layers = num_layers(model)
+    chosen = pick(layers, n_layers, "layer", range(n_layers))
+    positions: list[float] = []
+    kinds: list[str] = []
+    per_layer = {i: {"layer": i, "evictions": 0, "evicted_delta": 0, "outside_candidates": 0} for i in chosen}
+    per_step: dict[int, int] = {}
+
+    def on_evict(event: Eviction) -> None:
+        if event.step < 1 or event.layer_idx not in per_layer or event.policy != run.policy:
+            return
+        row = per_layer[event.layer_idx]
+        row["evicted_delta"] += event.evicted
+        if not event.evicted:
+            return
+        found = _evictions(event)
+        bulk = len(found) > event.before.shape[0]
+        for _, _, index, size in found:
+            if index is None:
+                row["outside_candidates"] += 1
+                continue
+            positions.append(index / (size - 1) if size > 1 else 1.0)
+            kinds.append("bulk" if bulk else "steady")
+            row["evictions"] += 1
+        per_step[event.step] = per_step.get(event.step, 0) + len(found)
+
+    gen = run.generate(model, input_ids, on_evict)
+    edges = [i / bins for i in range(bins + 1)]
+
+    def histogram(values: list[float]) -> list[int]:
+        counts = [0] * bins
+        for v in values:
+            counts[min(bins - 1, int(v * bins))] += 1
+        return counts
+
+    steady = [p for p, k in zip(positions, kinds, strict=True) if k == "steady"]
+    bulk = [p for p, k in zip(positions, kinds, strict=True) if k == "bulk"]
+    rows = list(per_layer.values())
+    result = {
+        "kind": "replacement",
+        **describe(model, tok, gen, run),
+        "layers": chosen,
+        "bin_edges": edges,
+        "counts": histogram(positions),
+        "counts_steady": histogram(steady),
+        "counts_bulk": histogram(bulk),
+        "evictions": len(positions),
+        "evicted_delta": sum(r["evicted_delta"] for r in rows),
+        "outside_candidates": sum(r["outside_candidates"] for r in rows),
+        "newest_candidate": sum(p == 1.0 for p in positions),
+        "mean_position": sum(positions) / len(positions) if positions else None,
+        "mean_position_steady": sum(steady) / len(steady) if steady else None,
+        "per_layer": rows,
+        "evictions_per_step": [{"step": s, "evicted": c} for s, c in sorted(per_step.items())],
+    }
+
+    def draw(path: Path) -> None:
+        figure, axes = new_figure()
+        ax = axes[0, 0]
+        centers = [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)]
+        ax.bar(
+            centers, result["counts_steady"], width=1 / bins, color="#1f77b4", label="steady (one per step and head)"
+        )
+        ax.bar(
+            centers,
+            result["counts_bulk"],
+            width=1 / bins,
+            bottom=result["counts_steady"],
+            color="#ff7f0e",
+            label="bulk (cut to budget)",
+        )
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("position of the evicted token among candidates (0 = oldest, 1 = just left the recent window)")
+        ax.set_ylabel("evictions")
+        ax.set_title(
+            title(result, f"Where evictions fall ({len(positions)} evictions, {len(chosen)} layers)"), fontsize=10
+        )
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="small")
+        save_png(figure, path)
+
+    return write_result(Path(out), "replacement", result, draw)
+
+
+def headline(result: dict) -> str:
+    mean = result["mean_position"]
+    return f"{result['evictions']} evictions, mean position {'n/a' if mean is None else f'{mean:.2f}'}"
