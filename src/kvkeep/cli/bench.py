@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import POLICY_NAMES, comma_list, parse_param
+from .options import POLICY_NAMES, comma_list, method_params, parse_param
 
 HF_METHODS = ("hf-sdpa", "hf-eager")
 METHODS = (*HF_METHODS, *POLICY_NAMES)
@@ -54,12 +54,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params: dict[str, dict] = {}
-    for key, value in args.params:
-        method, dot, name = key.partition(".")
-        if not dot or not name:
-            raise ValueError(f"--param {key}={value}: write METHOD.KEY=VALUE, e.g. co2.N=20")
-        params.setdefault(method, {})[name] = value
+    params = method_params(args.params)
     earlier = []
     for path in args.fit_from:
         try:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .options import comma_list, parse_param, positive_int
+from .options import comma_list, method_params, parse_param, positive_int
 
 HF_STATIC = "hf-static"
 
@@ -85,12 +85,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [bench.as_row("server", bench.summarize(records, makespan, **extra))]
         meta = {"url": args.url, "model": args.served_model_name, "workload": load.description}
     else:
-        params: dict[str, dict] = {}
-        for key, value in args.params:
-            method, dot, name = key.partition(".")
-            if not dot or not name:
-                raise ValueError(f"--param {key}={value}: write METHOD.KEY=VALUE, e.g. co2.N=20")
-            params.setdefault(method, {})[name] = value
+        params = method_params(args.params)
         rows, meta = bench.run_methods(
             model_name=args.model, arch=args.arch, device=args.device, dtype=args.dtype, methods=args.methods,
             budgets=args.budgets, params=params, memory_gib=args.memory_gib, rows=args.rows, requests=args.requests,

@@ -73,6 +73,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def method_params(pairs: list[tuple[str, object]]) -> dict[str, dict]:
+    """``[("co2.N", 20), ...]`` from ``--param METHOD.KEY=VALUE`` -> ``{"co2": {"N": 20}}``."""
+    params: dict[str, dict] = {}
+    for key, value in pairs:
+        method, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ValueError(f"--param {key}={value}: write METHOD.KEY=VALUE, e.g. co2.N=20")
+        params.setdefault(method, {})[name] = value
+    return params
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
