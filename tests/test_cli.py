@@ -318,3 +318,24 @@ def test_bench_floor_counts_the_kv_each_step_reads() -> None:
     kvkeep.generate(model, torch.randint(3, 90, (1, 100)), cache=co2, max_new_tokens=6)
     # 4 measurement steps over the growing cache, then the slots
     assert _kv_tokens_read(Case("co2", 0.5, 100, 11, 1), co2) == pytest.approx((101 + 102 + 103 + 104 + 6 * 51) / 10)
+
+
+def test_bench_batch_max_alone_measures_two_probe_batches_first(monkeypatch) -> None:
+    from dataclasses import asdict
+
+    import kvkeep.bench.speed as speed
+
+    measured = []
+
+    def fake_case(model, case, bandwidth, params, tries):  # peak grows 0.5 GiB a sequence from 10 GiB
+        measured.append(case.batch)
+        return {**asdict(case), "peak_gib": 10.0 + 0.5 * case.batch, "step_ms": 1.0}
+
+    monkeypatch.setattr(speed, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(speed, "random_model", lambda arch, device, dtype: tiny_model("llama"))
+    monkeypatch.setattr(speed, "copy_bandwidth", lambda device, nbytes: 1e12)
+    monkeypatch.setattr(speed, "run_case", lambda *args, **kwargs: {})  # the warm-up
+    monkeypatch.setattr(speed, "_run_fitting", fake_case)
+    rows, _ = speed.bench(methods=["h2o"], budgets=[0.5], prompts=[64], gens=[8], batches=["max"], memory_gib=30)
+    assert measured == [1, 4, speed.largest_batch(rows[:2], speed.Case("h2o", 0.5, 64, 8, 0), 30)]
+    assert [r["probe"] for r in rows] == [True, True, False] and rows[-1]["batch"] == int((0.97 * 30 - 10) / 0.5)
