@@ -39,10 +39,20 @@ class SlotLayer(KVKeepLayer):
 
     @classmethod
     def allocate(
-        cls, policy: Policy, layer_idx: int, like: torch.Tensor, rows: int, capacity: int, kernel: str, observer=None
+        cls,
+        policy: Policy,
+        layer_idx: int,
+        like: torch.Tensor,
+        rows: int,
+        capacity: int,
+        kernel: str,
+        observer=None,
+        head_offset: int = 0,
     ) -> SlotLayer:
-        """Empty buffers ``[rows, kv_heads, capacity, head_dim]``, typed like ``like`` ``[*, kv_heads, *, D]``."""
+        """Empty buffers ``[rows, kv_heads, capacity, head_dim]``, typed and placed like ``like``
+        ``[*, kv_heads, *, D]``, whose KV head 0 is the model's head ``head_offset``."""
         layer = cls(policy, layer_idx, kernel, observer)
+        layer.head_offset = head_offset
         _, kv_heads, _, head_dim = like.shape
         layer.lazy_initialization(like, like)
         layer.keys = bind(like.new_zeros(rows, kv_heads, capacity, head_dim), layer)
@@ -63,7 +73,9 @@ class SlotLayer(KVKeepLayer):
         batch, _, width, _ = source.keys.shape
         if width > capacity:
             raise ValueError(f"layer {source.layer_idx} keeps {width} tokens, more than the {capacity} slots")
-        layer = cls.allocate(source.policy, source.layer_idx, source.keys, batch, capacity, kernel, source.observer)
+        layer = cls.allocate(
+            source.policy, source.layer_idx, source.keys, batch, capacity, kernel, source.observer, source.head_offset
+        )
         layer.keys[:, :, :width] = source.keys
         layer.values[:, :, :width] = source.values
         layer.positions[:, :, :width] = source.positions
@@ -152,12 +164,14 @@ class SlotLayer(KVKeepLayer):
 
             out = decode_attention(
                 query[:, :, 0], self.keys, self.values, self.positions, scaling, scores=self.scores, spec=self.spec,
-                layer_idx=self.layer_idx, tau=state.tau, query_pos=state.position,
+                layer_idx=self.layer_idx, head_offset=self.head_offset, tau=state.tau, query_pos=state.position,
             )[:, None]  # fmt: skip
         else:
             scorer = None
             if self.spec is not None:
-                info = StepInfo(self.layer_idx, state.step, state.position[:, None], self.positions, state.length)
+                info = StepInfo(
+                    self.layer_idx, state.step, state.position[:, None], self.positions, state.length, self.head_offset
+                )
 
                 def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
                     return self.policy.step_scores(logits, allowed, info)
