@@ -5,7 +5,7 @@
   from ``generate`` in 6.0).  kvkeep supports 5.17 through the newest 5.x, so it asks the installed version.
 - Switching a model to kvkeep's attention (``AttentionInterface``), with a small adapter for the models
   that compute attention inside their attention module (MPT; GPT-J before 5.24).
-- The per-layer attention types of a config, the device of a model, and the flag ``generate`` sets on a
+- The per-layer attention types of a config, the devices of a model, and the flag ``generate`` sets on a
   cache it was handed.
 """
 
@@ -82,6 +82,11 @@ def is_count(value) -> bool:
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (its input embedding, where inputs go)."""
     return next(model.parameters()).device
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """Every device the model's parameters sit on, in order of first use (several under a ``device_map``)."""
+    return list(dict.fromkeys(p.device for p in model.parameters()))
 
 
 def layer_types(config) -> list[str]:

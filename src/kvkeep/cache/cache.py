@@ -4,6 +4,9 @@ Every layer starts as a :class:`~kvkeep.cache.compacting.CompactingLayer`, which
 A static cache swaps each layer, once its policy may evict, for a :class:`~kvkeep.cache.slots.SlotLayer`
 (fixed buffers overwritten in place); the cache owns the one :class:`~kvkeep.cache.step.StepState` that a
 slot-mode decode step reads, advances it at layer 0 and hands it to every layer.
+
+Every layer takes its shapes and its device from the K/V it receives: under a ``device_map`` each layer's
+cache sits on its layer's device.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
     On models that mix sliding-window and global layers (Gemma 3), sliding layers keep their native
     window and the policy applies to the global layers; on models whose every layer slides (Mistral
     v0.1, Phi-3), the policy applies to every layer inside the window.
+
+    A model spread over devices (``device_map``) keeps each layer's cache on its layer's device.
     """
 
     def __init__(
@@ -104,7 +109,9 @@ class KVKeepCache(hf.ReuseGuard, Cache):
                 "use static=False"
             )
         self.static = bool(static)
-        self.kernel = resolve_kernel(kernel, hf.model_device(model))
+        # Triton only where every layer computes on a GPU (weights offloaded by a device_map sit on "meta").
+        devices = [d for d in hf.model_devices(model) if d.type != "meta"] or [torch.device("cpu")]
+        self.kernel = resolve_kernel(kernel, next((d for d in devices if d.type != "cuda"), devices[0]))
         self.state = StepState(None if max_new_tokens is None else int(max_new_tokens))
         self.model_type = config.model_type
         hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types

@@ -129,6 +129,7 @@ class SlotLayer(KVKeepLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, state: StepState):
         """Write each row's new token ``[rows, kv_heads, 1, head_dim]`` into its free slot; return the buffers."""
         self.check_step(key_states)
+        state = state.to(self.keys.device)
         rows, kv_heads = key_states.shape[:2]
         if self.kernel == "triton":
             from ..kernels.slots import append_slot

@@ -21,7 +21,17 @@ import triton
 import triton.language as tl
 
 from ..policies import ScoreSpec
-from .common import INTERPRET, REDUCE_CODES, check_spec, gumbel, int32_key, next_pow2, pair_hash, workspace
+from .common import (
+    INTERPRET,
+    REDUCE_CODES,
+    check_spec,
+    gumbel,
+    int32_key,
+    next_pow2,
+    on_input_device,
+    pair_hash,
+    workspace,
+)
 from .common import row_hash as row_hash_of
 
 __all__ = ["decode_attention"]
@@ -400,6 +410,7 @@ def _combine_kernel(
         tl.store(sc_ptrs, new, mask=c_ok)
 
 
+@on_input_device
 def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..policies import ScoreSpec, reduce_heads
-from .common import INTERPRET, check_spec, gumbel, int32_key, next_pow2, workspace
+from .common import INTERPRET, check_spec, gumbel, int32_key, next_pow2, on_input_device, workspace
 from .common import row_hash as row_hash_of
 
 __all__ = ["prefill_scores"]
@@ -338,6 +338,7 @@ def _colsum_kernel(
     tl.store(OUT + bh * n + keys, tl.where(valid, acc, 0.0), mask=key_in)  # padding keys: 0 (NaN never leaks)
 
 
+@on_input_device
 def prefill_scores(
     query: torch.Tensor,
     keys: torch.Tensor,
