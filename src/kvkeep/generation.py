@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import KVKeepCache
-from .hf import model_devices, with_cache
+from .hf import model_devices, tp_mesh, with_cache
 from .sampling import GREEDY, Sampling, sample
 
 #: ``on_step(index, logits [B, vocab], tokens [B])`` after each token is chosen (index 0: from the prompt).
@@ -148,7 +148,9 @@ def generate(
         on_step: ``on_step(index, logits, tokens)`` after each choice.
         cuda_graph: replay decode steps from a CUDA graph once a static kvkeep cache is in slot mode
             (``None``: whenever that is possible; ``True`` raises where it is not).  A model spread over
-            several devices (``device_map``) never replays a graph: one graph captures one device's work.
+            several devices (``device_map``) never replays a graph: one graph captures one device's work.  A
+            model split over ranks (tensor parallelism) replays none unless asked (``True``): each rank then
+            captures its step with the step's collectives (NCCL's graph capture; not yet checked on GPUs).
         progress: show a progress bar of the tokens on stderr.
 
     Returns:
@@ -177,7 +179,7 @@ def generate(
         )
     if cuda_graph and not (static and input_ids.is_cuda):
         raise ValueError("cuda_graph=True needs a KVKeepCache(..., static=True) on a CUDA model")
-    graphable = static and input_ids.is_cuda and len(devices) == 1
+    graphable = static and input_ids.is_cuda and len(devices) == 1 and tp_mesh(model) is None
     use_graph = graphable if cuda_graph is None else cuda_graph
     device = input_ids.device
     choose = _Chooser(batch, device, sampling, None if forced is None else forced.to(device))
