@@ -1,9 +1,9 @@
 """kvkeep under transformers' own multi-device placement, on the CPU.
 
-Tensor parallelism: two gloo processes launched with ``torchrun`` (``tests/tp_worker.py``) must give the
-tokens, kept sets and reports of one process.  Layer placement (``device_map``): a tiny model with a layer
-offloaded to disk runs through accelerate's hooks.  The rest are unit tests of :mod:`kvkeep.distributed` and
-of what it relies on.
+Tensor parallelism: two gloo processes launched with ``torchrun`` (``tests/tp_worker.py``, and the command
+line) must give the tokens, kept sets and reports of one process.  Layer placement (``device_map``): a tiny
+model with a layer offloaded to disk runs through accelerate's hooks.  The rest are unit tests of
+:mod:`kvkeep.distributed` and of what it relies on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from conftest import left_pad, tiny_model
 
 import kvkeep
 from kvkeep import distributed
+from kvkeep.bench.speed import kv_bytes_per_token
 from kvkeep.cache import KVKeepCache, StepState
+from kvkeep.cli import main
 from kvkeep.distributed import TensorParallel, tensor_parallel
 from kvkeep.generation import generate
 from kvkeep.policies.noise import gumbel_noise
@@ -29,6 +31,10 @@ from kvkeep.policies.noise import gumbel_noise
 TESTS = Path(__file__).parent
 needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs torch.distributed"
+)
+PROMPT = (
+    "The lighthouse stood at the edge of the cliff for more than two hundred years. Every night its keeper "
+    "climbed the narrow spiral stairs, trimmed the wick and polished the great lens until it shone."
 )
 
 
@@ -49,6 +55,32 @@ def test_tensor_parallel_equals_one_process() -> None:
     compared = json.loads(torchrun("tp_worker.py").stdout.strip().splitlines()[-1])["compared"]
     # llama and qwen2: six policies on the compacting and the static path, and one sampled case
     assert len(compared) == 2 * (6 * 2 + 1)
+
+
+@needs_gloo
+def test_generate_command_under_torchrun(capsys, tiny_dir) -> None:
+    argv = ["generate", "--model", tiny_dir, "--prompt", PROMPT, "--max-new-tokens", "5", "--json"]
+    argv += ["--policy", "keyformer", "--budget", "0.5", "--static"]
+    lines = torchrun("-m", "kvkeep.cli.main", *argv, "--tp", "2").stdout.strip().splitlines()
+    assert len(lines) == 1, lines  # rank 1 stays quiet
+    split = json.loads(lines[0])
+    assert main(argv) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert split["tp"] == 2 and alone["tp"] == 1
+    for key in ("text", "new_tokens", "prompt_tokens", "kv_bytes", "kv_bytes_full"):
+        assert split[key] == alone[key], key
+
+
+@needs_gloo
+def test_bench_command_under_torchrun(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--arch", "tiny-llama", "--methods", "hf-sdpa,h2o", "--budgets", "0.5", "--prompts", "24", "--gens", "3"]
+    done = torchrun("-m", "kvkeep.cli.main", "bench", *args, "--batches", "1", "--tp", "2", "--json", str(out))
+    assert sum(line.startswith("[bench]") for line in done.stdout.splitlines()) == 2  # rank 0's rows only
+    written = json.loads(out.read_text())
+    assert written["meta"]["tp"] == 2 and "split over 2 ranks" in done.stdout
+    assert [row["method"] for row in written["rows"]] == ["hf-sdpa", "h2o"]
+    assert all(row["cache_gib"] > 0 and row["floor_ms"] > 0 for row in written["rows"])
 
 
 # -- unit tests ----------------------------------------------------------------------------------------------
@@ -96,6 +128,14 @@ def test_step_state_moves_to_a_layers_device() -> None:
     assert state.to(torch.device("cpu")) is state
     moved = state.to(torch.device("meta"))
     assert moved is not state and moved.position.device.type == "meta" and moved.max_new_tokens == 8
+
+
+def test_kv_bytes_per_token_comes_from_the_tensors() -> None:
+    model = tiny_model("llama")  # 2 layers x 2 KV heads x head_dim 16, K and V in float32
+    ids = torch.randint(3, 96, (1, 10))
+    for cache in (tf.DynamicCache(config=model.config), KVKeepCache(model, "h2o", 0.5)):
+        generate(model, ids, cache=cache, max_new_tokens=2)
+        assert kv_bytes_per_token(cache) == 2 * 2 * (16 + 16) * 4
 
 
 def test_device_map_with_an_offloaded_layer(tmp_path) -> None:
