@@ -66,7 +66,7 @@ def main() -> None:
         graph, _, _ = capture_step(model, cache, token, position)
         replay = timed(graph.replay)
     slots = cache.layers[0].keys.shape[2]
-    floor = (weight_bytes(model) + slots * args.batch * kv_bytes_per_token(model)) / copy_bandwidth(
+    floor = (weight_bytes(model) + slots * args.batch * kv_bytes_per_token(cache)) / copy_bandwidth(
         torch.device("cuda")
     )
     print(f"{args.arch} {args.policy} budget={budget} batch={args.batch} prompt={args.prompt} slots={slots}")

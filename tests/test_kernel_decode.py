@@ -28,7 +28,9 @@ LAYER, STEP, TOTAL = 3, 5, 8
 THRESHOLD = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def _case(name, batch, q_heads, kv_heads, slots, head_dim, dtype, mode, reduce, decay, splits, block_n, strided=False):
+def _case(name, batch, q_heads, kv_heads, slots, head_dim, dtype, mode, reduce, decay, splits, block_n, strided=False,
+          offset=0):  # fmt: skip
+    """``offset``: the model's index of KV head 0 (a tensor-parallel rank's heads), for the noise."""
     return pytest.param(
         dict(
             batch=batch,
@@ -43,6 +45,7 @@ def _case(name, batch, q_heads, kv_heads, slots, head_dim, dtype, mode, reduce, 
             splits=splits,
             block_n=block_n,
             strided=strided,
+            head_offset=offset,
         ),
         id=name,
     )
@@ -54,7 +57,7 @@ if CUDA:
         _case("mha-probs-mean-bf16", 4, 32, 32, 1500, 128, bf16, "probs", "mean", 0.0, None, None),
         _case("mha-gumbel-sum-ewma-fp32", 2, 32, 32, 1100, 128, f32, "gumbel", "sum", 0.3, None, None, True),
         _case("gqa4-probs-max-ewma-bf16", 8, 32, 8, 1200, 128, bf16, "probs", "max", 0.3, None, None),
-        _case("gqa4-gumbel-mean-bf16", 8, 32, 8, 2000, 128, bf16, "gumbel", "mean", 0.0, 7, None, True),
+        _case("gqa4-gumbel-mean-bf16-rank1", 8, 32, 8, 2000, 128, bf16, "gumbel", "mean", 0.0, 7, None, True, 8),
         _case("gqa4-gumbel-max-fp32-1split", 1, 32, 8, 1000, 128, f32, "gumbel", "max", 0.0, 1, None),
         _case("mqa8-probs-sum-fp32", 3, 8, 1, 1300, 128, f32, "probs", "sum", 0.0, None, None),
         _case("mqa8-gumbel-mean-ewma-bf16", 2, 8, 1, 1700, 128, bf16, "gumbel", "mean", 0.3, None, 128),
@@ -68,7 +71,7 @@ else:
         _case("mha-probs-mean-fp32-1split", 2, 2, 2, 37, 32, f32, "probs", "mean", 0.0, 1, 16),
         _case("mha-gumbel-sum-ewma-bf16", 2, 2, 2, 45, 32, bf16, "gumbel", "sum", 0.3, 3, 16, True),
         _case("gqa4-probs-max-ewma-fp32", 2, 8, 2, 40, 32, f32, "probs", "max", 0.3, 4, 16),
-        _case("gqa4-gumbel-mean-fp32", 2, 8, 2, 48, 32, f32, "gumbel", "mean", 0.0, 2, 16, True),
+        _case("gqa4-gumbel-mean-fp32-rank1", 2, 8, 2, 48, 32, f32, "gumbel", "mean", 0.0, 2, 16, True, 2),
         _case("mqa8-probs-sum-bf16", 3, 8, 1, 50, 16, bf16, "probs", "sum", 0.0, 3, 16),
         _case("mqa8-gumbel-max-fp32-1split", 2, 8, 1, 30, 32, f32, "gumbel", "max", 0.0, 1, 16),
         _case("gqa4-probs-mean-fp16-default", 2, 8, 2, 100, 16, f16, "probs", "mean", 0.0, None, None),
@@ -120,7 +123,7 @@ def _inputs(c: dict, gen: torch.Generator) -> dict:
 def _reference(c: dict, x: dict, policy, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``attend`` (float32) with the policy's ``step_scores`` and ``accumulate``: output [B, Hq, D], new scores."""
     positions = x["positions"]
-    info = StepInfo(LAYER, STEP, x["query_pos"][:, None], positions, TOTAL)
+    info = StepInfo(LAYER, STEP, x["query_pos"][:, None], positions, TOTAL, c["head_offset"])
     scorer = None
     if policy is not None:
 
@@ -168,7 +171,7 @@ def test_decode_attention_matches_reference(c: dict) -> None:
     if policy is not None:
         scores = x["scores"].clone()
         spec = dataclasses.replace(policy.score_spec(), decay=c["decay"])
-        kwargs.update(scores=scores, spec=spec, layer_idx=LAYER)
+        kwargs.update(scores=scores, spec=spec, layer_idx=LAYER, head_offset=c["head_offset"])
     out = decode_attention(x["query"], x["keys"], x["values"], x["positions"], scaling, **kwargs)
 
     assert out.shape == x["query"].shape and out.dtype == x["query"].dtype
@@ -202,16 +205,16 @@ def test_gumbel_hash_matches_keyformer() -> None:
     query_pos[0] = 2**35 + 9  # only the low 32 bits count
     key_pos = torch.randint(0, 5000, (batch, kv_heads, slots), generator=gen)
     key_pos[1, 2, 3] = -1
-    for seed in (0, 1, 2**31 + 5, 2**40 + 3):
+    for seed, offset in ((0, 0), (1, 3), (2**31 + 5, 0), (2**40 + 3, 6)):  # offset: a tensor-parallel rank's heads
         noise_key = mix32(mix32(seed & M32) ^ LAYER)
-        hashes, noise = noise_probe(seed, LAYER, kv_heads, group, query_pos.to(DEVICE), key_pos.to(DEVICE))
+        hashes, noise = noise_probe(seed, LAYER, kv_heads, group, query_pos.to(DEVICE), key_pos.to(DEVICE), offset)
         # noise.gumbel_noise's hash, step by step
-        kv = torch.arange(kv_heads).view(1, kv_heads, 1, 1)
+        kv = torch.arange(offset, offset + kv_heads).view(1, kv_heads, 1, 1)
         grp = torch.arange(group).view(1, 1, group, 1)
         h = mix32(mix32(noise_key ^ kv) ^ grp)
         h = mix32(mix32(h ^ (query_pos & M32)[:, None, None, None]) ^ (key_pos & M32)[:, :, None, :])
         assert torch.equal(hashes.cpu(), h)
-        ref = gumbel_noise(seed, LAYER, query_pos[:, None], key_pos, kv_heads, group)[:, :, :, 0]
+        ref = gumbel_noise(seed, LAYER, query_pos[:, None], key_pos, kv_heads, group, offset)[:, :, :, 0]
         torch.testing.assert_close(noise.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 

@@ -28,9 +28,11 @@ f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
 def _case(name, batch, q_heads, kv_heads, n, head_dim, dtype, mode, reduce, blocks=None, **opts):
     """``opts``: ``head_cols`` (per-KV-head key columns), ``holes`` (random padding keys and rows),
-    ``no_real`` / ``no_pad`` (leave ``query_real`` / ``padding`` out: then there is no padding), ``tau``."""
+    ``no_real`` / ``no_pad`` (leave ``query_real`` / ``padding`` out: then there is no padding), ``tau``,
+    ``offset`` (the model's index of KV head 0: a tensor-parallel rank's heads)."""
     c = dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, n=n, head_dim=head_dim, dtype=dtype, mode=mode)
     c.update(reduce=reduce, blocks=blocks, head_cols=False, holes=False, no_real=False, no_pad=False, tau=1.0)
+    c.update(offset=0)
     c.update(opts)
     return pytest.param(c, id=name)
 
@@ -40,7 +42,7 @@ if CUDA:
         _case("mha-probs-mean-bf16", 4, 32, 32, 1500, 128, bf16, "probs", "mean"),
         _case("mha-gumbel-sum-fp32", 2, 32, 32, 1100, 128, f32, "gumbel", "sum", head_cols=True, tau=1.5),
         _case("gqa4-probs-max-bf16", 4, 32, 8, 1200, 128, bf16, "probs", "max", holes=True),
-        _case("gqa4-gumbel-mean-bf16", 4, 32, 8, 1500, 128, bf16, "gumbel", "mean", head_cols=True),
+        _case("gqa4-gumbel-mean-bf16-rank1", 4, 32, 8, 1500, 128, bf16, "gumbel", "mean", head_cols=True, offset=8),
         _case("gqa4-gumbel-max-fp32", 1, 32, 8, 1000, 128, f32, "gumbel", "max", holes=True),
         _case("mqa8-probs-sum-fp32", 3, 8, 1, 1300, 128, f32, "probs", "sum"),
         _case("mqa8-gumbel-mean-bf16", 2, 8, 1, 1337, 128, bf16, "gumbel", "mean", holes=True, tau=0.7),
@@ -53,7 +55,7 @@ else:
         _case("mha-probs-mean-fp32", 2, 2, 2, 45, 32, f32, "probs", "mean", (32, 16)),
         _case("mha-gumbel-sum-bf16", 2, 2, 2, 50, 32, bf16, "gumbel", "sum", (32, 16), head_cols=True, tau=1.5),
         _case("gqa4-probs-max-fp32", 2, 8, 2, 40, 32, f32, "probs", "max", (32, 16), head_cols=True, holes=True),
-        _case("gqa4-gumbel-mean-fp32", 3, 8, 2, 37, 32, f32, "gumbel", "mean", (32, 16), holes=True),
+        _case("gqa4-gumbel-mean-fp32-rank1", 3, 8, 2, 37, 32, f32, "gumbel", "mean", (32, 16), holes=True, offset=2),
         _case("gqa4-gumbel-max-bf16", 2, 8, 2, 48, 16, bf16, "gumbel", "max", (16, 16), tau=0.7),
         _case("mqa8-probs-sum-bf16", 2, 8, 1, 33, 16, bf16, "probs", "sum", (32, 16), holes=True),
         _case("mqa4-gumbel-sum-fp32", 2, 4, 1, 41, 32, f32, "gumbel", "sum", (32, 16), head_cols=True),
@@ -106,7 +108,7 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> torch.Tensor:
     key_pos = torch.where(key_cols >= 0, key_cols - pad[:, None, None], -1)
 
     def scorer(logits, allowed, rows):
-        info = StepInfo(LAYER, 0, query_pos[:, rows], key_pos)
+        info = StepInfo(LAYER, 0, query_pos[:, rows], key_pos, head_offset=c["offset"])
         return policy.step_scores(logits, allowed, info)
 
     _, scores = attend(
@@ -152,6 +154,7 @@ def test_prefill_scores_match_reference(c: dict) -> None:
         scaling,
         spec=policy.score_spec(),
         layer_idx=LAYER,
+        head_offset=c["offset"],
         _blocks=c["blocks"],
         _poison=True,
         **kwargs,

@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import KVKeepCache
-from .hf import with_cache
+from .hf import model_devices, tp_mesh, with_cache
 from .sampling import GREEDY, Sampling, sample
 
 #: ``on_step(index, logits [B, vocab], tokens [B])`` after each token is chosen (index 0: from the prompt).
@@ -147,7 +147,10 @@ def generate(
         forced: ``[batch, max_new_tokens]`` tokens to feed instead of the model's choice (teacher forcing).
         on_step: ``on_step(index, logits, tokens)`` after each choice.
         cuda_graph: replay decode steps from a CUDA graph once a static kvkeep cache is in slot mode
-            (``None``: whenever that is possible; ``True`` raises where it is not).
+            (``None``: whenever that is possible; ``True`` raises where it is not).  A model spread over
+            several devices (``device_map``) never replays a graph: one graph captures one device's work.  A
+            model split over ranks (tensor parallelism) replays none unless asked (``True``): each rank then
+            captures its step with the step's collectives (NCCL's graph capture; not yet checked on GPUs).
         progress: show a progress bar of the tokens on stderr.
 
     Returns:
@@ -168,9 +171,16 @@ def generate(
         if cache.get_seq_length() > 0:
             raise ValueError("this KVKeepCache already holds an earlier generation: call cache.reset() first")
         cache.set_generation_length(max_new_tokens)
+    devices = model_devices(model)
+    if cuda_graph and len(devices) > 1:
+        raise ValueError(
+            f"cuda_graph=True needs the model on one device, but its layers sit on {', '.join(map(str, devices))} "
+            "(device_map): pass cuda_graph=False"
+        )
     if cuda_graph and not (static and input_ids.is_cuda):
         raise ValueError("cuda_graph=True needs a KVKeepCache(..., static=True) on a CUDA model")
-    use_graph = (static and input_ids.is_cuda) if cuda_graph is None else cuda_graph
+    graphable = static and input_ids.is_cuda and len(devices) == 1 and tp_mesh(model) is None
+    use_graph = graphable if cuda_graph is None else cuda_graph
     device = input_ids.device
     choose = _Chooser(batch, device, sampling, None if forced is None else forced.to(device))
     stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)

@@ -5,8 +5,8 @@
   from ``generate`` in 6.0).  kvkeep supports 5.17 through the newest 5.x, so it asks the installed version.
 - Switching a model to kvkeep's attention (``AttentionInterface``), with a small adapter for the models
   that compute attention inside their attention module (MPT; GPT-J before 5.24).
-- The per-layer attention types of a config, the device of a model, and the flag ``generate`` sets on a
-  cache it was handed.
+- The per-layer attention types of a config, the devices of a model, the device mesh of a model that
+  transformers split for tensor parallelism, and the flag ``generate`` sets on a cache it was handed.
 """
 
 from __future__ import annotations
@@ -82,6 +82,25 @@ def is_count(value) -> bool:
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (its input embedding, where inputs go)."""
     return next(model.parameters()).device
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """Every device the model's parameters sit on, in order of first use (several under a ``device_map``)."""
+    return list(dict.fromkeys(p.device for p in model.parameters()))
+
+
+def tp_mesh(model: torch.nn.Module):
+    """The 1-D device mesh of the ranks that ``model``'s tensor parallelism spans, or None.
+
+    transformers keeps it in the private ``_device_mesh`` (with ``_tp_size``): one unnamed dimension in 5.17,
+    named ``(pp, fsdp, tp)`` dimensions in later versions.
+    """
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is None or (getattr(model, "_tp_size", None) or 1) <= 1:
+        return None
+    if "tp" in (mesh.mesh_dim_names or ()):
+        return mesh["tp"]
+    return mesh if mesh.ndim == 1 else None
 
 
 def layer_types(config) -> list[str]:

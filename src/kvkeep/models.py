@@ -26,6 +26,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    DistributedConfig,
     GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -345,23 +346,27 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    tp_plan: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready for batched generation.
 
     ``name_or_path`` is a registry name (see ``MODELS``), a GGUF file, a folder (a checkpoint, or holding one
     GGUF file) or a Hugging Face model id.  The model is in eval mode on ``device`` (default: CUDA if
     available, else CPU) in ``dtype`` (default: bfloat16 on CUDA, float32 otherwise).  The tokenizer pads on
-    the left and has a pad token (the eos token when the checkpoint names none).
+    the left and has a pad token (the eos token when the checkpoint names none).  ``tp_plan`` (``"auto"`` or a
+    plan), under ``torchrun``: transformers splits the model over the launch's processes by tensor
+    parallelism, each rank on its own device (``device`` then only decides the default dtype).
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = resolve_source(name_or_path)
     location = _local_copy(source)
+    split = {} if tp_plan is None else {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **split)
     except OSError as err:
         raise _one_line(source, err) from None
     tokenizer = load_tokenizer(source)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(torch_device).eval(), tokenizer
+    return (model if split else model.to(torch_device)).eval(), tokenizer

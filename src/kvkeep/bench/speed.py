@@ -13,6 +13,10 @@ and the K/V the step attends to once, at the device-to-device copy bandwidth mea
 ``batch`` may be ``max``: the largest batch whose peak memory fits ``--memory-gib``, extrapolated from
 the peaks measured at two smaller batches of the same case (in this run, in ``--fit-from`` files, or, when
 there are none, two small probe batches this run measures first) and then run.
+
+Under tensor parallelism (``tp > 1``, one process per GPU under ``torchrun``) transformers splits the model by
+its own plan; every rank runs every case, and bytes, peaks and the floor are one GPU's (its weight shards
+and its KV heads).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from pathlib import Path
 import torch
 import transformers as tf
 
+from .. import hf
 from ..cache import KVKeepCache
+from ..distributed import load_options
 from ..generation import generate
 from ..models import resolve_device, resolve_dtype
 from ..policies import POLICIES, make_policy
@@ -65,12 +71,27 @@ class Case:
     batch: int
 
 
-def random_model(arch: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """A random-weight causal LM of a registered architecture, built directly on ``device``."""
+def random_model(arch: str, device: str, dtype: torch.dtype, seed: int = 0, tp: int = 1) -> torch.nn.Module:
+    """A random-weight causal LM of a registered architecture, built directly on ``device``.
+
+    With ``tp > 1`` (under ``torchrun``) transformers splits it by the architecture's tensor-parallel plan: it is
+    loaded as a checkpoint without weights, so each rank initialises only its own shards, on its own GPU.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture '{arch}': choose one of {', '.join(ARCHITECTURES)}")
     config_cls, kwargs = ARCHITECTURES[arch]
     torch.manual_seed(seed)
+    if tp > 1:
+        model_cls = tf.MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+        verbosity = tf.utils.logging.get_verbosity()
+        tf.utils.logging.set_verbosity_error()  # its report lists every weight as missing: they are random
+        try:
+            model = model_cls.from_pretrained(
+                None, config=config_cls(**kwargs), state_dict={}, dtype=dtype, **load_options(tp)
+            )
+        finally:
+            tf.utils.logging.set_verbosity(verbosity)
+        return model.eval()
     with torch.device(device):
         model = tf.AutoModelForCausalLM.from_config(config_cls(**kwargs), dtype=dtype)
     return model.eval()
@@ -95,25 +116,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this process holds of ``tensor`` (its shard of a tensor-parallel ``DTensor``)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads of the weights: all parameters but the input embedding (unless tied)."""
+    """Bytes a decode step reads of this process's weights: all parameters but the input embedding (unless tied)."""
     embedding = model.get_input_embeddings().weight
     tied = embedding is model.get_output_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total if tied else total - embedding.numel() * embedding.element_size()
+    total = sum(_local_bytes(p) for p in model.parameters())
+    return total if tied else total - _local_bytes(embedding)
 
 
-def kv_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of K and V per token and sequence, over all layers."""
-    config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+def kv_bytes_per_token(cache) -> int:
+    """Bytes of K and V per token and sequence over all layers, read from the tensors ``cache`` holds (a
+    kvkeep or transformers cache after a forward; under tensor parallelism, this rank's KV heads)."""
+    total = 0
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values
+        total += keys.shape[1] * (keys.shape[-1] + values.shape[-1]) * keys.element_size()
+    return total
 
 
 def _cache_nbytes(cache) -> int:
-    if isinstance(cache, KVKeepCache):
-        return cache.nbytes()
+    """Bytes the cache's K/V tensors hold in this process (one GPU's under tensor parallelism)."""
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
@@ -146,7 +174,7 @@ def run_case(model, case: Case, bandwidth: float, params: dict | None = None, se
         cache = tf.DynamicCache(config=model.config)
     run = generate(model, ids, cache=cache, max_new_tokens=case.gen)
     steps = run.step_s
-    kv_read = _kv_tokens_read(case, cache) * case.batch * kv_bytes_per_token(model)
+    kv_read = _kv_tokens_read(case, cache) * case.batch * kv_bytes_per_token(cache)
     floor = (weight_bytes(model) + kv_read) / bandwidth
     step = statistics.median(steps) if steps else math.nan
     total = run.prefill_s + run.decode_s
@@ -233,12 +261,13 @@ def bench(
     params: dict[str, dict] | None = None,
     fit_from: list[dict] = (),
     command: str | None = None,
+    tp: int = 1,
     report=print,
 ) -> tuple[list[dict], dict]:
     """Run the grid; ``report`` each row's line as it comes; return ``(rows, meta)``.
 
     ``params``: per method, policy parameters (``{"co2": {"N": 20}}``).  ``fit_from``: rows of earlier runs
-    whose peaks size batch ``max``.
+    whose peaks size batch ``max``.  ``tp``: ranks the model is split over (every rank calls this).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -247,12 +276,18 @@ def bench(
     torch_dtype = resolve_dtype(dtype, torch_device)
     if "max" in batches and torch_device.type != "cuda":
         raise ValueError("batch 'max' needs a GPU (peak memory is measured on it): pass numeric --batches")
+    if "max" in batches and tp > 1:
+        raise ValueError(
+            "batch 'max' is not measured under --tp (a rank that runs out of memory would leave the others "
+            "waiting): pass numeric --batches"
+        )
     params = params or {}
     for method, values in params.items():  # one-line errors now, not after the model is built
         if method not in POLICIES:
             raise ValueError(f"--param {method}.*: {method} is not a policy ({', '.join(POLICIES)})")
         make_policy(method, None if POLICIES[method].keeps_all else 0.5, **values)
-    model = random_model(arch, str(torch_device), torch_dtype)
+    model = random_model(arch, str(torch_device), torch_dtype, tp=tp)
+    torch_device = hf.model_device(model)  # under tensor parallelism, this rank's GPU
     bandwidth = copy_bandwidth(torch_device, nbytes=1 << 30 if torch_device.type == "cuda" else 1 << 26)
     if memory_gib is None and torch_device.type == "cuda":
         memory_gib = torch.cuda.get_device_properties(torch_device).total_memory / 2**30 - 2
@@ -268,7 +303,8 @@ def bench(
             warm = 4 + (policy.evict_after() if policy is not None else 0)  # CO2 reaches slot mode after N steps
             run_case(model, Case(case.method, case.budget, case.prompt, gen=warm, batch=1), bandwidth, params)
             warmed.add((case.method, case.budget, case.prompt))
-        row = _run_fitting(model, case, bandwidth, params, tries=4 if case.batch > 8 else 1)
+        # Under --tp a rank that retries after running out of memory would leave the others in a collective.
+        row = _run_fitting(model, case, bandwidth, params, tries=4 if case.batch > 8 and tp == 1 else 1)
         row["probe"] = probe
         rows.append(row)
         report(_row_line(row))
@@ -286,6 +322,7 @@ def bench(
         "command": command,
         "arch": arch,
         "weights": "random",
+        "tp": tp,
         "bandwidth_gb_s": bandwidth / 1e9,
         "memory_gib": memory_gib,
         "weight_gib": weight_bytes(model) / 2**30,
@@ -334,8 +371,9 @@ def _row_line(row: dict) -> str:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The rows as a markdown table under a line that says what was measured where."""
+    split = f", split over {meta['tp']} ranks: bytes and peaks per rank" if meta.get("tp", 1) > 1 else ""
     head = (
-        f"{meta['arch']} (random weights, {meta['dtype']}) on {meta['device_name']}; copy bandwidth "
+        f"{meta['arch']} (random weights, {meta['dtype']}{split}) on {meta['device_name']}; copy bandwidth "
         f"{meta['bandwidth_gb_s']:.0f} GB/s; transformers {meta['transformers_version']}, "
         f"torch {meta['torch_version']}\n\n"
     )

@@ -4,6 +4,10 @@ Every layer starts as a :class:`~kvkeep.cache.compacting.CompactingLayer`, which
 A static cache swaps each layer, once its policy may evict, for a :class:`~kvkeep.cache.slots.SlotLayer`
 (fixed buffers overwritten in place); the cache owns the one :class:`~kvkeep.cache.step.StepState` that a
 slot-mode decode step reads, advances it at layer 0 and hands it to every layer.
+
+Every layer takes its shapes and its device from the K/V it receives: under tensor parallelism a rank's
+cache holds that rank's KV heads, under a ``device_map`` each layer's cache sits on its layer's device
+(:mod:`kvkeep.distributed`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import hf
+from ..distributed import tensor_parallel
 from ..policies import FullPolicy, Policy, make_policy
 from .compacting import CompactingLayer
 from .layer import Observer
@@ -76,6 +81,11 @@ class KVKeepCache(hf.ReuseGuard, Cache):
     On models that mix sliding-window and global layers (Gemma 3), sliding layers keep their native
     window and the policy applies to the global layers; on models whose every layer slides (Mistral
     v0.1, Phi-3), the policy applies to every layer inside the window.
+
+    A model that transformers split over ranks (tensor parallelism) gets a cache on every rank, each holding
+    and evicting its own KV heads; the reports (:meth:`nbytes`, :meth:`stats`, ...) then cover all ranks
+    and are collectives that every rank calls.  A model spread over devices (``device_map``) keeps each
+    layer's cache on its layer's device.
     """
 
     def __init__(
@@ -104,7 +114,10 @@ class KVKeepCache(hf.ReuseGuard, Cache):
                 "use static=False"
             )
         self.static = bool(static)
-        self.kernel = resolve_kernel(kernel, hf.model_device(model))
+        # Triton only where every layer computes on a GPU (weights offloaded by a device_map sit on "meta").
+        devices = [d for d in hf.model_devices(model) if d.type != "meta"] or [torch.device("cpu")]
+        self.kernel = resolve_kernel(kernel, next((d for d in devices if d.type != "cuda"), devices[0]))
+        self.tp = tensor_parallel(model)
         self.state = StepState(None if max_new_tokens is None else int(max_new_tokens))
         self.model_type = config.model_type
         hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types
@@ -128,6 +141,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompactingLayer) and not layer.is_initialized:
             self._check_fresh_prompt(layer_idx, key_states.shape[2])
+            layer.head_offset = 0 if self.tp is None else self.tp.head_offset(key_states.shape[1])
         elif self.static and isinstance(layer, CompactingLayer) and layer.step >= layer.policy.evict_after():
             layer = self._to_slots(layer_idx)
         if layer_idx == 0 and layer.decodes_in_place:
@@ -223,32 +237,44 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             layer.seen += 1
             layer.step += 1
 
-    # -- reporting ------------------------------------------------------------------------------------
+    # -- reporting: over every KV head of the model (under tensor parallelism, collectives over its ranks) --
+    def _sum(self, values: list[int]) -> list[int]:
+        return values if self.tp is None else self.tp.sum(values)
+
+    def _max(self, values: list[int]) -> list[int]:
+        return values if self.tp is None else self.tp.max(values)
+
     def nbytes(self) -> int:
-        """Bytes the K/V tensors hold right now, over all layers."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes the K/V tensors hold right now, over all layers (and all ranks)."""
+        return self._sum([sum(layer.nbytes() for layer in self.layers)])[0]
 
     def full_nbytes(self) -> int:
         """Bytes a plain transformers cache would hold for the same batch (padding columns included)."""
-        return sum(layer.full_nbytes() for layer in self.layers)
+        return self._sum([sum(layer.full_nbytes() for layer in self.layers)])[0]
 
     def sequence_bytes(self) -> list[tuple[int, int]]:
         """Per sequence: (bytes its kept tokens fill, bytes full attention holds for its real tokens)."""
         per_layer = [layer.sequence_bytes() for layer in self.layers if layer.keys is not None]
-        return [(sum(k for k, _ in rows), sum(f for _, f in rows)) for rows in zip(*per_layer, strict=True)]
+        rows = [(sum(k for k, _ in row), sum(f for _, f in row)) for row in zip(*per_layer, strict=True)]
+        summed = self._sum([n for row in rows for n in row])
+        return list(zip(summed[::2], summed[1::2], strict=True))
 
     def stats(self) -> list[dict]:
-        """Per layer: kept tokens and budget per sequence, evicted entries (summed over heads), bytes."""
+        """Per layer: kept tokens (the most over KV heads) and budget per sequence, evicted entries (summed over
+        KV heads), bytes."""
+        kept_per_layer = [layer.kept_tokens() for layer in self.layers]
+        kept = iter(self._max([n for row in kept_per_layer for n in row]))
+        summed = iter(self._sum([n for layer in self.layers for n in (layer.evicted_entries(), layer.nbytes())]))
         return [
             {
                 "layer": layer.layer_idx,
                 "policy": layer.policy.name,
-                "kept": layer.kept_tokens(),
+                "kept": [next(kept) for _ in row],
                 "budget": None if layer.budget is None else layer.budget.tolist(),
-                "evicted": layer.evicted_entries(),
+                "evicted": next(summed),
                 "sliding_window": layer.sliding_window,
                 "seen": layer.seen,
-                "bytes": layer.nbytes(),
+                "bytes": next(summed),
             }
-            for layer in self.layers
+            for layer, row in zip(self.layers, kept_per_layer, strict=True)
         ]

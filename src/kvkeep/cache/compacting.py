@@ -119,10 +119,11 @@ class CompactingLayer(KVKeepLayer):
         scorer = None
         if self.spec is not None:
             total = self.state.max_new_tokens if self.state is not None else None
-            info = StepInfo(self.layer_idx, self.step, query_positions, self.positions, total)
 
             def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
-                chunk = StepInfo(info.layer_idx, info.step, query_positions[:, rows], info.key_positions, total)
+                chunk = StepInfo(
+                    self.layer_idx, self.step, query_positions[:, rows], self.positions, total, self.head_offset
+                )
                 return self.policy.step_scores(logits, allowed, chunk)
 
         return attend(
@@ -153,8 +154,8 @@ class CompactingLayer(KVKeepLayer):
         padding = self.padding.to(query.device)
         columns = torch.where(self.positions >= 0, self.positions + padding[:, None, None], -1)
         scores = prefill_scores(
-            query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx, tau=tau,
-            query_real=real, padding=padding,
+            query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx,
+            head_offset=self.head_offset, tau=tau, query_real=real, padding=padding,
         )  # fmt: skip
         return out, scores
 

@@ -56,6 +56,8 @@ class KVKeepLayer(CacheLayerMixin):
         padding: ``[batch]`` int64 left padding of each sequence (columns before its first token).
         seen: columns processed (the padded sequence length transformers counts in).
         step: generation step (0 while the prompt is processed).
+        head_offset: the model's index of this layer's KV head 0 (under tensor parallelism a rank holds
+            heads ``[head_offset, head_offset + kv_heads)``; the cache sets it from its first K/V).
     """
 
     is_compileable = False
@@ -71,6 +73,7 @@ class KVKeepLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.observer = observer
+        self.head_offset = 0
         self.clear()
 
     def clear(self) -> None:

@@ -41,10 +41,20 @@ class SlotLayer(KVKeepLayer):
 
     @classmethod
     def allocate(
-        cls, policy: Policy, layer_idx: int, like: torch.Tensor, rows: int, capacity: int, kernel: str, observer=None
+        cls,
+        policy: Policy,
+        layer_idx: int,
+        like: torch.Tensor,
+        rows: int,
+        capacity: int,
+        kernel: str,
+        observer=None,
+        head_offset: int = 0,
     ) -> SlotLayer:
-        """Empty buffers ``[rows, kv_heads, capacity, head_dim]``, typed like ``like`` ``[*, kv_heads, *, D]``."""
+        """Empty buffers ``[rows, kv_heads, capacity, head_dim]``, typed and placed like ``like``
+        ``[*, kv_heads, *, D]``, whose KV head 0 is the model's head ``head_offset``."""
         layer = cls(policy, layer_idx, kernel, observer)
+        layer.head_offset = head_offset
         _, kv_heads, _, head_dim = like.shape
         layer.lazy_initialization(like, like)
         layer.keys = bind(like.new_zeros(rows, kv_heads, capacity, head_dim), layer)
@@ -65,7 +75,9 @@ class SlotLayer(KVKeepLayer):
         batch, _, width, _ = source.keys.shape
         if width > capacity:
             raise ValueError(f"layer {source.layer_idx} keeps {width} tokens, more than the {capacity} slots")
-        layer = cls.allocate(source.policy, source.layer_idx, source.keys, batch, capacity, kernel, source.observer)
+        layer = cls.allocate(
+            source.policy, source.layer_idx, source.keys, batch, capacity, kernel, source.observer, source.head_offset
+        )
         layer.keys[:, :, :width] = source.keys
         layer.values[:, :, :width] = source.values
         layer.positions[:, :, :width] = source.positions
@@ -119,6 +131,7 @@ class SlotLayer(KVKeepLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, state: StepState):
         """Write each row's new token ``[rows, kv_heads, 1, head_dim]`` into its free slot; return the buffers."""
         self.check_step(key_states)
+        state = state.to(self.keys.device)
         rows, kv_heads = key_states.shape[:2]
         if self.kernel == "triton":
             from ..kernels.slots import append_slot
@@ -154,12 +167,14 @@ class SlotLayer(KVKeepLayer):
 
             out = decode_attention(
                 query[:, :, 0], self.keys, self.values, self.positions, scaling, scores=self.scores, spec=self.spec,
-                layer_idx=self.layer_idx, tau=state.tau, query_pos=state.position,
+                layer_idx=self.layer_idx, head_offset=self.head_offset, tau=state.tau, query_pos=state.position,
             )[:, None]  # fmt: skip
         else:
             scorer = None
             if self.spec is not None:
-                info = StepInfo(self.layer_idx, state.step, state.position[:, None], self.positions, state.length)
+                info = StepInfo(
+                    self.layer_idx, state.step, state.position[:, None], self.positions, state.length, self.head_offset
+                )
 
                 def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
                     return self.policy.step_scores(logits, allowed, info)

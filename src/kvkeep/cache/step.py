@@ -60,5 +60,16 @@ class StepState:
         if tempered:
             self.tau.copy_(policy.temperature(self.step, self.length))
 
+    def to(self, device: torch.device) -> StepState:
+        """This state on ``device``: itself when it is there already (one device), else a copy of its counters
+        for this step (a layer on another device of a model split by ``device_map``)."""
+        if self.position is None or self.position.device == device:
+            return self
+        copy = StepState(self.max_new_tokens)
+        copy.position, copy.step, copy.length, copy.tau = (
+            t.to(device) for t in (self.position, self.step, self.length, self.tau)
+        )
+        return copy
+
     def reset(self) -> None:
         self.position = self.step = self.length = self.tau = None

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import POLICY_NAMES, comma_list, method_params, parse_param
+from .options import POLICY_NAMES, comma_list, method_params, parse_param, positive_int
 
 HF_METHODS = ("hf-sdpa", "hf-eager")
 METHODS = (*HF_METHODS, *POLICY_NAMES)
@@ -48,6 +48,10 @@ def add_parser(subparsers) -> None:
         "--fit-from", metavar="JSON", nargs="+", default=[],
         help="earlier bench JSON whose measured peaks size batch 'max' (else two probe batches are measured first)",
     )  # fmt: skip
+    parser.add_argument(
+        "--tp", type=positive_int, default=1, metavar="N",
+        help="split the model over N GPUs by its tensor-parallel plan; launch with torchrun --nproc-per-node N",
+    )  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     parser.set_defaults(func=run)
@@ -61,12 +65,18 @@ def run(args: argparse.Namespace) -> int:
             earlier += json.loads(Path(path).read_text())["rows"]
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"--fit-from {path}: not a kvkeep bench JSON ({err})") from None
+    from .. import distributed
     from ..bench.speed import bench, write
+    from ..models import resolve_device
 
+    distributed.start(args.tp, resolve_device(args.device))
+    main = distributed.is_main()  # every rank runs the cases; rank 0 prints and writes
     rows, meta = bench(
         arch=args.arch, device=args.device, dtype=args.dtype, methods=args.methods, budgets=args.budgets,
         prompts=args.prompts, gens=args.gens, batches=args.batches, memory_gib=args.memory_gib, params=params,
-        fit_from=earlier, command=args.command_line, report=lambda line: print(line, flush=True),
+        fit_from=earlier, command=args.command_line, tp=args.tp,
+        report=lambda line: print(line, flush=True) if main else None,
     )  # fmt: skip
-    print(write(rows, meta, args.json, args.markdown))
+    if main:
+        print(write(rows, meta, args.json, args.markdown))
     return 0

@@ -32,6 +32,10 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.add_argument(
+        "--tp", type=positive_int, default=1, metavar="N",
+        help="split the model over N processes by its tensor-parallel plan; launch with torchrun --nproc-per-node N",
+    )  # fmt: skip
+    parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, help="a progress bar on stderr (default: on a terminal)"
     )
     parser.set_defaults(func=run)
@@ -70,11 +74,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
+    from .. import distributed
     from ..cache import KVKeepCache
     from ..generation import generate, stop_token_ids
     from ..models import context_length, load_config, load_model, load_tokenizer
     from ..runinfo import run_metadata
 
+    distributed.start(args.tp, device)
     transformers.utils.logging.disable_progress_bar()
     tokenizer = load_tokenizer(source)
     if args.chat:
@@ -94,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
             f"the {context}-token context of {args.model}: shorten the prompt or lower --max-new-tokens "
             "(or pass --beyond-context to run past it anyway)"
         )
-    model, _ = load_model(args.model, dtype=dtype, device=device)
+    model, _ = load_model(args.model, dtype=dtype, device=device, tp_plan="auto" if args.tp > 1 else None)
     cache = KVKeepCache(model, policy, static=args.static)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = (sys.stderr.isatty() if args.progress is None else args.progress) and distributed.is_main()
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(model.device)
@@ -110,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     new_ids = run.row(0)
 
-    kv_bytes, kv_full = cache.nbytes(), cache.full_nbytes()
+    kv_bytes, kv_full = cache.nbytes(), cache.full_nbytes()  # every rank: under --tp, collectives
+    if not distributed.is_main():
+        return 0
     result = {
         "text": tokenizer.decode(new_ids, skip_special_tokens=True),
         "model": args.model,
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_ratio": kv_bytes / kv_full if kv_full else None,
         "seconds": seconds,
         "tokens_per_second": len(new_ids) / seconds if seconds > 0 else None,
+        "tp": args.tp,
         **run_metadata(model),
     }
     if args.json:

@@ -148,6 +148,7 @@ class RowCache:
             held = wide.positions[index, 0] >= 0  # a measurement row holds the same tokens in every head
             order = wide.positions[index, 0].masked_fill(~held, _NO_LIMIT).argsort()[: int(held.sum())]
             compact = CompactingLayer(self.policy, layer.layer_idx, None, wide.kernel)
+            compact.head_offset = wide.head_offset
             compact.keys = wide.keys[index : index + 1, :, order]
             compact.values = wide.values[index : index + 1, :, order]
             compact.positions = wide.positions[index : index + 1, :, order]

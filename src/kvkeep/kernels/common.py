@@ -7,6 +7,8 @@ and ``-log(-log(u))``.  With ``TRITON_INTERPRET=1`` every kernel runs on CPU ten
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -77,6 +79,23 @@ def check_spec(spec: ScoreSpec, tau: torch.Tensor | float | None) -> None:
         raise ValueError(f"head_reduce must be one of {', '.join(REDUCE_CODES)}, got {spec.head_reduce!r}")
     if spec.tempered and tau is None:
         raise ValueError("a tempered score needs tau (the policy's temperature)")
+
+
+def on_input_device(launch):
+    """Decorate a launcher whose first argument is a tensor: run it with that tensor's GPU as the current one.
+
+    Triton launches on the current CUDA device, and a model whose layers sit on several GPUs (``device_map``)
+    hands each layer's tensors on its own GPU; on the current device already (one GPU) nothing changes.
+    """
+
+    @functools.wraps(launch)
+    def on_device(tensor: torch.Tensor, *args, **kwargs):
+        if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+            with torch.cuda.device(tensor.device):
+                return launch(tensor, *args, **kwargs)
+        return launch(tensor, *args, **kwargs)
+
+    return on_device
 
 
 def workspace(device: torch.device, poison: bool):

@@ -21,7 +21,17 @@ import triton
 import triton.language as tl
 
 from ..policies import ScoreSpec
-from .common import INTERPRET, REDUCE_CODES, check_spec, gumbel, int32_key, next_pow2, pair_hash, workspace
+from .common import (
+    INTERPRET,
+    REDUCE_CODES,
+    check_spec,
+    gumbel,
+    int32_key,
+    next_pow2,
+    on_input_device,
+    pair_hash,
+    workspace,
+)
 from .common import row_hash as row_hash_of
 
 __all__ = ["decode_attention"]
@@ -122,7 +132,7 @@ def _attend_block(
     return m_new, l_i, acc, m2, l2
 
 
-@triton.jit(do_not_specialize=["noise_key"])
+@triton.jit(do_not_specialize=["noise_key", "head_offset"])
 def _split_kernel(
     Q,
     K,
@@ -139,6 +149,7 @@ def _split_kernel(
     OUT,
     scaling,
     noise_key,
+    head_offset,
     slots,
     group,
     kv_heads,
@@ -201,9 +212,9 @@ def _split_kernel(
     if TEMPERED:
         if NOISE:
             if ONE_ROW:
-                row_hash = row_hash_of(noise_key, kvh, kvh * 0, tl.load(QPOS + b))
+                row_hash = row_hash_of(noise_key, kvh + head_offset, kvh * 0, tl.load(QPOS + b))
             else:
-                row_hash = row_hash_of(noise_key, kvh, rows, tl.load(QPOS + b))
+                row_hash = row_hash_of(noise_key, kvh + head_offset, rows, tl.load(QPOS + b))
         inv_tau = 1.0 / tl.load(TAU + b)  # one division per program, not one per (row, slot)
     s_rows = SCRATCH + head_rows * slots
 
@@ -399,6 +410,7 @@ def _combine_kernel(
         tl.store(sc_ptrs, new, mask=c_ok)
 
 
+@on_input_device
 def decode_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -409,6 +421,7 @@ def decode_attention(
     scores: torch.Tensor | None = None,
     spec: ScoreSpec | None = None,
     layer_idx: int = 0,
+    head_offset: int = 0,
     tau: torch.Tensor | None = None,
     query_pos: torch.Tensor | None = None,
     _num_splits: int | None = None,
@@ -430,6 +443,8 @@ def decode_attention(
             :mod:`kvkeep.policies.noise` when ``spec.noise_seed`` is set); reduced over the group's heads by
             ``spec.head_reduce``; folded with ``spec.decay`` (0: ``scores += s``; ``a``: ``(1 - a) scores + a s``).
         layer_idx: the layer, for the noise key.
+        head_offset: the model's index of KV head 0 of these buffers, for the noise (a tensor-parallel rank's
+            first head; 0 otherwise).
         tau: ``[B]`` float32 temperature of each row, on the device (tempered only).
         query_pos: ``[B]`` int64 true position of each query (noise only).
         _num_splits, _block_n, _num_warps, _num_stages: override the launch shape (tests, tuning).
@@ -500,6 +515,7 @@ def decode_attention(
         out,
         float(scaling),
         int32_key(spec.noise_seed if noise else None, layer_idx),
+        int(head_offset),
         slots,
         group,
         kv_heads,
@@ -577,12 +593,19 @@ def decode_attention(
 
 
 def noise_probe(
-    seed: int, layer_idx: int, kv_heads: int, group: int, query_pos: torch.Tensor, key_pos: torch.Tensor
+    seed: int,
+    layer_idx: int,
+    kv_heads: int,
+    group: int,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    head_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels' Gumbel hash and noise for ``[B, kv_heads, group, C]`` (tests compare with ``gumbel_noise``).
 
     Args:
         query_pos: ``[B]`` int64 true query positions; key_pos: ``[B, kv_heads, C]`` int64 true key positions.
+        head_offset: the model's index of the first of the ``kv_heads``.
     Returns:
         ``(hash int64, noise float32)``, both ``[B, kv_heads, group, C]``.
     """
@@ -591,15 +614,25 @@ def noise_probe(
     hashes = torch.empty(batch, kv_heads, group, slots, dtype=torch.int64, device=key_pos.device)
     noise = torch.empty(batch, kv_heads, group, slots, dtype=torch.float32, device=key_pos.device)
     _noise_kernel[(batch * kv_heads,)](
-        query_pos, key_pos, hashes, noise, int32_key(seed, layer_idx), kv_heads, group, slots,
+        query_pos, key_pos, hashes, noise, int32_key(seed, layer_idx), int(head_offset), kv_heads, group, slots,
         GROUP_PAD=max(16, next_pow2(group)), BLOCK_N=max(16, next_pow2(slots)),
     )  # fmt: skip
     return hashes, noise
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["head_offset"])
 def _noise_kernel(
-    QPOS, KPOS, HASH, NOISE, noise_key, kv_heads, group, slots, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr
+    QPOS,
+    KPOS,
+    HASH,
+    NOISE,
+    noise_key,
+    head_offset,
+    kv_heads,
+    group,
+    slots,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // kv_heads
@@ -607,7 +640,7 @@ def _noise_kernel(
     rows = tl.arange(0, GROUP_PAD)
     offs = tl.arange(0, BLOCK_N)
     kpos = tl.load(KPOS + pid * slots + offs, mask=offs < slots, other=0)
-    prefix = row_hash_of(noise_key, kvh, rows, tl.load(QPOS + b))[:, None]
+    prefix = row_hash_of(noise_key, kvh + head_offset, rows, tl.load(QPOS + b))[:, None]
     idx = (pid * group + rows)[:, None] * slots + offs[None, :]
     mask = (rows < group)[:, None] & (offs < slots)[None, :]
     tl.store(HASH + idx, pair_hash(prefix, kpos[None, :]).to(tl.int64), mask=mask)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..policies import ScoreSpec, reduce_heads
-from .common import INTERPRET, check_spec, gumbel, int32_key, next_pow2, workspace
+from .common import INTERPRET, check_spec, gumbel, int32_key, next_pow2, on_input_device, workspace
 from .common import row_hash as row_hash_of
 
 __all__ = ["prefill_scores"]
@@ -95,7 +95,7 @@ def _lse_block(
     return m_new, l_i
 
 
-@triton.jit(do_not_specialize=["noise_key"])
+@triton.jit(do_not_specialize=["noise_key", "head_offset"])
 def _lse_kernel(
     Q,
     K,
@@ -106,6 +106,7 @@ def _lse_kernel(
     qk_scale,
     noise_scale,
     noise_key,
+    head_offset,
     n,
     q_heads,
     group,
@@ -160,7 +161,7 @@ def _lse_kernel(
     if NOISE:
         if HAS_PAD:
             shift = tl.load(PAD + b)
-        row_hash = row_hash_of(noise_key, kvh, h % group, rows - shift)
+        row_hash = row_hash_of(noise_key, kvh + head_offset, h % group, rows - shift)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     diag_end = tl.minimum(m0 + BLOCK_M, n)
@@ -206,7 +207,7 @@ def _colsum_block(
     qk_scale,
     noise_scale,
     noise_key,
-    kvh,
+    noise_head,
     gi,
     shift,
     acc,
@@ -233,7 +234,7 @@ def _colsum_block(
     lse = tl.load(lse_base + rows, mask=q_ok, other=float("inf"))
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [N, M] float32
     if NOISE:
-        noise = gumbel(row_hash_of(noise_key, kvh, gi, rows - shift)[None, :], (col - shift)[:, None])
+        noise = gumbel(row_hash_of(noise_key, noise_head, gi, rows - shift)[None, :], (col - shift)[:, None])
         x = qk * qk_scale + noise * noise_scale - lse[None, :]
     else:
         x = qk * qk_scale - lse[None, :]
@@ -242,7 +243,7 @@ def _colsum_block(
     return acc + tl.sum(tl.exp2(x), 1)
 
 
-@triton.jit(do_not_specialize=["noise_key"])
+@triton.jit(do_not_specialize=["noise_key", "head_offset"])
 def _colsum_kernel(
     Q,
     K,
@@ -254,6 +255,7 @@ def _colsum_kernel(
     qk_scale,
     noise_scale,
     noise_key,
+    head_offset,
     n,
     q_heads,
     group,
@@ -306,6 +308,7 @@ def _colsum_kernel(
         if HAS_PAD:
             shift = tl.load(PAD + b)
     gi = h % group
+    noise_head = kvh + head_offset
 
     acc = tl.zeros([BLOCK_N], tl.float32)
     diag_end = tl.minimum(n0 + BLOCK_N, n)
@@ -313,28 +316,29 @@ def _colsum_kernel(
         m0 = n0
         while m0 < diag_end:
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
-                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+                                noise_scale, noise_key, noise_head, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D,
+                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
             m0 += BLOCK_M
         m0 = n0 + BLOCK_N
         while m0 < n:
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
-                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+                                noise_scale, noise_key, noise_head, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D,
+                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
             m0 += BLOCK_M
     else:
         for m0 in range(n0, diag_end, BLOCK_M):
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
-                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+                                noise_scale, noise_key, noise_head, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D,
+                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
         # Row blocks wholly below the key block: every key column j < n0 + BLOCK_N <= r, no causal mask needed.
         for m0 in range(n0 + BLOCK_N, n, BLOCK_M):
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, kvh, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D, HEAD_DIM,
-                                INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+                                noise_scale, noise_key, noise_head, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D,
+                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
     tl.store(OUT + bh * n + keys, tl.where(valid, acc, 0.0), mask=key_in)  # padding keys: 0 (NaN never leaks)
 
 
+@on_input_device
 def prefill_scores(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -343,6 +347,7 @@ def prefill_scores(
     *,
     spec: ScoreSpec,
     layer_idx: int = 0,
+    head_offset: int = 0,
     tau: float = 1.0,
     query_real: torch.Tensor | None = None,
     padding: torch.Tensor | None = None,
@@ -363,6 +368,8 @@ def prefill_scores(
             with the counter-based noise ``g`` when ``spec.noise_seed`` is set), and its ``head_reduce`` over
             the group's query heads, after the row sum.
         layer_idx: the layer, for the noise key.
+        head_offset: the model's index of KV head 0 of ``keys``, for the noise (a tensor-parallel rank's first
+            head; 0 otherwise).
         tau: temperature (tempered only; the prompt uses the schedule's first value).
         query_real: ``[B, n]`` bool, the real query rows (padding rows contribute nothing; never read).
         padding: ``[B]`` int64 left padding: true position = column - padding (noise hash only).
@@ -428,6 +435,7 @@ def prefill_scores(
         qk_scale,
         noise_scale,
         int32_key(spec.noise_seed if noise else None, layer_idx),
+        int(head_offset),
         n,
         q_heads,
         group,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET
+from .common import INTERPRET, on_input_device
 
 __all__ = ["append_slot", "evict_slot"]
 
@@ -37,6 +37,7 @@ def _append_kernel(
         tl.store(SC + row * slots + slot, 0.0)
 
 
+@on_input_device
 def append_slot(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -114,6 +115,7 @@ def _evict_kernel(
     tl.store(FREE + row, first_empty.to(tl.int64))
 
 
+@on_input_device
 def evict_slot(
     positions: torch.Tensor,
     scores: torch.Tensor | None,

@@ -55,6 +55,8 @@ class StepInfo:
         key_positions: ``[batch, kv_heads, slots]`` true positions of the keys (-1 for empty slots).
         total_steps: tokens the generation produces (the temperature schedule's length), an int, ``[batch]``
             or None when unknown.
+        head_offset: the model's index of the first KV head of ``key_positions`` (under tensor parallelism a
+            rank holds heads ``[head_offset, head_offset + kv_heads)``; 0 otherwise).
     """
 
     layer_idx: int
@@ -62,6 +64,7 @@ class StepInfo:
     query_positions: torch.Tensor
     key_positions: torch.Tensor
     total_steps: int | torch.Tensor | None = None
+    head_offset: int = 0
 
 
 def is_real(value) -> bool:

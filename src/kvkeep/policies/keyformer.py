@@ -84,6 +84,8 @@ class KeyformerPolicy(ScoringPolicy):
             tau = tau.view(-1, 1, 1, 1, 1)
         if self.noise:
             _, kv_heads, group, _, _ = logits.shape
-            noise = gumbel_noise(self.seed, info.layer_idx, info.query_positions, info.key_positions, kv_heads, group)
+            noise = gumbel_noise(
+                self.seed, info.layer_idx, info.query_positions, info.key_positions, kv_heads, group, info.head_offset
+            )
             logits = logits + noise
         return masked_softmax(logits / tau, allowed)

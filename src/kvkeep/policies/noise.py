@@ -1,7 +1,9 @@
 """Counter-based Gumbel noise: a hash of (seed, layer, KV head, query head, query position, key position).
 
 The same sequence gets the same noise whether it runs alone or in a batch, run after run, on the torch
-path and in the Triton kernels (:mod:`kvkeep.kernels.common` computes the same hash bit for bit).
+path and in the Triton kernels (:mod:`kvkeep.kernels.common` computes the same hash bit for bit), and
+under tensor parallelism: the KV head is the model's global head index, so a rank that holds heads
+``[offset, offset + kv_heads)`` passes ``head_offset=offset`` and draws the noise one process would.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ def noise_key(seed: int, layer_idx: int = 0) -> int:
 
 
 def gumbel_noise(
-    seed: int, layer_idx: int, query_positions: torch.Tensor, key_positions: torch.Tensor, kv_heads: int, group: int
+    seed: int,
+    layer_idx: int,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    kv_heads: int,
+    group: int,
+    head_offset: int = 0,
 ) -> torch.Tensor:
     """Gumbel(0, 1) noise ``[batch, kv_heads, group, rows, slots]`` for attention logits of that shape.
 
@@ -39,10 +47,11 @@ def gumbel_noise(
         query_positions: ``[batch, rows]`` true positions of the query rows.
         key_positions: ``[batch, kv_heads or 1, slots]`` true positions of the keys.
         kv_heads, group: KV heads, and query heads per KV head.
+        head_offset: the model's index of the first of these KV heads (a tensor-parallel rank's first head).
     """
     device = key_positions.device
     h = noise_key(seed, layer_idx)
-    kv = torch.arange(kv_heads, device=device, dtype=torch.int64).view(1, kv_heads, 1, 1, 1)
+    kv = torch.arange(head_offset, head_offset + kv_heads, device=device, dtype=torch.int64).view(1, kv_heads, 1, 1, 1)
     grp = torch.arange(group, device=device, dtype=torch.int64).view(1, 1, group, 1, 1)
     h = mix32(mix32(h ^ kv) ^ grp)
     qpos = (query_positions.to(device=device, dtype=torch.int64) & M32)[:, None, None, :, None]
