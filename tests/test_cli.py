@@ -332,7 +332,7 @@ def test_bench_batch_max_alone_measures_two_probe_batches_first(monkeypatch) -> 
         return {**asdict(case), "peak_gib": 10.0 + 0.5 * case.batch, "step_ms": 1.0}
 
     monkeypatch.setattr(speed, "resolve_device", lambda device: torch.device("cuda"))
-    monkeypatch.setattr(speed, "random_model", lambda arch, device, dtype: tiny_model("llama"))
+    monkeypatch.setattr(speed, "random_model", lambda arch, device, dtype, **kwargs: tiny_model("llama"))
     monkeypatch.setattr(speed, "copy_bandwidth", lambda device, nbytes: 1e12)
     monkeypatch.setattr(speed, "run_case", lambda *args, **kwargs: {})  # the warm-up
     monkeypatch.setattr(speed, "_run_fitting", fake_case)
