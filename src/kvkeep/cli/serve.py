@@ -24,13 +24,13 @@ def add_parser(subparsers) -> None:
     group.add_argument(
         "--memory-gib",
         type=float,
-        help="memory for weights + cache (default: the GPU's free memory less 2 GiB; 8 on a CPU)",
+        help="memory for weights + cache (default: the GPU's free memory less 2 GiB; 8 on a CPU, with --rows)",
     )
-    group.add_argument("--rows", type=positive_int, help="batch rows (default: as many as --memory-gib holds)")
+    group.add_argument("--rows", type=positive_int, help="batch rows (default: all --memory-gib holds; a CPU: 4)")
     group.add_argument(
         "--max-prompt-tokens",
         type=positive_int,
-        help="longest prompt accepted (default: the context less --max-tokens)",
+        help="longest prompt accepted (default: the context less --max-tokens; at most 2048 on a CPU)",
     )
     group.add_argument(
         "--max-tokens", type=positive_int, default=1024, help="most tokens a request may ask for (default: %(default)s)"
@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise ValueError("kvkeep serve needs fastapi and uvicorn: pip install 'kvkeep[serve]'") from None
     context = context_length(load_config(source)) or 2048
-    max_prompt = args.max_prompt_tokens or max(1, context - args.max_tokens)
+    cpu = device.type == "cpu"  # the torch path attends every slot of every row: keep a CPU server small
+    max_prompt = args.max_prompt_tokens or max(1, min(context - args.max_tokens, 2048 if cpu else context))
+    rows = args.rows or (4 if cpu and args.memory_gib is None else None)
     if max_prompt + args.max_tokens > context:
         raise ValueError(
             f"--max-prompt-tokens {max_prompt} + --max-tokens {args.max_tokens} exceed the {context}-token context"
@@ -77,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     engine = build(
         model, tokenizer, policy, max_prompt=max_prompt, max_tokens=args.max_tokens, memory_gib=args.memory_gib,
-        rows=args.rows, prefill_tokens=args.prefill_tokens, queue_limit=args.queue_limit,
+        rows=rows, prefill_tokens=args.prefill_tokens, queue_limit=args.queue_limit,
     )  # fmt: skip
     name = args.served_model_name or args.model
     budget = "" if policy.keeps_all else f" budget {policy.budget}"
-    print(f"[kvkeep] {name}: {policy.name}{budget}; {engine.plan.describe()}", file=sys.stderr)
+    print(f"[kvkeep] {name}: {policy.name}{budget}; {engine.plan.describe()}; prompts up to {max_prompt} tokens, "
+          f"outputs up to {args.max_tokens}", file=sys.stderr)  # fmt: skip
     print(f"[kvkeep] serving http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     app = create_app(engine, tokenizer, name, stop_token_ids(model, tokenizer))
     engine.start()
