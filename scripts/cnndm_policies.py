@@ -62,7 +62,8 @@ def summarize(model, tok, article: str, policy: str, budget: float, max_new_toke
     messages = [{"role": "user", "content": INSTRUCTION + article}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    cache = KVKeepCache(model, policy) if policy == "full" else KVKeepCache(model, policy, budget=budget)
+    budget = None if policy == "full" else budget
+    cache = KVKeepCache(model, policy, budget, max_new_tokens=max_new_tokens)  # Keyformer's schedule length
     with torch.inference_mode():
         start = time.perf_counter()
         out = model.generate(
