@@ -20,6 +20,7 @@ _EXPORTS = {
     "KVKeepLayer": "cache",
     "Generation": "generation",
     "generate": "generation",
+    "stop_token_ids": "generation",
     "SUPPORTED": "hf",
     "install": "hf",
     "with_cache": "hf",
