@@ -76,16 +76,6 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-#: Seeds are 32-bit: the counter-based noise hashes ``seed & 0xFFFFFFFF``.
-SEED_LIMIT = 1 << 32
-
-
-def check_seed(value) -> None:
-    """Raise unless ``value`` is an integer seed in ``[0, 2**32)`` (larger ones would alias smaller ones)."""
-    if not is_integer(value) or not 0 <= value < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {value!r}")
-
-
 def protected(positions: torch.Tensor, newest: torch.Tensor, recent: torch.Tensor, sinks: int) -> torch.Tensor:
     """Which slots no eviction may touch: the first ``sinks`` positions and the ``recent`` newest ones.
 

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import ScoreSpec, ScoringPolicy, StepInfo, check_seed, check_share, is_real, masked_softmax, register
+from .base import ScoreSpec, ScoringPolicy, StepInfo, check_share, is_integer, is_real, masked_softmax, register
 from .noise import gumbel_noise
 
 
@@ -24,7 +24,7 @@ class KeyformerPolicy(ScoringPolicy):
         recent_ratio: share of the budget kept as the recent window (paper: 0.2-0.3).
         tau_init, tau_end: temperature at the prompt and at the last generated token.
         noise: add the Gumbel noise (``False`` with ``tau`` 1 -> 1 reduces to H2O's score).
-        seed: seed of the counter-based noise, in [0, 2**32); the same seed gives the same scores run after run.
+        seed: seed of the counter-based noise; the same seed gives the same scores run after run.
     """
 
     recent_ratio: float = 0.3
@@ -45,7 +45,8 @@ class KeyformerPolicy(ScoringPolicy):
             )
         if not isinstance(self.noise, bool):
             raise ValueError(f"noise must be true or false, got {self.noise!r}")
-        check_seed(self.seed)
+        if not is_integer(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         super().validate()
 
     def recent_size(self, k: int) -> int:
