@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
 from conftest import tiny_model
 
 import kvkeep
@@ -298,7 +299,7 @@ def no_loading(monkeypatch):
         (["--policy", "h2o", "--budget", "0.5", "--param", "nope=1"], "has no parameter nope"),
         (["--sample", "--top-p", "2"], "top_p must be in (0, 1]"),
         (["--sample", "--temperature", "-1"], "temperature must be a number >= 0"),
-        (["--sample", "--seed", "-3"], "seed must be an integer in [0, 2**32)"),
+        (["--sample", "--seed", str(2**64)], "seed must be an integer that fits in 64 bits"),
         (["--dtype", "int8"], "unknown dtype 'int8'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         pytest.param(
@@ -329,6 +330,23 @@ def short_context_dir(tiny_dir: str, tmp_path: Path, context: int) -> str:
     config["max_position_embeddings"] = context
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
+
+
+@pytest.mark.parametrize(
+    "config, argv, fragment",
+    [
+        (tf.BloomConfig(n_layer=1, n_head=2, hidden_size=32), [], "kvkeep does not support model type 'bloom'"),
+        (tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8), ["--static"], "--static does not support"),
+    ],
+)
+def test_what_the_config_tells_fails_before_the_weights_load(
+    capsys, no_loading, tiny_dir, tmp_path, config, argv, fragment
+) -> None:
+    folder = tmp_path / "config-only"  # the tokenizer and a config, no weights: the check must not need them
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    config.save_pretrained(folder)
+    assert_error(capsys, fragment, argv=["generate", "--model", str(folder), "--prompt", "hello", *argv])
 
 
 def test_prompt_beyond_the_context_fails_before_loading_unless_asked(capsys, monkeypatch, tiny_dir, tmp_path) -> None:
