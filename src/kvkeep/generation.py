@@ -21,7 +21,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import KVKeepCache
-from .hf import model_devices, tp_mesh, with_cache
+from .hf import is_count, model_devices, tp_mesh, with_cache
+from .models import context_length
 from .sampling import GREEDY, Sampling, sample
 
 #: ``on_step(index, logits [B, vocab], tokens [B])`` after each token is chosen (index 0: from the prompt).
@@ -134,6 +135,7 @@ def generate(
     on_step: StepHook | None = None,
     cuda_graph: bool | None = None,
     progress: bool = False,
+    beyond_context: bool = False,
 ) -> Generation:
     """Decode up to ``max_new_tokens`` tokens for a (left-padded) batch.
 
@@ -152,17 +154,15 @@ def generate(
             model split over ranks (tensor parallelism) replays none unless asked (``True``): each rank then
             captures its step with the step's collectives (NCCL's graph capture; not yet checked on GPUs).
         progress: show a progress bar of the tokens on stderr.
+        beyond_context: run even when the longest prompt plus ``max_new_tokens`` exceeds the model's context
+            (its ``max_position_embeddings``); refused otherwise.
 
     Returns:
         :class:`Generation` with the tokens and the prefill/decode times (device events on CUDA).
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"the prompt is empty: give at least one token (input_ids {list(input_ids.shape)})")
+    _check_inputs(model, input_ids, attention_mask, max_new_tokens, beyond_context)
+    max_new_tokens = int(max_new_tokens)
     batch = input_ids.shape[0]
-    if attention_mask is not None and not bool((attention_mask.sum(-1) > 0).all()):
-        raise ValueError("a prompt of the batch is empty (its attention mask is all zeros): give at least one token")
     if forced is not None and tuple(forced.shape) != (batch, max_new_tokens):
         raise ValueError(f"forced must be [batch, max_new_tokens] = [{batch}, {max_new_tokens}]")
     cache = DynamicCache(config=model.config) if cache is None else cache
@@ -240,6 +240,39 @@ def generate(
     stopped = torch.isin(out, stops)
     first = torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, out.shape[1])
     return Generation(out, first.tolist(), prefill_s, step_s, graph_steps)
+
+
+def _check_inputs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    beyond_context: bool = False,
+) -> None:
+    """The entry checks of :func:`generate`: a one-line ``ValueError`` naming the fix, before any forward."""
+    if not is_count(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, prompt], got shape {list(input_ids.shape)}: add a batch dimension")
+    if 0 in input_ids.shape:
+        raise ValueError(f"the prompt is empty: give at least one token (input_ids {list(input_ids.shape)})")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {list(attention_mask.shape)} does not match input_ids {list(input_ids.shape)}"
+            )
+        if not bool((attention_mask.sum(-1) > 0).all()):
+            raise ValueError(
+                "a prompt of the batch is empty (its attention mask is all zeros): give at least one token"
+            )
+    longest = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
+    context = context_length(model.config)
+    if context and longest + max_new_tokens > context and not beyond_context:
+        raise ValueError(
+            f"the prompt has {longest} tokens and max_new_tokens asks {max_new_tokens} more, beyond the "
+            f"{context}-token context of this {model.config.model_type} model: shorten the prompt or lower "
+            "max_new_tokens (or pass beyond_context=True to run past it anyway)"
+        )
 
 
 def capture_step(model, cache: KVKeepCache, token: torch.Tensor, position: torch.Tensor, step=None, choose=None):

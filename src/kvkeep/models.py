@@ -39,6 +39,7 @@ __all__ = [
     "cache_root",
     "context_length",
     "find_gguf",
+    "load_config",
     "load_model",
     "load_tokenizer",
     "model_cache_dir",
@@ -73,6 +74,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 _STALE_TMP_SECONDS = 3600
+GGUF_MAGIC = b"GGUF"
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -183,19 +185,41 @@ def _hub_cached(repo: str) -> bool:
         return False
 
 
+def _is_gguf(path: Path) -> bool:
+    """Whether the file starts with GGUF's magic bytes (read before anything else of it)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _gguf_source(path: Path, name: str) -> Source:
+    if not _is_gguf(path):
+        raise ValueError(
+            f"{path} is not a GGUF file (it does not start with the GGUF magic bytes; corrupt or truncated?): "
+            "download it again, or name a model folder, a registry name or a Hugging Face id"
+        )
+    return Source("gguf", str(path.resolve()), name)
+
+
 def resolve_source(name_or_path: str) -> Source:
-    """Where ``name_or_path`` is read from; a one-line ``ValueError`` at once when it cannot be read at all."""
+    """Where ``name_or_path`` is read from; a one-line ``ValueError`` at once when it cannot be read at all.
+
+    A file is a GGUF file when it starts with GGUF's magic bytes or is named ``*.gguf`` (a ``*.gguf`` file
+    without them is an error here, before anything is converted).
+    """
     if name_or_path in MODELS:
         return Source("registry", name_or_path, name_or_path)
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return Source("gguf", str(path.resolve()), name_or_path)
+    if path.is_file() and (path.suffix.lower() == ".gguf" or _is_gguf(path)):
+        return _gguf_source(path, name_or_path)
     if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
         if (path / "config.json").is_file():
             return Source("folder", str(path), name_or_path)
+        ggufs = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".gguf")
         if len(ggufs) == 1:
-            return Source("gguf", str(ggufs[0].resolve()), name_or_path)
+            return _gguf_source(ggufs[0], name_or_path)
         if len(ggufs) > 1:
             names = ", ".join(g.name for g in ggufs)
             raise ValueError(f"folder {path} holds several GGUF files ({names}): name one of them with --model")
@@ -208,7 +232,10 @@ def resolve_source(name_or_path: str) -> Source:
     if looks_local or " " in name_or_path:
         raise ValueError(f"{what}; {name_or_path!r} is none of these")
     if not _hub_cached(name_or_path) and not _hub_reachable():
-        raise ValueError(f"{what}; it is not in the local Hugging Face cache and the hub is unreachable (offline)")
+        raise ValueError(
+            f"{what}; as a hub id it is not in the local Hugging Face cache and the hub is unreachable "
+            "(offline, or HF_HUB_OFFLINE is set): connect to the network, or name a local folder or GGUF file"
+        )
     return Source("hub", name_or_path, name_or_path)
 
 
@@ -253,8 +280,27 @@ def _fix_gguf_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMod
         tokenizer.model_max_length = context
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_gguf(gguf: Path) -> None:
+    """Parse the GGUF file's header, metadata and tensor table: a one-line ``ValueError`` if it is damaged."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except Exception as err:  # any failure to parse untrusted bytes means the same thing: unreadable
+        raise ValueError(
+            f"cannot read GGUF file {gguf} ({type(err).__name__}: {_first_line(err)}): the file is damaged "
+            "or truncated; download it again"
+        ) from None
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF into a float32 safetensors checkpoint at ``target``, atomically."""
+    _check_gguf(gguf)
     print(f"converting {gguf.name} to a cached float model at {target} (first time only)", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion
@@ -272,9 +318,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
                 dtype=torch.float32,
             )
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except (ValueError, KeyError, OSError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"cannot read GGUF file {gguf}: {first}") from None
+        except (ValueError, KeyError, OSError) as err:  # e.g. an architecture transformers cannot read from GGUF
+            raise ValueError(f"cannot read GGUF file {gguf}: {_first_line(err)}") from None
         _fix_gguf_tokenizer(tokenizer, model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -304,17 +349,20 @@ def _local_copy(source: Source) -> str:
 
 
 def _one_line(source: Source, err: Exception) -> ValueError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ValueError(f"cannot load model {source.name!r} ({source.kind}): {first}")
+    return ValueError(f"cannot load model {source.name!r} ({source.kind}): {_first_line(err)}")
 
 
 # -- loading ---------------------------------------------------------------------------------------------------
 def load_tokenizer(name_or_path: str | Source) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, ready for batched generation (left padding, a pad token); no weights are read."""
+    """The model's tokenizer, ready for batched generation (left padding, a pad token).
+
+    No weights are read, except the first time a GGUF file is seen (it is converted then, once).
+    """
     source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
+    location = _local_copy(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_local_copy(source))
-    except OSError as err:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as err:
         raise _one_line(source, err) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -323,10 +371,11 @@ def load_tokenizer(name_or_path: str | Source) -> PreTrainedTokenizerBase:
 
 
 def load_config(name_or_path: str | Source):
-    """The model's config (no weights are read)."""
+    """The model's config (no weights are read, except to convert a GGUF file seen for the first time)."""
     source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
+    location = _local_copy(source)
     try:
-        return AutoConfig.from_pretrained(_local_copy(source))
+        return AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
         raise _one_line(source, err) from None
 
@@ -342,7 +391,7 @@ def context_length(config) -> int | None:
 
 
 def load_model(
-    name_or_path: str = "smollm2",
+    name_or_path: str | Source = "smollm2",
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
@@ -351,7 +400,9 @@ def load_model(
     """Load a causal LM and its tokenizer, ready for batched generation.
 
     ``name_or_path`` is a registry name (see ``MODELS``), a GGUF file, a folder (a checkpoint, or holding one
-    GGUF file) or a Hugging Face model id.  The model is in eval mode on ``device`` (default: CUDA if
+    GGUF file), a Hugging Face model id, or a :class:`Source` from :func:`resolve_source`.  A GGUF file of
+    any architecture transformers reads from GGUF is dequantised once into ``$KVKEEP_CACHE/models/gguf-<key>``,
+    ``<key>`` a hash of the file's content.  The model is in eval mode on ``device`` (default: CUDA if
     available, else CPU) in ``dtype`` (default: bfloat16 on CUDA, float32 otherwise).  The tokenizer pads on
     the left and has a pad token (the eos token when the checkpoint names none).  ``tp_plan`` (``"auto"`` or a
     plan), under ``torchrun``: transformers splits the model over the launch's processes by tensor
@@ -359,12 +410,12 @@ def load_model(
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source = resolve_source(name_or_path)
+    source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
     location = _local_copy(source)
     split = {} if tp_plan is None else {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **split)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise _one_line(source, err) from None
     tokenizer = load_tokenizer(source)
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:

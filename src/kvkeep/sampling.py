@@ -23,7 +23,8 @@ class Sampling:
     Args:
         temperature: 0 for greedy decoding; > 0 divides the logits before sampling.
         top_p: nucleus sampling: sample among the most likely tokens whose probabilities sum to ``top_p``.
-        seed: seed of the request's noise (the same seed gives the same tokens).
+        seed: seed of the request's noise (the same seed gives the same tokens); a 64-bit integer, of which
+            the noise hashes the low 32 bits, as Keyformer's does.
     """
 
     temperature: float = 0.0
@@ -31,12 +32,12 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not is_real(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {self.temperature!r}")
         if not is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not is_integer(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p!r}")
+        if not is_integer(self.seed) or not -(1 << 63) <= self.seed < 1 << 63:
+            raise ValueError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

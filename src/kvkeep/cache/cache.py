@@ -23,7 +23,7 @@ from .. import hf
 from ..distributed import tensor_parallel
 from ..policies import FullPolicy, Policy, make_policy
 from .compacting import CompactingLayer
-from .layer import Observer
+from .layer import NO_LIMIT, Observer
 from .slots import SlotLayer
 from .step import StepState
 
@@ -43,13 +43,24 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     installed = importlib.util.find_spec("triton") is not None
     if kernel == "auto":
         return "triton" if device.type == "cuda" and installed else "torch"
-    if not installed:
-        raise ValueError("kernel='triton' needs triton: pip install 'kvkeep[gpu]', or use kernel='torch'")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: tests only
         raise ValueError(
             f"kernel='triton' needs a CUDA device (the model is on {device.type}): use kernel='auto' or 'torch'"
         )
+    if not installed:
+        raise ValueError("kernel='triton' needs triton: pip install 'kvkeep[gpu]', or use kernel='auto' or 'torch'")
     return "triton"
+
+
+def _kv_shape(config) -> tuple[int | None, int | None]:
+    """``(kv_heads, head_dim)`` the config's attention layers produce, None where the config does not say."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None)
+    hidden = getattr(config, "hidden_size", None)
+    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        head_dim = hidden // heads
+    return kv_heads, head_dim
 
 
 class KVKeepCache(hf.ReuseGuard, Cache):
@@ -105,7 +116,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         if max_new_tokens is not None and (not hf.is_count(max_new_tokens) or max_new_tokens < 1):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self.policy = make_policy(policy, budget, **params)
-        hf.install(model)
+        # Every check before hf.install: a cache that cannot be built leaves the model as it was.
+        hf.check_supported(model)
         config = model.config.get_text_config(decoder=True)
         layer_types = hf.layer_types(config)
         if static and "sliding_attention" in layer_types:
@@ -118,6 +130,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         devices = [d for d in hf.model_devices(model) if d.type != "meta"] or [torch.device("cpu")]
         self.kernel = resolve_kernel(kernel, next((d for d in devices if d.type != "cuda"), devices[0]))
         self.tp = tensor_parallel(model)
+        hf.install(model)
+        self.kv_shape = _kv_shape(config)
         self.state = StepState(None if max_new_tokens is None else int(max_new_tokens))
         self.model_type = config.model_type
         hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types
@@ -138,9 +152,15 @@ class KVKeepCache(hf.ReuseGuard, Cache):
                 f"this KVKeepCache was built for a model with {len(self.layers)} layers, not this one: build one "
                 "with KVKeepCache(model, ...) for the model that uses it"
             )
+        if layer_idx > 0 and getattr(self.layers[layer_idx - 1], "awaiting_attention", False):
+            raise ValueError(
+                f"layer {layer_idx - 1} of this KVKeepCache was updated but its attention did not run through "
+                "kvkeep: the model using the cache is not the one it was built for (or its attention was switched "
+                "away); build one with KVKeepCache(model, ...) for the model that uses it"
+            )
         layer = self.layers[layer_idx]
         if isinstance(layer, CompactingLayer) and not layer.is_initialized:
-            self._check_fresh_prompt(layer_idx, key_states.shape[2])
+            self._check_fresh_prompt(layer_idx, key_states)
             layer.head_offset = 0 if self.tp is None else self.tp.head_offset(key_states.shape[1])
         elif self.static and isinstance(layer, CompactingLayer) and layer.step >= layer.policy.evict_after():
             layer = self._to_slots(layer_idx)
@@ -172,7 +192,20 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         self.state.max_new_tokens = int(max_new_tokens)
 
-    def _check_fresh_prompt(self, layer_idx: int, columns: int) -> None:
+    def _check_fresh_prompt(self, layer_idx: int, key_states: torch.Tensor) -> None:
+        """Checks of a layer's first update: the model's shape, a non-empty prompt, a static ``full`` cache's length."""
+        _, kv_heads, columns, head_dim = key_states.shape
+        expected_heads, expected_dim = self.kv_shape
+        if self.tp is not None and kv_heads * self.tp.size == expected_heads:  # this rank's share of the heads
+            expected_heads = kv_heads
+        if (expected_heads, expected_dim) != (kv_heads, head_dim) and None not in self.kv_shape:
+            raise ValueError(
+                f"this KVKeepCache was built for a {self.model_type} model with {expected_heads} KV heads of "
+                f"dimension {expected_dim}, but layer {layer_idx} of the model using it has {kv_heads} of "
+                f"dimension {head_dim}: build one with KVKeepCache(model, ...) for the model that uses it"
+            )
+        if columns == 0:
+            raise ValueError("the prompt is empty: give at least one token")
         if self.static and self.policy.keeps_all and self.state.max_new_tokens is None:
             raise ValueError(
                 f"a static cache under '{self.policy.name}' never evicts, so it must know the generation "
@@ -183,17 +216,23 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             self._tell_hybrid(columns)
 
     def _tell_hybrid(self, prompt: int) -> None:
-        """Say once, in one line, how much of the KV memory the budget governs on a hybrid model."""
-        sliding = [layer for layer in self.layers if layer.sliding_window is not None]
-        if len(sliding) * 2 <= len(self.layers) or self.policy.keeps_all:
+        """Say once, in one line, how much of the KV memory the budget governs on a mostly-sliding hybrid model.
+
+        Every layer of such a model holds the same bytes per token, so shares of tokens are shares of bytes.
+        """
+        sliding = sum(layer.sliding_window is not None for layer in self.layers)
+        if sliding * 2 <= len(self.layers) or self.policy.keeps_all:
             return
-        held_sliding = min(prompt, self.hybrid_window - 1)
-        governed = (len(self.layers) - len(sliding)) * prompt
-        share = governed / (governed + len(sliding) * held_sliding)
+        governed = len(self.layers) - sliding
+        held_sliding = sliding * min(prompt, self.hybrid_window - 1)  # a sliding layer keeps window - 1 tokens
+        share = governed * prompt / (governed * prompt + held_sliding)
+        kept = min(prompt, self.policy.budget_tokens(prompt))
+        kept_share = (governed * kept + held_sliding) / (governed * prompt + held_sliding)
         log.warning(
-            f"kvkeep: {len(sliding)} of {len(self.layers)} layers of this {self.model_type} model slide over a "
-            f"{self.hybrid_window}-token window and keep it; the budget governs the other "
-            f"{len(self.layers) - len(sliding)} layers, {100 * share:.0f}% of the KV bytes of a {prompt}-token prompt"
+            f"kvkeep: {sliding} of {len(self.layers)} layers of this {self.model_type} model slide over a "
+            f"{self.hybrid_window}-token window that the budget does not shrink; the budget governs the other "
+            f"{governed} layers, {100 * share:.0f}% of the KV bytes of this {prompt}-token prompt, so budget "
+            f"{self.policy.budget} keeps about {100 * kept_share:.0f}% of them"
         )
 
     def _tempered(self) -> bool:
@@ -205,11 +244,22 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         """Move layer ``layer_idx`` into fixed slot buffers; layer 0 also starts the step counters."""
         layer = self.layers[layer_idx]
         batch, _, width, _ = layer.keys.shape
-        if layer.budget is None:
-            capacity = width + max(1, self.state.max_new_tokens - 1 - layer.step)  # the last token is never fed back
+        total = self.state.max_new_tokens
+        # Tokens a row will hold at most: the last generated token is never fed back.
+        held = None if total is None else width + max(1, total - 1 - layer.step)
+        never_evicts = layer.budget is not None and held is not None and int(layer.budget.amin()) >= held
+        if layer.budget is None or never_evicts:  # a huge budget: size the slots as for "full"
+            capacity = held
+        elif int(layer.budget.amax()) >= NO_LIMIT:
+            raise ValueError(
+                f"a budget of {self.policy.budget} tokens never evicts, so static=True must know the generation "
+                "length to size its slots: pass max_new_tokens=N to KVKeepCache, or generate with kvkeep.generate"
+            )
         else:
             capacity = max(width, int(layer.budget.amax()) + 1)
         slots = SlotLayer.from_layer(layer, capacity, self.kernel)
+        if never_evicts:  # nothing to evict; the slot layer's check of a full row guards a longer generation
+            slots.budget = slots.recent = None
         self.layers[layer_idx] = slots
         if layer_idx == 0:
             if self._tempered():  # fails now, in one line, if the schedule has no length

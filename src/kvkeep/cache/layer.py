@@ -13,7 +13,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ..policies import Policy, ScoreSpec
 
 #: A budget beyond any sequence (a huge int budget keeps everything; int64 tensors must still hold it).
-_NO_LIMIT = 1 << 62
+NO_LIMIT = 1 << 62
 
 
 @dataclass
@@ -113,7 +113,7 @@ class KVKeepLayer(CacheLayerMixin):
         for n in prompt_tokens:
             k = self.policy.budget_tokens(n)
             self.policy.check_budget(k, n)
-            budgets.append(min(k, _NO_LIMIT))
+            budgets.append(min(k, NO_LIMIT))
         self.budget = torch.tensor(budgets, dtype=torch.long, device=device)
         self.recent = torch.tensor([self.policy.recent_size(k) for k in budgets], dtype=torch.long, device=device)
 

@@ -68,6 +68,27 @@ def check_args(args: argparse.Namespace):
     return prompt, policy, sampling, device, dtype, resolve_source(args.model)
 
 
+def check_model(config, prompt_tokens: int, args: argparse.Namespace) -> None:
+    """What the model's config tells before its weights are read: kvkeep supports it, ``--static`` suits it,
+    and prompt + ``--max-new-tokens`` fit its context (unless ``--beyond-context``)."""
+    from types import SimpleNamespace
+
+    from ..hf import check_supported, layer_types
+    from ..models import context_length
+
+    check_supported(SimpleNamespace(config=config))  # it reads nothing but the config
+    text_config = config.get_text_config(decoder=True)
+    if args.static and "sliding_attention" in layer_types(text_config):
+        raise ValueError(f"--static does not support models with sliding-window layers ({config.model_type}): drop it")
+    context = context_length(config)
+    if context and prompt_tokens + args.max_new_tokens > context and not args.beyond_context:
+        raise ValueError(
+            f"the prompt has {prompt_tokens} tokens and --max-new-tokens asks {args.max_new_tokens} more, beyond "
+            f"the {context}-token context of {args.model}: shorten the prompt or lower --max-new-tokens "
+            "(or pass --beyond-context to run past it anyway)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     prompt, policy, sampling, device, dtype, source = check_args(args)
 
@@ -77,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..cache import KVKeepCache
     from ..generation import generate, stop_token_ids
-    from ..models import context_length, load_config, load_model, load_tokenizer
+    from ..models import load_config, load_model, load_tokenizer
     from ..runinfo import run_metadata
 
     distributed.start(args.tp, device)
@@ -93,14 +114,8 @@ def run(args: argparse.Namespace) -> int:
     prompt_tokens = ids.shape[1]
     if prompt_tokens == 0:
         raise ValueError("the prompt is empty after tokenisation: give some text")
-    context = context_length(load_config(source))
-    if context and prompt_tokens + args.max_new_tokens > context and not args.beyond_context:
-        raise ValueError(
-            f"the prompt has {prompt_tokens} tokens and --max-new-tokens asks {args.max_new_tokens} more, beyond "
-            f"the {context}-token context of {args.model}: shorten the prompt or lower --max-new-tokens "
-            "(or pass --beyond-context to run past it anyway)"
-        )
-    model, _ = load_model(args.model, dtype=dtype, device=device, tp_plan="auto" if args.tp > 1 else None)
+    check_model(load_config(source), prompt_tokens, args)
+    model, _ = load_model(source, dtype=dtype, device=device, tp_plan="auto" if args.tp > 1 else None)
     cache = KVKeepCache(model, policy, static=args.static)
     progress = (sys.stderr.isatty() if args.progress is None else args.progress) and distributed.is_main()
     cuda = model.device.type == "cuda"
@@ -109,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     run = generate(
         model, ids.to(model.device), cache=cache, max_new_tokens=args.max_new_tokens, sampling=sampling,
-        stop_ids=stop_token_ids(model, tokenizer), progress=progress,
+        stop_ids=stop_token_ids(model, tokenizer), progress=progress, beyond_context=args.beyond_context,
     )  # fmt: skip
     if cuda:
         torch.cuda.synchronize(model.device)

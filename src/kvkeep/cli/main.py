@@ -19,13 +19,20 @@ from .. import __version__
 COMMANDS = ("generate", "serve", "bench", "bench_serve", "sweep", "report", "budget_search", "analyze")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``only``: declare just that command (what it imports stays unimported otherwise)."""
     parser = argparse.ArgumentParser(prog="kvkeep", description="KV-cache compression for transformers models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         importlib.import_module(f".{name}", __package__).add_parser(subparsers)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command module ``argv`` names first (``budget-search`` is ``budget_search``), if any."""
+    name = argv[0].replace("-", "_") if argv else None
+    return name if name in COMMANDS else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvkeep {__version__}")
         return 0
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(_command(argv)).parse_args(argv)
     except SystemExit as exit_:  # --help, --version and usage errors (already printed by argparse)
         return exit_.code if isinstance(exit_.code, int) else 0
     args.command_line = shlex.join(["kvkeep", *argv])

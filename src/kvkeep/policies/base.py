@@ -68,8 +68,10 @@ class StepInfo:
 
 
 def is_real(value) -> bool:
-    """A real number (int, float or NumPy scalar), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A finite real number (int, float or NumPy scalar), not a bool (nor NaN or an infinity)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or math.isfinite(value)
 
 
 def is_integer(value) -> bool:
@@ -128,8 +130,8 @@ class Policy:
     keeps_all: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        self.budget = _plain_number(self.budget)
-        self.sinks = _plain_number(self.sinks)
+        for field in fields(self):  # NumPy scalars (np.float32(0.5)) become plain Python numbers
+            setattr(self, field.name, _plain_number(getattr(self, field.name)))
         self.validate()
 
     # -- validation ---------------------------------------------------------------------------------
@@ -157,6 +159,11 @@ class Policy:
 
     def check_budget(self, k: int, prompt_len: int | None = None) -> None:
         """Raise if a budget of ``k`` tokens cannot hold the protected sinks and recent window."""
+        if prompt_len == 0:
+            raise ValueError(
+                "a prompt of the batch is empty (its attention mask row is all zeros): give each sequence at least "
+                "one token"
+            )
         if prompt_len is not None and prompt_len < self.sinks:
             raise ValueError(
                 f"prompt of {prompt_len} tokens is shorter than the {self.sinks} attention sinks of "
@@ -220,10 +227,15 @@ class Policy:
 
 
 def _plain_number(value):
-    """NumPy and other numeric scalars as Python ints/floats (so JSON, ``isinstance`` and budgets agree)."""
-    if is_integer(value):
+    """NumPy and other numeric scalars (and 0-d arrays or tensors of a number) as Python ints/floats, so JSON,
+    ``isinstance`` and budgets agree; anything else unchanged (validation names it)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
         return int(value)
-    if is_real(value):
+    if isinstance(value, numbers.Real):
         return float(value)
     return value
 
