@@ -202,6 +202,7 @@ class SlotLayer(KVKeepLayer):
             valid = positions >= 0
             over = valid.sum(-1, keepdim=True) > self.budget[:, None, None]  # [B, H, 1]
             candidate = valid & ~protected(positions, newest, self.recent, self.policy.sinks)
+            over = over & candidate.any(-1, keepdim=True)  # nothing to evict when every token is protected
             score = self.scores if self.scores is not None else torch.zeros_like(positions, dtype=torch.float32)
             priority = torch.where(candidate, score, torch.inf)
             lowest = candidate & (priority == priority.amin(-1, keepdim=True))
