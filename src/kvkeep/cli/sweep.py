@@ -180,13 +180,31 @@ def parse_policies(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def expand_range(text: str) -> list[str]:
+    """``"0:0.4:0.1"`` -> ``["0", "0.1", "0.2", "0.3", "0.4"]`` (LO:HI:STEP, HI included); anything else as is."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        return [text]
+    try:
+        lo, hi, step = (float(p) for p in parts)
+    except ValueError:
+        return [text]
+    if step <= 0 or hi < lo:
+        raise ValueError(f"--param range {text!r}: need LO <= HI and STEP > 0")
+    count = int(round((hi - lo) / step, 9)) + 1
+    integral = all(p.lstrip("-").isdigit() for p in parts)
+    return [str(int(lo + i * step)) if integral else f"{lo + i * step:.10g}" for i in range(count)]
+
+
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
-    """``["tau_end=1,2,3", "sinks=4"]`` -> ``[("tau_end", [1, 2, 3]), ("sinks", [4])]`` (values as ``--param``)."""
+    """``["tau_end=1,2,3", "sinks=4", "N=0:20:10"]`` -> ``[("tau_end", [1, 2, 3]), ("sinks", [4]),
+    ("N", [0, 10, 20])]`` (values as ``--param``; LO:HI:STEP is a range)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         try:
-            parsed = [parse_param(f"{key}={value}") for value in (_items(values, key) if sep else [""])]
+            expanded = [v for value in _items(values, key) for v in expand_range(value)] if sep else [""]
+            parsed = [parse_param(f"{key}={value}") for value in expanded]
         except argparse.ArgumentTypeError as err:
             raise ValueError(f"--param: {err}") from None
         grid[parsed[0][0]] = [value for _, value in parsed]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..models import load_model
 from ..policies import POLICIES, make_policy
 from ..runinfo import run_metadata
-from .data import load_dataset
+from .data import Sample, load_dataset
 from .results import RESULTS_FILE, append_row, load_results, row_key
 from .tasks import RunContext, get_task
 
@@ -188,10 +188,11 @@ class Runner:
     def key(self, sample_id: str, config: Config) -> str:
         return row_key(self.identity(sample_id, config))
 
-    def run(self, configs: list[Config], desc: str | None = None) -> list[dict]:
-        """Rows of every sample x configuration (full attention first), computing only the missing ones."""
+    def run(self, configs: list[Config], desc: str | None = None, samples: list[Sample] | None = None) -> list[dict]:
+        """Rows of every sample (default: the data set's) x configuration (full attention first), computing only
+        the missing ones."""
         configs = [full_config()] + [c for c in configs if c[0] != "full"]
-        samples = self.dataset.samples
+        samples = self.dataset.samples if samples is None else samples
         todo = sum(self.key(s.id, c) not in self.done for s in samples for c in configs)
         size = self.run_options.batch_size if self.task.batched else 1
         rows = []
