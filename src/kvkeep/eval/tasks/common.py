@@ -23,6 +23,7 @@ __all__ = [
     "chat_parts",
     "encode",
     "generate_batch",
+    "generation_fields",
     "model_context",
     "prompt_ids",
     "timed",
@@ -177,3 +178,17 @@ def generate_batch(
         text = tok.decode(tokens, skip_special_tokens=True).strip()
         results.append({"tokens": tokens, "text": text, "kv_bytes": kv_bytes, "kv_bytes_full": kv_full})
     return results, seconds
+
+
+def generation_fields(out: dict, prompt: list[int], seconds: float, truncated: bool = False) -> dict:
+    """The fields of a generating task's row for one output of :func:`generate_batch`."""
+    return {
+        "prompt_tokens": len(prompt),
+        "new_tokens": len(out["tokens"]),
+        "kv_bytes": out["kv_bytes"],
+        "kv_bytes_full": out["kv_bytes_full"],
+        "seconds": seconds,
+        "truncated": truncated,
+        "output": out["text"],
+        "output_ids": out["tokens"],
+    }

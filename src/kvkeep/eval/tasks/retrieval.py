@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..data import Sample
 from ..metrics import agreement
 from ..synthetic import KINDS, build_prompt, score_answers
-from .common import RunContext, Task, chat_parts, generate_batch, model_context
+from .common import RunContext, Task, chat_parts, generate_batch, generation_fields, model_context
 
 __all__ = ["RETRIEVAL", "RetrievalOptions"]
 
@@ -51,14 +51,7 @@ def _retrieve(ctx: RunContext, samples: list[Sample], policy: str, params: dict)
             "context": s.extra["context"],
             "depth": s.extra["depth"],
             **info,
-            "prompt_tokens": len(ids),
-            "new_tokens": len(out["tokens"]),
-            "kv_bytes": out["kv_bytes"],
-            "kv_bytes_full": out["kv_bytes_full"],
-            "seconds": seconds / len(samples),
-            "truncated": False,
-            "output": out["text"],
-            "output_ids": out["tokens"],
+            **generation_fields(out, ids, seconds / len(samples)),
         }
         for s, (ids, info), out in zip(samples, prompts, outputs, strict=True)
     ]

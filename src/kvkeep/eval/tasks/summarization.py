@@ -8,7 +8,7 @@ import torch
 
 from ..data import Sample
 from ..metrics import agreement, rouge
-from .common import RunContext, Task, generate_batch, model_context, prompt_ids
+from .common import RunContext, Task, generate_batch, generation_fields, model_context, prompt_ids
 
 __all__ = ["SUMMARIZATION", "SummarizationOptions"]
 
@@ -55,14 +55,7 @@ def _summarize(ctx: RunContext, samples: list[Sample], policy: str, params: dict
     return [
         {
             "metrics": {f"{k}_ref": v for k, v in rouge(out["text"], s.refs).items()},
-            "prompt_tokens": len(ids),
-            "new_tokens": len(out["tokens"]),
-            "kv_bytes": out["kv_bytes"],
-            "kv_bytes_full": out["kv_bytes_full"],
-            "seconds": seconds / len(samples),
-            "truncated": truncated,
-            "output": out["text"],
-            "output_ids": out["tokens"],
+            **generation_fields(out, ids, seconds / len(samples), truncated),
         }
         for s, (ids, truncated), out in zip(samples, prompts, outputs, strict=True)
     ]
