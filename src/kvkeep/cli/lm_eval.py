@@ -20,6 +20,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "lm-eval",
         help="run lm-evaluation-harness tasks through a kvkeep cache",
+        usage="kvkeep lm-eval [LM_EVAL_OPTION ...]",
         description="lm-evaluation-harness with its model 'kvkeep': every option after 'lm-eval' is lm_eval's "
         "(see kvkeep-lm-eval --help). Model arguments: pretrained, policy, budget, the policy's parameters, "
         "prefill_chunk (log-likelihood tasks through the cache in chunks) and kv_log (a JSONL of KV bytes). "
