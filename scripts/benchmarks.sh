@@ -5,7 +5,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # less fragmentation near the memory limit
 out=${OUT:-docs/bench}; mkdir -p "$out"
 fit=${FIT:-$out}  # where stage D finds the B runs
-kvkeep=(python3 -m kvkeep.cli.main bench)
+kvkeep=(python3 -m kvkeep bench)
 stages=("$@"); [ $# -eq 0 ] && stages=(A B1 B2 B3 B4 B5 C D)
 for stage in "${stages[@]}"; do
   case $stage in

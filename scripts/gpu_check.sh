@@ -16,8 +16,8 @@ for s in "${stages[@]}"; do
              tests/test_kernel_slots.py tests/test_gpu.py tests/test_static.py tests/test_engine.py ;;
     compare) stage env PYTHONPATH="${OLD_SRC:-.carry/old/src}" python3 -m kvkeep.cli bench "${row8[@]}" \
                --json "$out/bench_before.json"
-             stage python3 -m kvkeep.cli.main bench "${row8[@]}" --json "$out/bench_after.json" ;;
-    engine) stage python3 -m kvkeep.cli.main bench-serve --arch llama-2-7b --methods full,h2o,keyformer,co2 \
+             stage python3 -m kvkeep bench "${row8[@]}" --json "$out/bench_after.json" ;;
+    engine) stage python3 -m kvkeep bench-serve --arch llama-2-7b --methods full,h2o,keyformer,co2 \
               --budgets 0.5 --rows 8 --requests 16 --prompt-tokens 2048 --output-tokens 256 --memory-gib 76 \
               --json "$out/engine_rows8.json" ;;
     profile) for p in window keyformer; do stage python3 scripts/profile_decode.py --policy $p; done ;;

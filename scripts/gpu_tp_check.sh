@@ -16,7 +16,7 @@ stage() { echo "=== $*"; "$@" 2>&1 | tee -a "$out/gpu_tp_check.log"; [ "${PIPEST
 if [ "$gpus" -ge 2 ]; then
   stage torchrun --standalone --nproc-per-node 2 scripts/gpu_tp_check.py tp --arch llama-2-7b
   stage torchrun --standalone --nproc-per-node 2 scripts/gpu_tp_check.py tp --arch llama-3-8b --layers 8
-  stage torchrun --standalone --nproc-per-node 2 -m kvkeep.cli.main bench --tp 2 --arch llama-2-7b \
+  stage torchrun --standalone --nproc-per-node 2 -m kvkeep bench --tp 2 --arch llama-2-7b \
     --methods hf-sdpa,full,h2o,keyformer --budgets 0.5 --prompts 2048 --gens 64 --batches 1,8 --json "$out/bench_tp2.json"
   stage python3 scripts/gpu_tp_check.py device-map --arch llama-2-7b
 else

@@ -13,7 +13,7 @@ out=${OUT:-/tmp/serve_bench}; mkdir -p "$out"
 common=(bench-serve --arch llama-2-7b --memory-gib 76 --seed 0)
 A=(--prompt-tokens 2048-4096 --output-tokens 256-1024)
 M=(--prompt-tokens 512-4096 --output-tokens 64-1024)
-run() { name=$1; shift; echo "=== $name: kvkeep $*"; python3 -m kvkeep.cli.main "$@" --json "$out/$name.json" 2>&1 \
+run() { name=$1; shift; echo "=== $name: kvkeep $*"; python3 -m kvkeep "$@" --json "$out/$name.json" 2>&1 \
           | grep -v "req/s\]" | tee -a "$out/serve_bench.log"; }
 for s in "$@"; do
   case $s in

@@ -1,7 +1,8 @@
 """The ``kvkeep`` command line: the command table and the entry point.
 
 Each command is one module of this package with ``add_parser(subparsers)``, which declares its options and
-sets ``func`` to a ``run(args) -> int`` that imports what it needs when it runs.  A ``ValueError`` from a
+sets ``func`` to a ``run(args) -> int`` that imports what it needs when it runs.  A command that sets
+``passthrough`` hands the options it does not know on to another program (``args.extra``).  A ``ValueError`` from a
 command (bad budget, unknown policy parameter, missing file, ...) becomes one line ``kvkeep: error: ...`` on
 stderr and exit status 2, like argparse's own usage errors.
 """
@@ -16,7 +17,9 @@ import sys
 from .. import __version__
 
 #: Command modules, in the order ``kvkeep --help`` lists them.
-COMMANDS = ("generate", "serve", "bench", "bench_serve", "sweep", "report", "budget_search", "analyze")
+COMMANDS = (
+    "generate", "serve", "bench", "bench_serve", "sweep", "report", "budget_search", "tune", "analyze", "lm_eval",
+)  # fmt: skip
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -41,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv in (["--version"], ["-V"]):  # no need to build every command's options
         print(f"kvkeep {__version__}")
         return 0
+    parser = build_parser(_command(argv))
     try:
-        args = build_parser(_command(argv)).parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "passthrough", False):  # only a command that hands its options on
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # --help, --version and usage errors (already printed by argparse)
         return exit_.code if isinstance(exit_.code, int) else 0
+    args.extra = extra
     args.command_line = shlex.join(["kvkeep", *argv])
     try:
         return args.func(args)

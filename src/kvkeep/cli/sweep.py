@@ -14,10 +14,10 @@ import json
 import sys
 import time
 
-from .options import POLICY_NAMES, add_model_options, parse_budget, parse_param, positive_int
+from .options import POLICY_NAMES, add_model_options, comma_list, parse_budget, parse_param, positive_int
 
 DEFAULT_BUDGETS = "0.2,0.3,0.5,0.7,0.9"
-TASK_NAMES = ("summarization", "perplexity")
+TASK_NAMES = ("summarization", "perplexity", "retrieval")
 
 
 def add_run_options(parser: argparse.ArgumentParser, policies: str, budgets: bool = False) -> None:
@@ -33,6 +33,7 @@ def add_run_options(parser: argparse.ArgumentParser, policies: str, budgets: boo
     group.add_argument("--ref-field", help="reference field(s), comma-separated (default: reference)")
     group.add_argument("--id-field", help="sample id field (default: id, else the record index)")
     group.add_argument("--split", default="test", help="split of a hub data set (default: %(default)s)")
+    _add_synthetic_options(parser.add_argument_group("synthetic data (passkey, niah, niah-multikey, ...)"))
     add_model_options(parser)
     group = parser.add_argument_group("policies")
     group.add_argument("--policies", default=policies, help="comma-separated (default: %(default)s); full always runs")
@@ -59,8 +60,35 @@ def add_run_options(parser: argparse.ArgumentParser, policies: str, budgets: boo
     group.add_argument("--out", required=True, metavar="DIR", help="results folder, e.g. runs/NAME")
 
 
+def _add_synthetic_options(group) -> None:
+    group.add_argument(
+        "--context",
+        dest="contexts",
+        type=comma_list(parse_tokens, "1024,4k"),
+        help="context lengths in tokens, prompt plus answer (default: 1k,2k,4k,8k)",
+    )
+    group.add_argument(
+        "--depths",
+        type=comma_list(float, "0,0.5,1"),
+        help="needle depths, 0 (start of the haystack) to 1 (its end) (default: 0,0.25,0.5,0.75,1)",
+    )
+    group.add_argument("--per-cell", type=positive_int, help="samples per context and depth (default: 1)")
+
+
+def parse_tokens(text: str) -> int:
+    """``"4096"`` or ``"4k"`` (x1024) -> 4096."""
+    value = int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _add_summarization_options(group) -> None:
-    group.add_argument("--max-new-tokens", type=positive_int, default=96, help="default: %(default)s")
+    group.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help="tokens to generate (default: 96 for summarization; retrieval: each kind's answer length)",
+    )
     group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     group.add_argument("--temperature", type=float, help="sampling temperature (with --sample)")
     group.add_argument("--top-p", type=float, help="nucleus sampling threshold (with --sample)")
@@ -97,7 +125,7 @@ def run_options(args: argparse.Namespace):
     if not args.sample and (args.temperature is not None or args.top_p is not None):
         raise ValueError("--temperature and --top-p need --sample")
     summarization = {
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens or 96,
         "do_sample": args.sample,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -106,11 +134,14 @@ def run_options(args: argparse.Namespace):
         "max_prompt_tokens": args.max_prompt_tokens,
     }
     perplexity = {"prompt_tokens": args.prompt_tokens, "eval_tokens": args.eval_tokens, "windows": args.windows}
+    retrieval = {"max_new_tokens": args.max_new_tokens}
+    synthetic = {k: getattr(args, k) for k in ("contexts", "depths") if getattr(args, k)}
     return RunOptions(
         data=args.data, out=args.out, task=args.task, model=args.model, device=args.device, dtype=args.dtype,
         limit=args.limit, doc_field=args.doc_field, ref_field=args.ref_field, id_field=args.id_field,
-        split=args.split, seed=args.seed, batch_size=args.batch_size,
-        task_options={"summarization": summarization, "perplexity": perplexity},
+        split=args.split, seed=args.seed, batch_size=args.batch_size, per_cell=args.per_cell,
+        **{k: tuple(v) for k, v in synthetic.items()},
+        task_options={"summarization": summarization, "perplexity": perplexity, "retrieval": retrieval},
     )  # fmt: skip
 
 
@@ -149,13 +180,31 @@ def parse_policies(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def expand_range(text: str) -> list[str]:
+    """``"0:0.4:0.1"`` -> ``["0", "0.1", "0.2", "0.3", "0.4"]`` (LO:HI:STEP, HI included); anything else as is."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        return [text]
+    try:
+        lo, hi, step = (float(p) for p in parts)
+    except ValueError:
+        return [text]
+    if step <= 0 or hi < lo:
+        raise ValueError(f"--param range {text!r}: need LO <= HI and STEP > 0")
+    count = int(round((hi - lo) / step, 9)) + 1
+    integral = all(p.lstrip("-").isdigit() for p in parts)
+    return [str(int(lo + i * step)) if integral else f"{lo + i * step:.10g}" for i in range(count)]
+
+
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
-    """``["tau_end=1,2,3", "sinks=4"]`` -> ``[("tau_end", [1, 2, 3]), ("sinks", [4])]`` (values as ``--param``)."""
+    """``["tau_end=1,2,3", "sinks=4", "N=0:20:10"]`` -> ``[("tau_end", [1, 2, 3]), ("sinks", [4]),
+    ("N", [0, 10, 20])]`` (values as ``--param``; LO:HI:STEP is a range)."""
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         try:
-            parsed = [parse_param(f"{key}={value}") for value in (_items(values, key) if sep else [""])]
+            expanded = [v for value in _items(values, key) for v in expand_range(value)] if sep else [""]
+            parsed = [parse_param(f"{key}={value}") for value in expanded]
         except argparse.ArgumentTypeError as err:
             raise ValueError(f"--param: {err}") from None
         grid[parsed[0][0]] = [value for _, value in parsed]

@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+
+from .sample import Sample
 
 __all__ = [
     "DATASETS",
     "DEFAULT_TEMPLATE",
     "Dataset",
     "DatasetSpec",
+    "SYNTHETIC_DEFAULTS",
     "Sample",
     "data_root",
     "load_dataset",
@@ -28,17 +31,6 @@ __all__ = [
 
 #: Template of a file given by path (``{doc}`` is the document, ``{query}`` the query when there is one).
 DEFAULT_TEMPLATE = "Summarize the following text.\n\n{doc}"
-
-
-@dataclass
-class Sample:
-    """One evaluation item: a document, its reference outputs and, for query-based data, a query."""
-
-    id: str
-    doc: str
-    refs: list[str] = field(default_factory=list)
-    query: str | None = None
-    extra: dict = field(default_factory=dict)  # other fields kept from the source (e.g. CNN/DM ``references``)
 
 
 @dataclass(frozen=True)
@@ -53,6 +45,8 @@ class DatasetSpec:
         template: the prompt, with ``{doc}`` (and ``{query}``); any instruction goes here.
         keep: further fields copied into :attr:`Sample.extra`.
         loader: ``loader(path, spec) -> Iterator[Sample]`` for formats the field mapping cannot express.
+        synthetic: the kind of generated samples (:data:`kvkeep.eval.synthetic.KINDS`); ``path`` is then the
+            prose of its haystack, if it needs one.
     """
 
     path: str
@@ -63,6 +57,7 @@ class DatasetSpec:
     template: str = "{doc}"
     keep: tuple[str, ...] = ()
     loader: Callable[[Path, DatasetSpec], Iterator[Sample]] | None = None
+    synthetic: str | None = None
 
 
 @dataclass
@@ -157,6 +152,7 @@ def _qmsum(path: Path, spec: DatasetSpec) -> Iterator[Sample]:
 
 
 _CNNDM = "Summarize the following news article in 3 sentences.\n\n{doc}"
+_CNNDM_AFTER = "{doc}\n\nSummarize the above news article in 3 sentences."
 
 #: Named data sets; paths are relative to :func:`data_root`.
 DATASETS: dict[str, DatasetSpec] = {
@@ -167,6 +163,11 @@ DATASETS: dict[str, DatasetSpec] = {
     # The same articles scored against their 11 human references (max over references).
     "cnndm-human": DatasetSpec(
         "summarization/summeval_cnndm_100.jsonl", "summarization", refs=("references",), id="id", template=_CNNDM
+    ),
+    # The same articles and references with the instruction after the article: a policy that keeps the most
+    # recent tokens then keeps the instruction.
+    "cnndm-after": DatasetSpec(
+        "summarization/summeval_cnndm_100.jsonl", "summarization", id="id", template=_CNNDM_AFTER, keep=("references",)
     ),
     "cnndm-realsumm": DatasetSpec("summarization/realsumm_cnndm_100.jsonl", "summarization", id="id", template=_CNNDM),
     # H2O's own prompt ("###\nArticle: ...\n\nSummarize the above article in 1 sentence.\n"), used as is.
@@ -188,7 +189,17 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "books": DatasetSpec("books/austen_*.txt", "perplexity", loader=_texts),
     "wikitext2": DatasetSpec("lm/wikitext2_test.txt", "perplexity", loader=_texts),
+    # Synthetic long-context tasks, generated with the model's tokenizer (kvkeep.eval.synthetic): --context,
+    # --depths and --per-cell choose the samples.
+    "passkey": DatasetSpec("", "retrieval", synthetic="passkey"),
+    "niah": DatasetSpec("books/austen_*.txt", "retrieval", synthetic="niah_single"),
+    "niah-multikey": DatasetSpec("books/austen_*.txt", "retrieval", synthetic="niah_multikey"),
+    "niah-multivalue": DatasetSpec("books/austen_*.txt", "retrieval", synthetic="niah_multivalue"),
+    "vt": DatasetSpec("", "retrieval", synthetic="vt"),
+    "cwe": DatasetSpec("books/austen_*.txt", "retrieval", synthetic="cwe"),
 }
+#: Synthetic samples by default: every context SmolLM2 holds, five depths, one sample per cell.
+SYNTHETIC_DEFAULTS = {"contexts": (1024, 2048, 4096, 8192), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "per_cell": 1}
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".txt")
 
@@ -220,15 +231,27 @@ def load_dataset(
     ref_field: str | None = None,
     id_field: str | None = None,
     split: str = "test",
+    contexts: list[int] | None = None,
+    depths: list[float] | None = None,
+    per_cell: int | None = None,
+    seed: int = 0,
 ) -> Dataset:
     """Load a named data set, a JSONL/text file or a Hugging Face data set (``NAME[:CONFIG]``).
 
     ``doc_field``/``ref_field`` (comma-separated for several references)/``id_field`` override the field
     mapping of a file or hub data set (defaults ``article``, ``reference``, ``id``).  A ``.txt`` file is one
     sample for the perplexity task; anything else defaults to summarization.  ``limit``: the first N samples.
+    A synthetic data set is generated: ``per_cell`` samples per context length (tokens) and needle depth (0 to
+    1), drawn with ``seed`` (defaults: :data:`SYNTHETIC_DEFAULTS`).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    synthetic = DATASETS[data].synthetic if data in DATASETS else None
+    if synthetic:
+        return _synthetic(data, limit, contexts, depths, per_cell, seed)
+    if contexts or depths or per_cell:
+        names = ", ".join(name for name, spec in DATASETS.items() if spec.synthetic)
+        raise ValueError(f"--context, --depths and --per-cell apply to the synthetic data sets ({names}), not {data}")
     if data in DATASETS:
         spec = DATASETS[data]
         path = data_root() / spec.path
@@ -256,3 +279,20 @@ def load_dataset(
     if not samples:
         raise ValueError(f"no samples in {path}")
     return Dataset(data, spec.task, spec.template, samples)
+
+
+def _synthetic(data: str, limit, contexts, depths, per_cell, seed: int) -> Dataset:
+    from .synthetic import synthetic_samples
+
+    spec = DATASETS[data]
+    defaults = SYNTHETIC_DEFAULTS
+    path = data_root() / spec.path if spec.path else None
+    samples = synthetic_samples(
+        spec.synthetic,
+        list(contexts or defaults["contexts"]),
+        list(depths if depths is not None else defaults["depths"]),
+        per_cell or defaults["per_cell"],
+        seed,
+        path,
+    )
+    return Dataset(data, spec.task, "", samples[:limit])

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..models import load_model
 from ..policies import POLICIES, make_policy
 from ..runinfo import run_metadata
-from .data import load_dataset
+from .data import Sample, load_dataset
 from .results import RESULTS_FILE, append_row, load_results, row_key
 from .tasks import RunContext, get_task
 
@@ -55,7 +55,8 @@ class RunOptions:
             chosen task's are checked and filled with its defaults (see :data:`kvkeep.eval.tasks.TASKS`).
         model, device, dtype: as :func:`kvkeep.models.load_model` takes them.
         limit, doc_field, ref_field, id_field, split: as :func:`kvkeep.eval.data.load_dataset` takes them.
-        seed: random seed for sampling.
+        contexts, depths, per_cell: the samples of a synthetic data set (see :func:`kvkeep.eval.data.load_dataset`).
+        seed: random seed for sampling and for the synthetic samples.
         batch_size: samples per generate call (batched tasks).
     """
 
@@ -71,6 +72,9 @@ class RunOptions:
     ref_field: str | None = None
     id_field: str | None = None
     split: str = "test"
+    contexts: tuple[int, ...] | None = None
+    depths: tuple[float, ...] | None = None
+    per_cell: int | None = None
     seed: int = 0
     batch_size: int = 1
 
@@ -137,6 +141,10 @@ class Runner:
             ref_field=options.ref_field,
             id_field=options.id_field,
             split=options.split,
+            contexts=options.contexts,
+            depths=options.depths,
+            per_cell=options.per_cell,
+            seed=options.seed,
         )
         self.task = get_task(options.task or self.dataset.task)
         if self.task.needs_refs and not all(s.refs for s in self.dataset.samples):
@@ -180,10 +188,11 @@ class Runner:
     def key(self, sample_id: str, config: Config) -> str:
         return row_key(self.identity(sample_id, config))
 
-    def run(self, configs: list[Config], desc: str | None = None) -> list[dict]:
-        """Rows of every sample x configuration (full attention first), computing only the missing ones."""
+    def run(self, configs: list[Config], desc: str | None = None, samples: list[Sample] | None = None) -> list[dict]:
+        """Rows of every sample (default: the data set's) x configuration (full attention first), computing only
+        the missing ones."""
         configs = [full_config()] + [c for c in configs if c[0] != "full"]
-        samples = self.dataset.samples
+        samples = self.dataset.samples if samples is None else samples
         todo = sum(self.key(s.id, c) not in self.done for s in samples for c in configs)
         size = self.run_options.batch_size if self.task.batched else 1
         rows = []

@@ -11,7 +11,12 @@ A sweep writes ``runs/NAME/results.jsonl`` (one JSON object per sample and confi
   plots: each metric against the KV budget per policy, with the full-attention value and the 99%-of-full
   bar (the MLPerf accuracy target, Keyformer Figure 13; perplexity against budget as in CO2 Figure 6), and
   each swept policy parameter (Keyformer's temperature as in its Figure 16, the recent-window ratio as in
-  its Figure 12, ...) against the metric (:mod:`.markdown`, :mod:`.summary_csv`, :mod:`.plots`).
+  its Figure 12, ...) against the metric (:mod:`.markdown`, :mod:`.summary_csv`, :mod:`.plots`); rows with a
+  context length and a needle depth (the synthetic retrieval tasks) also get the metric by context and by
+  depth and a heatmap per budget, one panel per policy (:mod:`.grid`).
+
+Every mean comes with its 95% percentile-bootstrap interval over samples (:mod:`kvkeep.eval.stats`): a
+``(95% CI)`` row under each row of means, ``<metric>_ci_low``/``_ci_high`` columns in ``summary.csv``.
 
 Rows of one identity (:func:`kvkeep.eval.results.row_key`: configuration, seed, sample and task options;
 a resumed sweep appending again) count once: the last one wins. Task options that vary within a run
@@ -31,7 +36,7 @@ from ..results import RESULTS_FILE, dedupe
 from .markdown import header, section
 from .reading import CONFIG_FILE, load_config, load_rows
 from .slices import slices
-from .summary import metric_key, summarize, varying_options, varying_params
+from .summary import metric_key, row_slice, setting, summarize, varying_options, varying_params
 from .summary_csv import write_summary_csv
 
 __all__ = [
@@ -86,8 +91,10 @@ def write_report(
     run_slices = slices(summary, rows)
     many_models = len({sl.model for sl in run_slices}) > 1
     written: list[Path] = []
+    settings = varying_options(rows)
     for sl in run_slices:
-        lines, drawn = section(sl, metrics, many_models, plots)
+        mine = [r for r in rows if row_slice(r)[:3] == sl.key[:3] and setting(r, settings) == sl.options]
+        lines, drawn = section(sl, metrics, many_models, plots, mine)
         md += lines
         written += drawn
     markdown = "\n".join(md) + "\n"

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..stats import fmt_ci
+from .grid import grid_section, has_grid
 from .plots import plot_sweep, plot_vs_budget
 from .slices import (
     BAR,
@@ -26,6 +28,9 @@ from .slices import (
     sweep_axes,
 )
 from .summary import budget_key, norm, value_key
+
+CI_LABEL = "(95% CI)"
+CI_NOTE = "95% confidence interval (percentile bootstrap over samples, 2000 resamples, seed 0)"
 
 
 def header(run_dir: Path, rows: list[dict], dropped: int, config: dict) -> list[str]:
@@ -55,9 +60,10 @@ def header(run_dir: Path, rows: list[dict], dropped: int, config: dict) -> list[
 
 
 def section(
-    sl: Slice, metrics: Sequence[str] | None, many_models: bool, plots: Path | None
+    sl: Slice, metrics: Sequence[str] | None, many_models: bool, plots: Path | None, rows: Sequence[dict] = ()
 ) -> tuple[list[str], list[Path]]:
-    """The markdown of one slice, and the plots it drew into ``plots`` (None: no plots)."""
+    """The markdown of one slice, and the plots it drew into ``plots`` (None: no plots); ``rows`` (the slice's)
+    with a context length add the context x depth tables and heatmaps (:mod:`.grid`)."""
     setting = fmt_params(sl.options)
     heading = f"## {sl.task} · {sl.dataset}" + (f" · {sl.model}" if many_models else "")
     md = ["", heading + (f" · {setting}" if setting else ""), ""]
@@ -99,6 +105,10 @@ def section(
                 plot_sweep(path, sl, metric, axis, series_params)
                 written.append(path)
                 md += ["", f"![{metric} vs {axis}]({path.name})"]
+    if has_grid(rows):
+        lines, drawn = grid_section(sl, rows, chosen, plots, prefix)
+        md += lines
+        written += drawn
     return md, written
 
 
@@ -106,7 +116,7 @@ def _by_budget(sl: Slice, metric: str) -> list[str]:
     """The table of ``metric`` by policy and budget, and its note."""
     ref = sl.reference(metric)
     md = ["", f"### {metric_name(metric)} (`{metric}`) by KV budget", "", *_main_table(sl, metric)]
-    notes = [f"Mean over samples; columns: KV budget ({_budget_note(sl.budgets)})."]
+    notes = [f"Mean over samples, and under it its {CI_NOTE}; columns: KV budget ({_budget_note(sl.budgets)})."]
     if ref is not None and has_bar(metric):
         bar = fmt_value(BAR * ref, sl.scale(metric))
         notes.append(f"**Bold**: at least 99% of full attention ({bar}, the MLPerf bar).")
@@ -137,18 +147,29 @@ def _cell(group: dict | None, metric: str, sl: Slice) -> str:
     return text
 
 
+def _ci_row(groups: Sequence[dict | None], metric: str, sl: Slice) -> list[str]:
+    """The row under a row of means: each mean's 95% bootstrap interval over samples (fewer than 2: none)."""
+    cells = []
+    for g in groups:
+        ci = None if g is None or g["n"] < 2 else g.get("ci", {}).get(metric)
+        cells.append(fmt_ci(ci, lambda v: fmt_value(v, sl.scale(metric))))
+    return [CI_LABEL, *cells]
+
+
 def _main_table(sl: Slice, metric: str) -> list[str]:
     ref = sl.reference(metric)
     header = ["policy", *(fmt_budget(b) for b in sl.budgets)]
     body = []
     if ref is not None:
         body.append(["full (no eviction)", *([fmt_value(ref, sl.scale(metric))] * len(sl.budgets))])
+        full = sl.full[0] if len(sl.full) == 1 else None
+        body.append(_ci_row([full] * len(sl.budgets), metric, sl))
     for policy in sl.policies:
         for params, groups in sl.main_series(policy):
             by_budget = {g["budget"]: g for g in groups}
             row = [series_label(policy, params)]
             row += [_cell(by_budget.get(b), metric, sl) for b in sl.budgets]
-            body.append(row)
+            body += [row, _ci_row([by_budget.get(b) for b in sl.budgets], metric, sl)]
     return _md_table(header, body)
 
 
@@ -172,8 +193,8 @@ def _sweep_table(sl: Slice, policy: str, param: str, metric: str) -> list[str]:
         label = f"{param}={g['params'].get(param)}" + (f"; {fmt_params(others)}" if others else "")
         order = (value_key(norm(g["params"].get(param))), *(value_key(norm(v)) for v in others.values()))
         rows.setdefault(label, (order, {}))[1][g["budget"]] = g
-    body = [
-        [label, *(_cell(cells.get(b), metric, sl) for b in budgets)]
-        for label, (_, cells) in sorted(rows.items(), key=lambda item: item[1][0])
-    ]
+    body = []
+    for label, (_, cells) in sorted(rows.items(), key=lambda item: item[1][0]):
+        body.append([label, *(_cell(cells.get(b), metric, sl) for b in budgets)])
+        body.append(_ci_row([cells.get(b) for b in budgets], metric, sl))
     return _md_table([param, *(fmt_budget(b) for b in budgets)], body)

@@ -15,6 +15,7 @@ from .summary import budget_key, metric_key, norm, policy_key, row_slice, settin
 DEFAULT_METRICS = {
     "summarization": ("rouge1_ref", "rouge2_ref", "rougeL_ref"),
     "perplexity": ("ppl",),
+    "retrieval": ("accuracy",),
 }
 METRIC_LABELS = {
     "rouge1_ref": "ROUGE-1 vs reference",
@@ -28,6 +29,7 @@ METRIC_LABELS = {
     "ppl": "perplexity (mean over samples)",
     "ppl_pooled": "perplexity (pooled over tokens)",
     "nll": "negative log-likelihood",
+    "accuracy": "accuracy (share of the answers in the output)",
 }
 LOWER_IS_BETTER = frozenset({"ppl", "ppl_pooled", "nll"})
 # Metrics for which "99% of full attention" is a meaningful accuracy bar.
@@ -145,6 +147,10 @@ class Slice:
                 if len(values) > 1:
                     result.append((policy, name))
         return result
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.task, self.dataset, self.model)
 
     @property
     def title(self) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..results import dedupe
+from ..stats import bootstrap_ci
 
 POLICY_ORDER = ("full", "window", "streaming", "h2o", "keyformer", "co2")
 METRIC_ORDER = (
@@ -133,6 +134,16 @@ def _pooled_ppl(rows: Sequence[dict]) -> float | None:
     return math.exp(total_nll / total_tokens) if total_tokens else None
 
 
+def _sample_ci(members: Sequence[dict], name: str) -> tuple[float, float] | None:
+    """95% bootstrap interval of the mean of ``name`` over samples (a sample's rows, seeds, averaged first)."""
+    per_sample: dict[str, list[float]] = defaultdict(list)
+    for row in members:
+        value = (row.get("metrics") or {}).get(name)
+        if _numeric(value):
+            per_sample[json.dumps(row.get("sample_id"), default=str)].append(float(value))
+    return bootstrap_ci([sum(v) / len(v) for v in per_sample.values()])
+
+
 def _means(members: Sequence[dict]) -> dict:
     """Metric means (and pooled perplexity), KV share and seconds of one group's rows."""
     names = sorted({name for row in members for name in (row.get("metrics") or {})}, key=metric_key)
@@ -147,6 +158,7 @@ def _means(members: Sequence[dict]) -> dict:
         if pooled is not None:
             metrics["ppl_pooled"] = pooled
             metrics = dict(sorted(metrics.items(), key=lambda item: metric_key(item[0])))
+    ci = {name: _sample_ci(members, name) for name in metrics if name != "ppl_pooled"}
     kept = [(r.get("kv_bytes"), r.get("kv_bytes_full")) for r in members]
     kept = [(k, f) for k, f in kept if _numeric(k) and _numeric(f)]
     full_sum = sum(f for _, f in kept)
@@ -154,6 +166,7 @@ def _means(members: Sequence[dict]) -> dict:
     return {
         "n": len(members),
         "metrics": metrics,
+        "ci": {name: value for name, value in ci.items() if value is not None},
         "kv_ratio": sum(k for k, _ in kept) / full_sum if full_sum else None,
         "seconds": _mean(seconds),
     }
@@ -167,7 +180,8 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     run for this task, dataset and model), ``policy``, ``budget``, ``params`` (only the policy parameters that
     vary within the run for this task, dataset, model and policy), ``n`` (rows, after repeats are dropped),
     ``metrics`` (metric name -> mean over the rows that have a number for it; for perplexity also
-    ``ppl_pooled``, exp of the token-weighted mean NLL, when ``nll`` is per token), ``kv_ratio`` (sum of
+    ``ppl_pooled``, exp of the token-weighted mean NLL, when ``nll`` is per token), ``ci`` (metric name -> its
+    mean's 95% percentile-bootstrap interval over samples, :func:`kvkeep.eval.stats.bootstrap_ci`), ``kv_ratio`` (sum of
     ``kv_bytes`` / sum of ``kv_bytes_full``) and ``seconds`` (mean). Sorted by task, dataset, model, options,
     policy (``full`` first), budget and parameters.
     """
