@@ -8,10 +8,12 @@ model with a layer offloaded to disk runs through accelerate's hooks.  The rest 
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,12 +40,15 @@ PROMPT = (
 )
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 ARGS`` with this kvkeep and the tests importable."""
+def torchrun(*args: str, wait: bool = True):
+    """``torchrun --standalone --nproc-per-node 2 ARGS`` with this kvkeep and the tests importable: its completed
+    process, or (``wait=False``) the running one."""
     path = [str(Path(kvkeep.__file__).parents[1]), str(TESTS), os.environ.get("PYTHONPATH", "")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    if not wait:
+        return subprocess.Popen(command, env=env, cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = subprocess.run(command, env=env, cwd=TESTS, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     return done
@@ -61,7 +66,7 @@ def test_tensor_parallel_equals_one_process() -> None:
 def test_generate_command_under_torchrun(capsys, tiny_dir) -> None:
     argv = ["generate", "--model", tiny_dir, "--prompt", PROMPT, "--max-new-tokens", "5", "--json"]
     argv += ["--policy", "keyformer", "--budget", "0.5", "--static"]
-    lines = torchrun("-m", "kvkeep.cli.main", *argv, "--tp", "2").stdout.strip().splitlines()
+    lines = torchrun("-m", "kvkeep", *argv, "--tp", "2").stdout.strip().splitlines()
     assert len(lines) == 1, lines  # rank 1 stays quiet
     split = json.loads(lines[0])
     assert main(argv) == 0
@@ -75,12 +80,68 @@ def test_generate_command_under_torchrun(capsys, tiny_dir) -> None:
 def test_bench_command_under_torchrun(tmp_path) -> None:
     out = tmp_path / "bench.json"
     args = ["--arch", "tiny-llama", "--methods", "hf-sdpa,h2o", "--budgets", "0.5", "--prompts", "24", "--gens", "3"]
-    done = torchrun("-m", "kvkeep.cli.main", "bench", *args, "--batches", "1", "--tp", "2", "--json", str(out))
+    done = torchrun("-m", "kvkeep", "bench", *args, "--batches", "1", "--tp", "2", "--json", str(out))
     assert sum(line.startswith("[bench]") for line in done.stdout.splitlines()) == 2  # rank 0's rows only
     written = json.loads(out.read_text())
     assert written["meta"]["tp"] == 2 and "split over 2 ranks" in done.stdout
     assert [row["method"] for row in written["rows"]] == ["hf-sdpa", "h2o"]
     assert all(row["cache_gib"] > 0 and row["floor_ms"] > 0 for row in written["rows"])
+
+
+@needs_gloo
+def test_serve_command_under_torchrun_answers_as_one_process(tiny_dir) -> None:
+    """Two ranks in lockstep behind one HTTP server: 2 rows for 6 requests, so requests join mid-flight, and one
+    client leaves mid-stream."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from test_serve import free_port
+
+    from kvkeep.engine import Request, build
+    from kvkeep.generation import stop_token_ids
+    from kvkeep.policies import make_policy
+
+    words = PROMPT.split()
+    prompts = [" ".join(words[: 6 + 5 * i]) for i in range(5)]
+    port = free_port()
+    args = ["--model", tiny_dir, "--policy", "h2o", "--budget", "0.5", "--rows", "2", "--max-prompt-tokens", "64"]
+    args += ["--max-tokens", "8", "--port", str(port)]
+    server = torchrun("-m", "kvkeep", "serve", *args, "--tp", "2", wait=False)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.communicate()[1][-4000:]
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(1)
+
+        def ask(prompt: str):
+            return client.completions.create(model=tiny_dir, prompt=prompt, max_tokens=8, temperature=0)
+
+        def ask_and_leave(prompt: str) -> None:  # a client that goes away mid-stream cancels its request
+            stream = client.completions.create(model=tiny_dir, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+            next(iter(stream))
+            stream.close()
+
+        with concurrent.futures.ThreadPoolExecutor(len(prompts) + 1) as pool:
+            left = pool.submit(ask_and_leave, PROMPT)
+            answers = list(pool.map(ask, prompts))
+            left.result()
+        assert client.completions.create(model=tiny_dir, prompt=prompts[0], max_tokens=8, temperature=0).choices[
+            0
+        ].text == (answers[0].choices[0].text)  # the server still serves after a cancellation
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    model, tokenizer = kvkeep.load_model(tiny_dir, device="cpu")
+    engine = build(model, tokenizer, make_policy("h2o", 0.5), max_prompt=64, max_tokens=8, rows=2)
+    stops = stop_token_ids(model, tokenizer)
+    alone = engine.run([Request(tokenizer(p)["input_ids"], 8, stop_ids=stops) for p in prompts])
+    assert [a.choices[0].text for a in answers] == [r.text for r in alone]
+    assert [a.usage.completion_tokens for a in answers] == [len(r.output_ids) for r in alone]
 
 
 # -- unit tests ----------------------------------------------------------------------------------------------

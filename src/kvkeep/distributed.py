@@ -16,12 +16,10 @@ looks across heads goes through this module:
 The command line's side of a ``torchrun`` launch lives here too: :func:`start` checks the launch and
 joins the process group, :func:`is_main` says which rank prints and writes.
 
-A server (``kvkeep serve``, not written yet) will need more: every rank must run the same engine step in
-lockstep, so rank 0 (the one that answers HTTP) decides each step (admitted requests' token ids, sampling
-settings, rows, finished rows) and broadcasts that decision over the group before the forward, while the
-other ranks run a follower loop with no HTTP of their own; its memory planner must count one rank's KV
-bytes (its local heads, :func:`kvkeep.bench.speed.kv_bytes_per_token` of a filled cache); and its CUDA graphs
-capture the step's collectives, which is not yet checked on GPUs.
+``kvkeep serve --tp N`` runs every rank's engine in lockstep (:mod:`kvkeep.engine.lockstep`): rank 0
+answers HTTP and broadcasts what arrived before each iteration (:meth:`TensorParallel.broadcast`), and the
+memory planner counts one rank's share (its KV heads, its weights).  CUDA graphs that capture the step's
+collectives are not yet checked on GPUs.
 """
 
 from __future__ import annotations
@@ -74,6 +72,12 @@ class TensorParallel:
     def max(self, values: list[int]) -> list[int]:
         """``values``' element-wise maximum over the group's ranks (a collective: every rank must call it)."""
         return self._reduce(values, dist.ReduceOp.MAX)
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank of the group (a collective)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
 
     def _reduce(self, values: list[int], op) -> list[int]:
         if not values:

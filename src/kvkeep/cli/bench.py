@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import POLICY_NAMES, comma_list, method_params, parse_param, positive_int
+from .options import POLICY_NAMES, add_tp_option, comma_list, method_params, parse_param
 
 HF_METHODS = ("hf-sdpa", "hf-eager")
 METHODS = (*HF_METHODS, *POLICY_NAMES)
@@ -48,10 +48,7 @@ def add_parser(subparsers) -> None:
         "--fit-from", metavar="JSON", nargs="+", default=[],
         help="earlier bench JSON whose measured peaks size batch 'max' (else two probe batches are measured first)",
     )  # fmt: skip
-    parser.add_argument(
-        "--tp", type=positive_int, default=1, metavar="N",
-        help="split the model over N GPUs by its tensor-parallel plan; launch with torchrun --nproc-per-node N",
-    )  # fmt: skip
+    add_tp_option(parser, "GPUs")
     parser.add_argument("--json", metavar="PATH", help="write meta and rows as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     parser.set_defaults(func=run)

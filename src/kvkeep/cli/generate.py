@@ -7,7 +7,14 @@ import json
 import sys
 import time
 
-from .options import add_model_options, add_policy_options, add_sampling_options, positive_int, read_prompt
+from .options import (
+    add_model_options,
+    add_policy_options,
+    add_sampling_options,
+    add_tp_option,
+    positive_int,
+    read_prompt,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -31,10 +38,7 @@ def add_parser(subparsers) -> None:
         help="allow prompt + new tokens beyond the model's context (quality is not what the model was trained for)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
-    parser.add_argument(
-        "--tp", type=positive_int, default=1, metavar="N",
-        help="split the model over N processes by its tensor-parallel plan; launch with torchrun --nproc-per-node N",
-    )  # fmt: skip
+    add_tp_option(parser)
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, help="a progress bar on stderr (default: on a terminal)"
     )

@@ -112,6 +112,14 @@ def add_policy_options(parser: argparse.ArgumentParser, static: bool = True) -> 
         )
 
 
+def add_tp_option(group, devices: str = "processes") -> None:
+    """``--tp N``: the model split over N ``torchrun`` processes by its tensor-parallel plan."""
+    group.add_argument(
+        "--tp", type=positive_int, default=1, metavar="N",
+        help=f"split the model over N {devices} by its tensor-parallel plan; launch with torchrun --nproc-per-node N",
+    )  # fmt: skip
+
+
 def add_param_option(group, example: str) -> None:
     """``--param KEY=VALUE`` (repeatable) into ``params``, a list of ``(key, value)``; ``example`` for the help."""
     group.add_argument(

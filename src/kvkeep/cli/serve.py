@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_model_options, add_policy_options, positive_int
+from .options import add_model_options, add_policy_options, add_tp_option, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -36,6 +36,7 @@ def add_parser(subparsers) -> None:
         "--max-tokens", type=positive_int, default=1024, help="most tokens a request may ask for (default: %(default)s)"
     )
     group.add_argument("--prefill-tokens", type=positive_int, help="prompt tokens prefilled between two decode steps")
+    add_tp_option(group)
     group.add_argument(
         "--queue-limit",
         type=positive_int,
@@ -70,21 +71,27 @@ def run(args: argparse.Namespace) -> int:
 
     import transformers
 
+    from .. import distributed
     from ..engine import build
     from ..generation import stop_token_ids
     from ..models import load_model
     from ..serve import create_app
 
+    distributed.start(args.tp, device)
     transformers.utils.logging.disable_progress_bar()
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(source, dtype=dtype, device=device, tp_plan="auto" if args.tp > 1 else None)
     engine = build(
         model, tokenizer, policy, max_prompt=max_prompt, max_tokens=args.max_tokens, memory_gib=args.memory_gib,
         rows=rows, prefill_tokens=args.prefill_tokens, queue_limit=args.queue_limit,
     )  # fmt: skip
+    if not distributed.is_main():  # under --tp: run rank 0's iterations until it stops
+        engine.follow()
+        return 0
     name = args.served_model_name or args.model
     budget = "" if policy.keeps_all else f" budget {policy.budget}"
-    print(f"[kvkeep] {name}: {policy.name}{budget}; {engine.plan.describe()}; prompts up to {max_prompt} tokens, "
-          f"outputs up to {args.max_tokens}", file=sys.stderr)  # fmt: skip
+    split = f"; tensor-parallel over {args.tp} ranks (rows per rank)" if args.tp > 1 else ""
+    print(f"[kvkeep] {name}: {policy.name}{budget}{split}; {engine.plan.describe()}; prompts up to {max_prompt} "
+          f"tokens, outputs up to {args.max_tokens}", file=sys.stderr)  # fmt: skip
     print(f"[kvkeep] serving http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     app = create_app(engine, tokenizer, name, stop_token_ids(model, tokenizer))
     engine.start()

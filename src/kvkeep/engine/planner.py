@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..distributed import tensor_parallel
 from ..policies import Policy
 
 GIB = 1 << 30
@@ -39,11 +40,16 @@ class ModelFacts:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFacts:
+        """The facts of ``model``; under tensor parallelism, of this rank's share (its KV heads, its weights)."""
         config = model.config.get_text_config(decoder=True)
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        tp = tensor_parallel(model)
+        if tp is not None and kv_heads % tp.size == 0:
+            kv_heads //= tp.size
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        weights = sum(p.numel() * p.element_size() for p in local)
         return cls(
             layers=config.num_hidden_layers,
             kv_heads=kv_heads,

@@ -13,7 +13,9 @@ import torch
 
 from ..attention import bind
 from ..cache import CompactingLayer, KVKeepCache, KVKeepLayer, SlotLayer, StepState
+from ..distributed import tensor_parallel
 from ..policies import Policy
+from .planner import ModelFacts
 
 _NO_LIMIT = 1 << 62
 
@@ -80,11 +82,13 @@ class RowCache:
         total = rows + wide_rows
         zeros = torch.zeros(total, dtype=torch.long, device=device)
         self.state.start(zeros - 1, zeros)
+        tp = tensor_parallel(model)
+        offset = 0 if tp is None else tp.head_offset(like.shape[1])  # the model's index of this rank's KV head 0
         layers = []
         for idx in range(config.num_hidden_layers):
-            narrow = SlotLayer.allocate(policy, idx, like, rows, capacity, kernel)
+            narrow = SlotLayer.allocate(policy, idx, like, rows, capacity, kernel, head_offset=offset)
             if wide_rows:
-                wide = SlotLayer.allocate(policy, idx, like, wide_rows, wide_capacity, kernel)
+                wide = SlotLayer.allocate(policy, idx, like, wide_rows, wide_capacity, kernel, head_offset=offset)
                 layers.append(RowGroups(narrow, wide, self.state))
             else:
                 layers.append(narrow)
@@ -93,13 +97,10 @@ class RowCache:
 
     @staticmethod
     def _like(model) -> torch.Tensor:
-        """A ``[1, kv_heads, 1, head_dim]`` tensor of the model's K/V dtype and device."""
-        config = model.config.get_text_config(decoder=True)
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        """A ``[1, kv_heads, 1, head_dim]`` tensor of the model's K/V dtype and device (this rank's KV heads)."""
+        facts = ModelFacts.of(model)
         param = next(model.parameters())
-        return torch.empty(1, kv_heads, 1, head_dim, dtype=param.dtype, device=param.device)
+        return torch.empty(1, facts.kv_heads, 1, facts.head_dim, dtype=param.dtype, device=param.device)
 
     @property
     def total_rows(self) -> int:
