@@ -5,10 +5,14 @@
 - :mod:`.rows`: the engine's cache (every layer's rows) and the moves of requests between rows.
 - :mod:`.runner`: a prompt's prefill into its row, and the decode step over every row (CUDA graph on a GPU).
 - :mod:`.engine`: admission, the loop, finishing and cancelling.
+- :mod:`.lockstep`: the engine on one rank of a tensor-parallel group.
+- :mod:`.build`: the engine for a model and a memory budget.
 """
 
-from .engine import Engine, QueueFull, build
+from .build import build
+from .engine import Engine, QueueFull
+from .lockstep import LockstepEngine
 from .planner import ModelFacts, Plan, plan
 from .request import Event, Request
 
-__all__ = ["Engine", "Event", "ModelFacts", "Plan", "QueueFull", "Request", "build", "plan"]
+__all__ = ["Engine", "Event", "LockstepEngine", "ModelFacts", "Plan", "QueueFull", "Request", "build", "plan"]

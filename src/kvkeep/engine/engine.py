@@ -16,9 +16,8 @@ from collections import deque
 import torch
 
 from ..cache import resolve_kernel
-from ..distributed import tensor_parallel
 from ..policies import Policy
-from .planner import ModelFacts, Plan, plan
+from .planner import ModelFacts, Plan
 from .request import Detokenizer, Event, Request
 from .runner import ModelRunner
 
@@ -245,30 +244,3 @@ class Engine:
             "vocab_size": self.facts.vocab,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         }
-
-
-def build(model, tokenizer, policy: Policy, *, max_prompt: int, max_tokens: int, memory_gib: float | None = None,
-          rows: int | None = None, prefill_tokens: int | None = None, **options) -> Engine:  # fmt: skip
-    """An :class:`Engine` whose rows the memory planner chooses for ``memory_gib`` (default: the device's free
-    memory less 2 GiB on CUDA, 8 GiB on a CPU); for a model split with ``tp_plan``, a
-    :class:`~kvkeep.engine.lockstep.LockstepEngine` with rank 0's plan (every rank must call this)."""
-    device = next(model.parameters()).device
-    if memory_gib is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            memory = free + torch.cuda.memory_allocated(device) - 2 * 2**30
-        else:
-            memory = 8 * 2**30
-    else:
-        memory = int(memory_gib * 2**30)
-    chosen = plan(ModelFacts.of(model), policy, max_prompt=max_prompt, max_tokens=max_tokens, memory_bytes=memory,
-                  rows=rows, prefill_tokens=prefill_tokens)  # fmt: skip
-    tp = tensor_parallel(model)
-    if tp is None:
-        return Engine(model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, **options)
-    from .lockstep import LockstepEngine
-
-    chosen = tp.broadcast(chosen)  # every rank runs rank 0's plan (free memory may differ between GPUs)
-    return LockstepEngine(
-        model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, tp=tp, **options
-    )

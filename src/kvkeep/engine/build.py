@@ -1,0 +1,37 @@
+"""Building an engine: the memory planner's rows for the device, and the engine a launch needs (one process,
+or one rank of a tensor-parallel group)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import tensor_parallel
+from ..policies import Policy
+from .engine import Engine
+from .lockstep import LockstepEngine
+from .planner import ModelFacts, plan
+
+
+def build(model, tokenizer, policy: Policy, *, max_prompt: int, max_tokens: int, memory_gib: float | None = None,
+          rows: int | None = None, prefill_tokens: int | None = None, **options) -> Engine:  # fmt: skip
+    """An :class:`Engine` whose rows the memory planner chooses for ``memory_gib`` (default: the device's free
+    memory less 2 GiB on CUDA, 8 GiB on a CPU); for a model split with ``tp_plan``, a
+    :class:`~kvkeep.engine.lockstep.LockstepEngine` with rank 0's plan (every rank must call this)."""
+    device = next(model.parameters()).device
+    if memory_gib is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            memory = free + torch.cuda.memory_allocated(device) - 2 * 2**30
+        else:
+            memory = 8 * 2**30
+    else:
+        memory = int(memory_gib * 2**30)
+    chosen = plan(ModelFacts.of(model), policy, max_prompt=max_prompt, max_tokens=max_tokens, memory_bytes=memory,
+                  rows=rows, prefill_tokens=prefill_tokens)  # fmt: skip
+    tp = tensor_parallel(model)
+    if tp is None:
+        return Engine(model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, **options)
+    chosen = tp.broadcast(chosen)  # every rank runs rank 0's plan (free memory may differ between GPUs)
+    return LockstepEngine(
+        model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, tp=tp, **options
+    )
