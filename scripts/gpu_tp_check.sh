@@ -19,6 +19,10 @@ if [ "$gpus" -ge 2 ]; then
   stage torchrun --standalone --nproc-per-node 2 -m kvkeep bench --tp 2 --arch llama-2-7b \
     --methods hf-sdpa,full,h2o,keyformer --budgets 0.5 --prompts 2048 --gens 64 --batches 1,8 --json "$out/bench_tp2.json"
   stage python3 scripts/gpu_tp_check.py device-map --arch llama-2-7b
+  # the 2-GPU table of BENCHMARKS.md: a 70B shape at TP=2, full against budget 0.5 at equal memory
+  stage torchrun --standalone --nproc-per-node 2 -m kvkeep bench --tp 2 --arch llama-2-70b \
+    --methods full,h2o,keyformer,co2 --budgets 0.5 --prompts 4096 --gens 1024 --batches 8,max --memory-gib 128 \
+    --json "$out/bench_tp2_70b.json" --markdown "$out/bench_tp2_70b.md"
 else
   echo "=== one GPU: tensor parallelism not checked; device_map splits the layers between the GPU and the CPU"
   stage python3 scripts/gpu_tp_check.py device-map --arch llama-2-7b --layers 4 --prompts 256 177

@@ -51,6 +51,11 @@ ARCHITECTURES: dict[str, tuple[type, dict]] = {
         dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
     ),
+    "llama-2-70b": (  # 140 GB of bf16 weights: for tensor parallelism over two or more GPUs
+        tf.LlamaConfig,
+        dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192),
+    ),
     "tiny-llama": (  # for smoke tests on the CPU
         tf.LlamaConfig,
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

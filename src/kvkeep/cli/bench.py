@@ -31,7 +31,11 @@ def add_parser(subparsers) -> None:
         description="Every case generates greedily after random prompts, with random weights of a real "
         "architecture; batch 'max' is the largest batch that fits --memory-gib.",
     )
-    parser.add_argument("--arch", default="llama-2-7b", help="llama-2-7b, llama-3-8b or tiny-llama (random weights)")
+    parser.add_argument(
+        "--arch",
+        default="llama-2-7b",
+        help="llama-2-7b, llama-3-8b, llama-2-70b (with --tp) or tiny-llama (random weights)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available)")
     parser.add_argument("--dtype", help="default: bfloat16 on cuda, else float32")
     parser.add_argument("--methods", type=_methods, default=list(METHODS), help="comma-separated (default: all)")
