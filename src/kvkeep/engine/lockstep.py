@@ -12,8 +12,6 @@ inbox every half second, so no rank waits on a collective long enough to time ou
 
 from __future__ import annotations
 
-import time
-
 from ..distributed import TensorParallel
 from .engine import Engine, QueueFull
 from .request import Detokenizer, Request
@@ -114,13 +112,11 @@ def _wire(kind: str, item) -> tuple[str, object]:
     """An inbox entry as the other ranks receive it (a request without its callback or detokenizer)."""
     if kind != "submit":
         return kind, item
-    r = item
-    fields = dict(prompt_ids=r.prompt_ids, max_tokens=r.max_tokens, sampling=r.sampling, stop=r.stop)
-    return kind, dict(fields, stop_ids=r.stop_ids, budget=r.budget, id=r.id)
+    names = ("prompt_ids", "max_tokens", "sampling", "stop", "stop_ids", "budget", "id")
+    return kind, {name: getattr(item, name) for name in names}
 
 
 def _request(fields: dict, tokenizer) -> Request:
     request = Request(**fields)
     request.detokenizer = Detokenizer(tokenizer, request.stop)
-    request.created = time.perf_counter()
     return request
