@@ -100,6 +100,8 @@ def test_bad_synthetic_options(tiny_dir, tmp_path) -> None:
         cli(*base, "--context", "4k", "--out", str(tmp_path / "a"))
     with pytest.raises(ValueError, match="too short for passkey"):
         cli(*base, "--context", "64", "--out", str(tmp_path / "b"))
+    articles = tmp_path / "articles.jsonl"
+    articles.write_text(json.dumps({"id": "a", "article": "Some news.", "reference": "News."}) + "\n")
     with pytest.raises(ValueError, match="needs a synthetic data set"):
-        cli("sweep", "--model", tiny_dir, "--data", "cnndm", "--task", "retrieval", "--limit", "1", "--out",
+        cli("sweep", "--model", tiny_dir, "--data", str(articles), "--task", "retrieval", "--out",
             str(tmp_path / "c"))  # fmt: skip
