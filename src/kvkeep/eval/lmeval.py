@@ -100,7 +100,8 @@ class KVKeepLM(HFLM):
             return super()._model_call(inps, attn_mask, labels)
         cache = self._cache()
         logits = []
-        with torch.no_grad():
+        precision = self.mixed_precision_dtype  # as HFLM's own forward
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=precision, enabled=precision is not None):
             for start in range(0, inps.shape[1], self.prefill_chunk):
                 chunk = inps[:, start : start + self.prefill_chunk]
                 positions = torch.arange(start, start + chunk.shape[1], device=inps.device).expand(chunk.shape[0], -1)

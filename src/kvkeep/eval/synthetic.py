@@ -278,7 +278,8 @@ def build_prompt(tok, recipe: dict, max_new_tokens: int, chat: tuple[list[int], 
         ids += needles[i]
     ids += hay[last:] + tail
     placed = tok.decode(ids[first : first + len(needles[0])])
-    if not all(answer in tok.decode(ids) for answer in recipe["answers"]) or recipe["needles"][0] not in placed:
+    text = tok.decode(ids)
+    if not all(answer in text for answer in recipe["answers"]) or recipe["needles"][0] not in placed:
         raise ValueError(f"sample {recipe['kind']}-{recipe['context']}: a needle was not placed whole")
     return ids, {"depth_actual": round(cuts[0] / len(hay), 4), "needle_token": first}
 

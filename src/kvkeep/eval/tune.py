@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from statistics import mean
 
-from .stats import bootstrap_ci, paired_bootstrap_ci
+from .report.slices import LOWER_IS_BETTER
+from .stats import bootstrap_ci, fmt_ci, paired_bootstrap_ci
 from .sweep import Config, Runner, format_table
 
 __all__ = ["tune", "tune_table"]
@@ -47,7 +48,7 @@ def tune(
     if len(samples) < calibration + heldout:
         raise ValueError(f"{runner.dataset.name} has {len(samples)} samples, fewer than {calibration} + {heldout}")
     metric = metric or next(iter(runner.task.quality))
-    better = runner.task.quality.get(metric, "max")
+    better = runner.task.quality.get(metric) or ("min" if metric in LOWER_IS_BETTER else "max")
     grid_configs = [c for c in runner.configs([policy], [budget], grid) if c[0] == policy]
     default = [c for c in runner.configs([policy], [budget], []) if c[0] == policy][0]
     calib, held = samples[:calibration], samples[calibration : calibration + heldout]
@@ -86,7 +87,8 @@ def tune(
 
 def _cell(summary: dict) -> str:
     ci = summary["ci"]
-    return f"{summary['mean']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci and summary["n"] > 1 else "")
+    shown = ci is not None and summary["n"] > 1
+    return f"{summary['mean']:.4f}" + (" " + fmt_ci(ci, lambda v: f"{v:.4f}") if shown else "")
 
 
 def _shown(params: dict, keys: list[str]) -> str:
@@ -114,6 +116,6 @@ def tune_table(result: dict) -> str:
             f"held-out ({len(held['samples'])} samples):",
             format_table(["config", "params", metric], lines),
             f"tuned - default: {diff['mean']:+.4f}"
-            + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}] (paired bootstrap)" if ci else ""),
+            + (" " + fmt_ci(ci, lambda v: f"{v:+.4f}") + " (paired bootstrap)" if ci else ""),
         ]
     )

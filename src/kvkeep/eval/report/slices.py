@@ -31,7 +31,7 @@ METRIC_LABELS = {
     "nll": "negative log-likelihood",
     "accuracy": "accuracy (share of the answers in the output)",
 }
-LOWER_IS_BETTER = frozenset({"ppl", "ppl_pooled", "nll"})
+LOWER_IS_BETTER = frozenset({"ppl", "ppl_pooled", "nll", "ppl_vs_full"})
 # Metrics for which "99% of full attention" is a meaningful accuracy bar.
 BAR_METRICS = re.compile(r"^(rouge\w*|agreement)$")
 BAR = 0.99
