@@ -18,8 +18,9 @@ joins the process group, :func:`is_main` says which rank prints and writes.
 
 ``kvkeep serve --tp N`` runs every rank's engine in lockstep (:mod:`kvkeep.engine.lockstep`): rank 0
 answers HTTP and broadcasts what arrived before each iteration (:meth:`TensorParallel.broadcast`), and the
-memory planner counts one rank's share (its KV heads, its weights).  CUDA graphs that capture the step's
-collectives are not yet checked on GPUs.
+memory planner counts one rank's share (its KV heads, its weights) in the group's smallest memory.  The
+engine decodes without CUDA graphs here: graphs that capture the step's collectives are not yet checked
+on GPUs.
 """
 
 from __future__ import annotations

@@ -261,11 +261,12 @@ def _check_inputs(
             raise ValueError(
                 f"attention_mask {list(attention_mask.shape)} does not match input_ids {list(input_ids.shape)}"
             )
-        if not bool((attention_mask.sum(-1) > 0).all()):
+        lengths = attention_mask.sum(-1).tolist()  # one host read for both checks
+        if min(lengths) <= 0:
             raise ValueError(
                 "a prompt of the batch is empty (its attention mask is all zeros): give at least one token"
             )
-    longest = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
+    longest = input_ids.shape[1] if attention_mask is None else int(max(lengths))
     context = context_length(model.config)
     if context and longest + max_new_tokens > context and not beyond_context:
         raise ValueError(

@@ -258,8 +258,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         else:
             capacity = max(width, int(layer.budget.amax()) + 1)
         slots = SlotLayer.from_layer(layer, capacity, self.kernel)
-        if never_evicts:  # nothing to evict; the slot layer's check of a full row guards a longer generation
-            slots.budget = slots.recent = None
+        if never_evicts:  # nothing to evict, so nothing to score; a full row's check guards a longer generation
+            slots.budget = slots.recent = slots.scores = slots.spec = None
         self.layers[layer_idx] = slots
         if layer_idx == 0:
             if self._tempered():  # fails now, in one line, if the schedule has no length

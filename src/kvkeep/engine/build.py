@@ -16,7 +16,8 @@ def build(model, tokenizer, policy: Policy, *, max_prompt: int, max_tokens: int,
           rows: int | None = None, prefill_tokens: int | None = None, **options) -> Engine:  # fmt: skip
     """An :class:`Engine` whose rows the memory planner chooses for ``memory_gib`` (default: the device's free
     memory less 2 GiB on CUDA, 8 GiB on a CPU); for a model split with ``tp_plan``, a
-    :class:`~kvkeep.engine.lockstep.LockstepEngine` with rank 0's plan (every rank must call this)."""
+    :class:`~kvkeep.engine.lockstep.LockstepEngine` planned from the group's smallest memory, without CUDA
+    graphs (every rank must call this)."""
     device = next(model.parameters()).device
     if memory_gib is None:
         if device.type == "cuda":
@@ -26,12 +27,14 @@ def build(model, tokenizer, policy: Policy, *, max_prompt: int, max_tokens: int,
             memory = 8 * 2**30
     else:
         memory = int(memory_gib * 2**30)
+    tp = tensor_parallel(model)
+    if tp is not None:  # every rank plans from the smallest memory of the group, so all choose the same rows
+        memory = -tp.max([-memory])[0]
+        options.setdefault("cuda_graph", False)  # a graph over the step's collectives is not yet checked on GPUs
     chosen = plan(ModelFacts.of(model), policy, max_prompt=max_prompt, max_tokens=max_tokens, memory_bytes=memory,
                   rows=rows, prefill_tokens=prefill_tokens)  # fmt: skip
-    tp = tensor_parallel(model)
     if tp is None:
         return Engine(model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, **options)
-    chosen = tp.broadcast(chosen)  # every rank runs rank 0's plan (free memory may differ between GPUs)
     return LockstepEngine(
         model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, tp=tp, **options
     )
