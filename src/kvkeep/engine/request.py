@@ -83,26 +83,39 @@ class Request:
 
 
 class Detokenizer:
-    """Turns a growing list of token ids into text deltas, stopping at the first stop string."""
+    """Turns a growing list of token ids into text deltas, stopping at the earliest stop string.
+
+    Each step decodes only the newest tokens: the ids from ``prefix`` to ``read`` are decoded twice, alone and
+    with the new ones, and the difference is the new text (so a tokenizer that treats the first token of a
+    piece differently, or a UTF-8 character split over tokens, comes out as in one decode of the whole).
+    """
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.emitted = 0  # characters of the text already released
+        self.text = ""  # the output's text so far
+        self.prefix = self.read = 0  # ids[prefix:read] already in ``text``: the context of the next decode
+        self.emitted = 0  # characters of ``text`` already released
+
+    def _extend(self, ids: list[int], final: bool) -> None:
+        decode = self.tokenizer.decode
+        known = decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        both = decode(ids[self.prefix :], skip_special_tokens=True)
+        if both.endswith("\ufffd") and not final:  # an incomplete UTF-8 character: wait for the next token
+            return
+        self.text += both[len(known) :]
+        self.prefix, self.read = self.read, len(ids)
 
     def feed(self, ids: list[int], final: bool) -> tuple[str, bool]:
         """The new text of ``ids`` (the whole output so far), and whether a stop string ended it."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in self.stop:
-            found = text.find(stop, max(0, self.emitted - len(stop)))
-            if found >= 0:
-                delta = text[self.emitted : found]
-                self.emitted = found
-                return delta, True
-        if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 character: wait for the next token
-            text = text[:-1]
-        ready = len(text) if final else max(self.emitted, len(text) - self.hold)
-        delta = text[self.emitted : ready]
+        self._extend(ids, final)
+        found = [f for s in self.stop if (f := self.text.find(s, max(0, self.emitted - len(s)))) >= 0]
+        if found:
+            delta = self.text[self.emitted : min(found)]
+            self.emitted = min(found)
+            return delta, True
+        ready = len(self.text) if final else max(self.emitted, len(self.text) - self.hold)
+        delta = self.text[self.emitted : ready]
         self.emitted = ready
         return delta, False
