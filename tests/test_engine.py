@@ -138,3 +138,24 @@ def test_detokenizer_holds_back_text_that_may_start_a_stop_string():
     assert stopped and "".join(t for t, _ in released) + text == "<1><2>"  # the stop string is not output
     assert Detokenizer(Tokens(), []).feed([5], final=True) == ("<5>", False)
     assert Detokenizer(Tokens(), ["x"]).feed([5, 6], final=True) == ("<5><6>", False)
+
+
+def test_a_failing_step_ends_every_request_and_refuses_new_ones(monkeypatch):
+    server = engine("h2o", rows=2)
+    ended = []
+
+    def broken(greedy):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(server.runner, "decode", broken)
+    requests = [Request(p, 12, on_event=lambda e: e.finish_reason and ended.append(e)) for p in prompts()[:3]]
+    for request in requests:
+        server.submit(request)
+    server.start()
+    server.thread.join(timeout=60)
+    assert not server.thread.is_alive()  # the loop ended instead of dying silently mid-request
+    assert [r.finish_reason for r in requests] == ["error"] * 3 and len(ended) == 3
+    assert "device lost" in requests[0].error and server.stats()["failure"] == requests[0].error
+    with pytest.raises(kvkeep.engine.EngineStopped, match="device lost"):
+        server.submit(Request(prompts()[0], 4))
+    server.stop()

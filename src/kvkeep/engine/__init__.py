@@ -10,9 +10,11 @@
 """
 
 from .build import build
-from .engine import Engine, QueueFull
+from .engine import Engine, EngineStopped, QueueFull
 from .lockstep import LockstepEngine
 from .planner import ModelFacts, Plan, plan
 from .request import Event, Request
 
-__all__ = ["Engine", "Event", "LockstepEngine", "ModelFacts", "Plan", "QueueFull", "Request", "build", "plan"]
+__all__ = [
+    "Engine", "EngineStopped", "Event", "LockstepEngine", "ModelFacts", "Plan", "QueueFull", "Request", "build", "plan",
+]  # fmt: skip

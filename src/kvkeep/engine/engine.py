@@ -9,6 +9,7 @@ batch of one and its row's attention, scores and evictions read nothing of other
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -21,9 +22,15 @@ from .planner import ModelFacts, Plan
 from .request import Detokenizer, Event, Request
 from .runner import ModelRunner
 
+log = logging.getLogger(__name__)
+
 
 class QueueFull(RuntimeError):
     """The engine's queue holds ``queue_limit`` requests already."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine's loop failed: it ended every request and takes no more."""
 
 
 class Engine:
@@ -55,6 +62,7 @@ class Engine:
         self.peak_rows = 0
         self.row_steps = 0  # rows in use, summed over decode steps
         self.decode_s = 0.0
+        self.failure: str | None = None  # why the loop stopped, if it failed
 
     # -- requests -------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -79,6 +87,8 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (thread-safe); its events go to ``request.on_event``."""
+        if self.failure:
+            raise EngineStopped(self.failure)
         self.check(request)
         request.detokenizer = Detokenizer(self.tokenizer, request.stop)
         with self.lock:
@@ -221,7 +231,27 @@ class Engine:
                 self.wakeup.wait(timeout=0.5)
                 self.wakeup.clear()
                 continue
+            if not self._guarded_step():
+                return
+
+    def _guarded_step(self) -> bool:
+        """One :meth:`step`; if it raises, end every request with ``error`` and refuse new ones (False)."""
+        try:
             self.step()
+            return True
+        except Exception as err:
+            self.failure = f"the engine stopped: {type(err).__name__}: {' '.join(str(err).split())}"
+            log.error("kvkeep: %s", self.failure)
+            with self.lock:
+                ended = [*self.running.values(), *self.waiting]
+                self.running.clear()
+                self.measuring.clear()
+                self.waiting.clear()
+            for request in ended:
+                request.error, request.finish_reason, request.finished_at = self.failure, "error", time.perf_counter()
+                if request.on_event:
+                    request.on_event(Event([], "", "error", request))
+            return False
 
     def stop(self) -> None:
         self.stopping = True
@@ -233,6 +263,7 @@ class Engine:
         """Rows in use and their peak, waiting requests, decode steps, and device memory."""
         device = next(self.model.parameters()).device
         return {
+            "failure": self.failure,
             "rows": self.plan.rows,
             "rows_in_use": len(self.running),
             "peak_rows_in_use": self.peak_rows,

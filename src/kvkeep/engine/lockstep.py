@@ -95,7 +95,8 @@ class LockstepEngine(Engine):
             if not (self.busy or self.inbox):
                 self.wakeup.wait(timeout=0.5)
                 self.wakeup.clear()
-            self.step()
+            if not self._guarded_step():
+                return
 
     def stop(self) -> None:
         """Rank 0: stop the engine's thread (if any), then tell the other ranks to return from :meth:`follow`."""

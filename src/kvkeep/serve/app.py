@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..engine import Engine, QueueFull, Request
+from ..engine import Engine, EngineStopped, QueueFull, Request
 from ..sampling import Sampling
 from . import protocol as wire
 
@@ -59,7 +59,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_ids: set[int]) -
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **engine.stats()}
+        stats = engine.stats()
+        if stats["failure"]:
+            return JSONResponse({"status": "error", **stats}, status_code=503)
+        return {"status": "ok", **stats}
 
     @app.get("/v1/models")
     async def models():
@@ -103,6 +106,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_ids: set[int]) -
             engine.submit(request)
         except QueueFull as err:
             raise APIError(503, str(err), "server_overloaded", "queue_full") from None
+        except EngineStopped as err:
+            raise APIError(503, str(err), "server_error", "engine_stopped") from None
         except ValueError as err:
             raise APIError(400, " ".join(str(err).split())) from None
         rid, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now()
