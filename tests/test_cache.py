@@ -91,7 +91,7 @@ def test_kv_bytes_drop_at_half_budget_and_stay_constant():
     prompt = random_prompt(64, seed=1)
     for policy in ("window", "streaming", "h2o", "keyformer", "co2"):
         params = {"N": 0} if policy == "co2" else {"max_new_tokens": 8} if policy == "keyformer" else {}
-        cache = kvkeep.KVKeepCache(MODEL, policy, budget=0.5, **params)
+        cache = kvkeep.KVKeepCache(MODEL, policy, budget=0.5, floor=0, **params)
         with torch.no_grad():
             token = MODEL(prompt, **with_cache(MODEL, cache)).logits[:, -1:].argmax(-1)
         after_prefill = cache.nbytes()
@@ -105,7 +105,7 @@ def test_kv_bytes_drop_at_half_budget_and_stay_constant():
 
 def test_co2_keeps_everything_for_N_steps_then_cuts_to_budget():
     prompt = random_prompt(40, seed=2)
-    cache = kvkeep.KVKeepCache(MODEL, "co2", budget=0.5, N=4)
+    cache = kvkeep.KVKeepCache(MODEL, "co2", budget=0.5, floor=0, N=4)
     with torch.no_grad():
         token = MODEL(prompt, **with_cache(MODEL, cache)).logits[:, -1:].argmax(-1)
     sizes = []
@@ -118,7 +118,7 @@ def test_co2_keeps_everything_for_N_steps_then_cuts_to_budget():
 def test_padding_is_never_kept_and_each_sequence_has_its_budget():
     prompts = [random_prompt(n, seed=n)[0] for n in (10, 30)]
     ids, mask = left_pad(prompts)
-    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5, floor=0)
     with torch.no_grad():
         MODEL(ids, attention_mask=mask, **with_cache(MODEL, cache))
     for layer in cache.layers:
@@ -154,7 +154,7 @@ def test_gemma3_sliding_layers_keep_native_window_and_policy_applies_to_global_l
 
 
 def test_reset_allows_reuse_and_reuse_without_reset_is_an_error():
-    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5, floor=0)
     first = greedy(MODEL, random_prompt(30, seed=5), cache, 4)
     with pytest.raises(ValueError, match="reset"):
         greedy(MODEL, random_prompt(20, seed=6), cache, 4)
@@ -163,7 +163,7 @@ def test_reset_allows_reuse_and_reuse_without_reset_is_an_error():
 
 
 def test_batch_size_change_is_an_error():
-    cache = kvkeep.KVKeepCache(MODEL, "window", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "window", budget=0.5, floor=0)
     greedy(MODEL, random_prompt(30, seed=5), cache, 2)
     ids, mask = left_pad([random_prompt(20, seed=1)[0]] * 2)
     with pytest.raises(ValueError, match="reset"):
@@ -197,7 +197,7 @@ def test_bad_input_gives_one_line_error_naming_the_fix(kwargs, fragment):
 
 
 def test_ratio_budget_too_small_for_prompt_and_prompt_shorter_than_sinks():
-    cache = kvkeep.KVKeepCache(MODEL, "streaming", budget=0.1)  # 0.1 x 30 = 3 tokens < 4 sinks
+    cache = kvkeep.KVKeepCache(MODEL, "streaming", budget=0.1, floor=0)  # 0.1 x 30 = 3 tokens < 4 sinks
     with pytest.raises(ValueError, match="smaller than sinks"):
         greedy(MODEL, random_prompt(30), cache, 1)
     cache = kvkeep.KVKeepCache(MODEL, "streaming", budget=1.0)
@@ -208,12 +208,12 @@ def test_ratio_budget_too_small_for_prompt_and_prompt_shorter_than_sinks():
 def test_unsupported_architecture_names_supported_families():
     model = tf.AutoModelForCausalLM.from_config(tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="supported families are .*Llama") as info:
-        kvkeep.KVKeepCache(model, "h2o", budget=0.5)
+        kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
     assert "\n" not in str(info.value)
 
 
 def test_keyformer_outside_generate_needs_schedule_length():
-    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5, floor=0)
     with torch.no_grad():
         token = MODEL(random_prompt(30), **with_cache(MODEL, cache)).logits[:, -1:].argmax(-1)
         with pytest.raises(ValueError, match="max_new_tokens"):
@@ -221,16 +221,16 @@ def test_keyformer_outside_generate_needs_schedule_length():
 
 
 def test_keyformer_schedule_length_comes_from_the_cache_or_kvkeep_generate():
-    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5, max_new_tokens=7)
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5, floor=0, max_new_tokens=7)
     greedy(MODEL, random_prompt(30), cache, 7)
     assert cache.state.max_new_tokens == 7
-    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5, floor=0)
     kvkeep.generate(MODEL, random_prompt(30), cache=cache, max_new_tokens=5)
     assert cache.state.max_new_tokens == 5
 
 
 def test_keyformer_in_model_generate_without_its_length_is_a_one_line_error():
-    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5, floor=0)
     with pytest.raises(ValueError, match="max_new_tokens=N to KVKeepCache") as info:
         MODEL.generate(random_prompt(30), max_new_tokens=4, do_sample=False, pad_token_id=0, **with_cache(MODEL, cache))
     assert "\n" not in str(info.value)
@@ -240,7 +240,7 @@ def test_model_outside_kvkeep_cache_still_computes_plain_attention():
     model = tiny_model("llama")
     prompt = random_prompt(25, seed=8)
     before = greedy(model, prompt)
-    kvkeep.KVKeepCache(model, "h2o", budget=0.5)  # switches the model to kvkeep attention
+    kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)  # switches the model to kvkeep attention
     assert model.config._attn_implementation == "kvkeep"
     assert torch.equal(greedy(model, prompt), before)  # DynamicCache through kvkeep attention
     with torch.no_grad():

@@ -65,7 +65,8 @@ def test_parse_value(text, value) -> None:
 
 # -- generate on the tiny model -------------------------------------------------------------------------
 def test_json_fields_and_eviction(capsys, tiny_dir) -> None:
-    h2o = run_json(capsys, *tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5"))
+    h2o = run_json(capsys, *tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5", "--param", "floor=0"))
+    floored = run_json(capsys, *tiny(tiny_dir, "--policy", "h2o", "--budget", "0.5"))  # the default floor: 256
     full = run_json(capsys, *tiny(tiny_dir))
     for result in (h2o, full):
         assert 50 <= result["prompt_tokens"] <= 80
@@ -78,8 +79,10 @@ def test_json_fields_and_eviction(capsys, tiny_dir) -> None:
         assert result["torch_version"] == torch.__version__
         assert result["transformers_version"]
     assert h2o["policy"] == "h2o" and h2o["budget"] == 0.5 and h2o["params"]["budget"] == 0.5
-    assert h2o["kv_bytes"] < h2o["kv_bytes_full"]
+    assert h2o["kv_bytes"] == h2o["kv_bytes_peak"] < h2o["kv_bytes_full"] and h2o["floored"] is False
     assert h2o["kv_ratio"] == pytest.approx(h2o["kv_bytes"] / h2o["kv_bytes_full"])
+    assert floored["floored"] is True and floored["kv_bytes"] == floored["kv_bytes_full"]
+    assert floored["text"] == full["text"]
     assert full["policy"] == "full" and full["budget"] is None
     assert full["kv_bytes"] == full["kv_bytes_full"] and full["kv_ratio"] == 1.0
 
@@ -238,8 +241,9 @@ def test_smollm2_window(capsys, tmp_path: Path) -> None:
     article = tmp_path / "article.txt"
     article.write_text(PARAGRAPH)
     result = run_json(
-        capsys, "--policy", "window", "--budget", "0.5", "--prompt-file", str(article), "--max-new-tokens", "16"
-    )
+        capsys, "--policy", "window", "--budget", "0.5", "--param", "floor=0", "--prompt-file", str(article),
+        "--max-new-tokens", "16",
+    )  # fmt: skip
     assert result["text"].strip()
     assert result["prompt_tokens"] > 50
     assert 1 <= result["new_tokens"] <= 16
@@ -247,8 +251,9 @@ def test_smollm2_window(capsys, tmp_path: Path) -> None:
 
 
 def test_static_generate_gives_the_same_text(capsys, tiny_dir) -> None:
-    compact = run_json(capsys, *tiny(tiny_dir, "--policy", "keyformer", "--budget", "0.5", tokens=8))
-    static = run_json(capsys, *tiny(tiny_dir, "--policy", "keyformer", "--budget", "0.5", "--static", tokens=8))
+    keyformer = ("--policy", "keyformer", "--budget", "0.5", "--param", "floor=0")
+    compact = run_json(capsys, *tiny(tiny_dir, *keyformer, tokens=8))
+    static = run_json(capsys, *tiny(tiny_dir, *keyformer, "--static", tokens=8))
     assert static["text"] == compact["text"] and static["new_tokens"] == compact["new_tokens"]
     assert static["kv_bytes"] < static["kv_bytes_full"]
 
@@ -258,7 +263,8 @@ def test_bench_prints_a_table_and_writes_json(capsys, tmp_path: Path) -> None:
     md = tmp_path / "bench.md"
     status, stdout, err = run(
         capsys, "bench", "--arch", "tiny-llama", "--methods", "hf-sdpa,full,h2o,co2", "--budgets", "0.5",
-        "--prompts", "48", "--gens", "6", "--batches", "1,2", "--param", "co2.N=2", "--json", str(out),
+        "--prompts", "48", "--gens", "6", "--batches", "1,2", "--param", "co2.N=2", "--param", "co2.floor=0",
+        "--param", "h2o.floor=0", "--json", str(out),
         "--markdown", str(md),
     )  # fmt: skip
     assert status == 0, err
@@ -315,10 +321,10 @@ def test_bench_floor_counts_the_kv_each_step_reads() -> None:
     model = tiny_model("llama")
     hf = kvkeep.KVKeepCache(model, "full")
     assert _kv_tokens_read(Case("full", None, 100, 11, 1), hf) == pytest.approx(105.5)  # 101 ... 110 tokens
-    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=True)
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=True, floor=0)
     kvkeep.generate(model, torch.randint(3, 90, (1, 100)), cache=cache, max_new_tokens=3)
     assert _kv_tokens_read(Case("h2o", 0.5, 100, 11, 1), cache) == 51  # the slot buffers: budget + 1
-    co2 = kvkeep.KVKeepCache(model, "co2", budget=0.5, N=4, static=True)
+    co2 = kvkeep.KVKeepCache(model, "co2", budget=0.5, N=4, static=True, floor=0)
     kvkeep.generate(model, torch.randint(3, 90, (1, 100)), cache=co2, max_new_tokens=6)
     # 4 measurement steps over the growing cache, then the slots
     assert _kv_tokens_read(Case("co2", 0.5, 100, 11, 1), co2) == pytest.approx((101 + 102 + 103 + 104 + 6 * 51) / 10)

@@ -65,7 +65,7 @@ def test_tensor_parallel_equals_one_process() -> None:
 @needs_gloo
 def test_generate_command_under_torchrun(capsys, tiny_dir) -> None:
     argv = ["generate", "--model", tiny_dir, "--prompt", PROMPT, "--max-new-tokens", "5", "--json"]
-    argv += ["--policy", "keyformer", "--budget", "0.5", "--static"]
+    argv += ["--policy", "keyformer", "--budget", "0.5", "--param", "floor=0", "--static"]
     lines = torchrun("-m", "kvkeep", *argv, "--tp", "2").stdout.strip().splitlines()
     assert len(lines) == 1, lines  # rank 1 stays quiet
     split = json.loads(lines[0])
@@ -103,7 +103,8 @@ def test_serve_command_under_torchrun_answers_as_one_process(tiny_dir) -> None:
     words = PROMPT.split()
     prompts = [" ".join(words[: 6 + 5 * i]) for i in range(5)]
     port = free_port()
-    args = ["--model", tiny_dir, "--policy", "h2o", "--budget", "0.5", "--rows", "2", "--max-prompt-tokens", "64"]
+    args = ["--model", tiny_dir, "--policy", "h2o", "--budget", "0.5", "--param", "floor=0", "--rows", "2"]
+    args += ["--max-prompt-tokens", "64"]
     args += ["--max-tokens", "8", "--port", str(port)]
     server = torchrun("-m", "kvkeep", "serve", *args, "--tp", "2", wait=False)
     try:
@@ -137,7 +138,7 @@ def test_serve_command_under_torchrun_answers_as_one_process(tiny_dir) -> None:
         server.terminate()
         server.communicate(timeout=60)
     model, tokenizer = kvkeep.load_model(tiny_dir, device="cpu")
-    engine = build(model, tokenizer, make_policy("h2o", 0.5), max_prompt=64, max_tokens=8, rows=2)
+    engine = build(model, tokenizer, make_policy("h2o", 0.5, floor=0), max_prompt=64, max_tokens=8, rows=2)
     stops = stop_token_ids(model, tokenizer)
     alone = engine.run([Request(tokenizer(p)["input_ids"], 8, stop_ids=stops) for p in prompts])
     assert [a.choices[0].text for a in answers] == [r.text for r in alone]

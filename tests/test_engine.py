@@ -91,6 +91,35 @@ def test_co2_measures_in_a_wide_row_then_moves_to_its_compressed_row():
     requests = served.run([Request(p, 12) for p in prompts()[:8]])
     assert not served.measuring and all(r.finish_reason == "length" for r in requests)
     assert all(r.kv_bytes < r.kv_bytes_full for r in requests)
+    # Its peak is what the measurement row held at the cut: the prompt and its first N tokens.
+    facts = served.facts
+    for request in requests:
+        assert request.kv_bytes < request.kv_bytes_peak == facts.kv_bytes(request.prompt_tokens + 3)
+
+
+def test_a_request_that_ends_while_co2_measures_peaks_at_full_attention():
+    served = engine("co2", rows=3, N=6)
+    requests = served.run([Request(p, 4) for p in prompts()[:4]])
+    for request in requests:
+        assert request.kv_bytes == request.kv_bytes_peak == request.kv_bytes_full
+
+
+def test_per_request_prompt_options_and_the_floor():
+    """A request's own observe / pool / floor change only its own kept set; the floor is reported."""
+    served = engine("keyformer", rows=4, budget=1.0, floor=0)  # rows of 65 slots
+    prompt = prompts()[4]  # 50 tokens
+    plain, windowed, floored = served.run(
+        [Request(prompt, 8, budget=0.5), Request(prompt, 8, budget=0.5, policy_options={"observe": 6, "pool": 3}),
+         Request(prompt, 8, budget=0.5, policy_options={"floor": 60})]
+    )  # fmt: skip
+    cache = kvkeep.KVKeepCache(MODEL, "keyformer", budget=0.5, floor=0, observe=6, pool=3)
+    assert windowed.output_ids == kvkeep.generate(MODEL, torch.tensor([prompt]), cache=cache, max_new_tokens=8).row(0)
+    assert not plain.floored and not windowed.floored and floored.floored
+    assert floored.kv_bytes == floored.kv_bytes_full > plain.kv_bytes == plain.kv_bytes_peak
+    with pytest.raises(ValueError, match="pool must be an odd int"):
+        served.submit(Request(prompt, 4, policy_options={"pool": 2}))
+    with pytest.raises(ValueError, match="does not fit"):
+        served.submit(Request(prompt, 4, budget=0.5, policy_options={"floor": 500}))
 
 
 def test_bad_requests_are_refused_in_one_line():
@@ -109,7 +138,7 @@ def test_bad_requests_are_refused_in_one_line():
 
 
 def test_planner_arithmetic_equals_the_bytes_the_rows_allocate():
-    policy = make_policy("keyformer", budget=0.5)
+    policy = make_policy("keyformer", budget=0.5, floor=0)
     facts = ModelFacts.of(MODEL)
     row_bytes = 33 * facts.slot_bytes(scores=True)  # budget 32 of a 64-token prompt, plus the newcomer
     memory = facts.weight_bytes + DECODE_RESERVE + facts.prefill_bytes(256) + 10 * row_bytes + row_bytes // 2
@@ -123,7 +152,7 @@ def test_planner_arithmetic_equals_the_bytes_the_rows_allocate():
         for t in (layer.keys, layer.values, layer.positions, layer.scores)
     )
     assert allocated == chosen.cache_bytes == 10 * row_bytes
-    co2 = plan(facts, make_policy("co2", budget=0.5), max_prompt=64, max_tokens=12, memory_bytes=memory)
+    co2 = plan(facts, make_policy("co2", budget=0.5, floor=0), max_prompt=64, max_tokens=12, memory_bytes=memory)
     wide_bytes = co2.wide_capacity * facts.slot_bytes(scores=True)
     assert co2.wide_rows >= 1 and co2.cache_bytes == co2.rows * row_bytes + co2.wide_rows * wide_bytes <= memory
     with pytest.raises(ValueError, match="holds no row"):

@@ -96,10 +96,15 @@ def test_heatmap(llama, ids, tmp_path: Path) -> None:
         analyze_heatmap(llama, None, ids, out=tmp_path, layers=[5], max_new_tokens=2)
 
 
+#: The tests' prompts are far shorter than the default floor of 256 tokens.
+NO_FLOOR = {"floor": 0}
+
+
 def test_cached_counts_add_up(llama, ids, tmp_path: Path) -> None:
     result = analyze_cached(
-        llama, None, ids, out=tmp_path, policy="h2o", budget=0.5, max_new_tokens=NEW, stop_at_eos=False, layer=1
-    )
+        llama, None, ids, out=tmp_path, policy="h2o", budget=0.5, params=NO_FLOOR, max_new_tokens=NEW,
+        stop_at_eos=False, layer=1,
+    )  # fmt: skip
     assert read(tmp_path, "cached")["totals"] == result["totals"]
     kv_heads = result["kv_heads"]
     # (step, layer, KV head, token so far): step s's query is column PROMPT + s - 1, so PROMPT + s tokens so far
@@ -133,10 +138,11 @@ def _decode_evictions(model, ids, policy: str, **params) -> int:
 
 def test_replacement_counts_match_evictions(llama, ids, tmp_path: Path) -> None:
     result = analyze_replacement(
-        llama, None, ids, out=tmp_path, policy="h2o", budget=0.5, max_new_tokens=NEW, stop_at_eos=False
-    )
+        llama, None, ids, out=tmp_path, policy="h2o", budget=0.5, params=NO_FLOOR, max_new_tokens=NEW,
+        stop_at_eos=False,
+    )  # fmt: skip
     assert read(tmp_path, "replacement")["counts"] == result["counts"]
-    expected = _decode_evictions(llama, ids, "h2o", budget=0.5)
+    expected = _decode_evictions(llama, ids, "h2o", budget=0.5, **NO_FLOOR)
     assert expected == STEPS * 2 * 2  # one per decode step, layer and KV head
     assert sum(result["counts"]) == result["evictions"] == result["evicted_delta"] == expected
     assert result["outside_candidates"] == 0 and sum(result["counts_bulk"]) == 0
@@ -147,7 +153,7 @@ def test_replacement_counts_match_evictions(llama, ids, tmp_path: Path) -> None:
 
 def test_replacement_bulk_and_scores(llama, ids, tmp_path: Path) -> None:
     """CO2 keeps everything for N steps, then cuts to its budget at once (bulk), then one per step."""
-    co2 = {"policy": "co2", "budget": 0.5, "params": {"N": 3}, "max_new_tokens": NEW, "stop_at_eos": False}
+    co2 = {"policy": "co2", "budget": 0.5, "params": {"N": 3, **NO_FLOOR}, "max_new_tokens": NEW, "stop_at_eos": False}
     replacement = analyze_replacement(llama, None, ids, out=tmp_path, **co2)
     steady, bulk = sum(replacement["counts_steady"]), sum(replacement["counts_bulk"])
     assert bulk > 0 and steady > 0 and steady + bulk == replacement["evictions"] == replacement["evicted_delta"]
@@ -175,7 +181,7 @@ def test_cli_on_tiny_model(kind, tiny_dir, tmp_path: Path, capsys) -> None:
     args = ["analyze", kind, "--model", tiny_dir, "--prompt", "The lighthouse keeper climbed the stairs. " * 12]
     args += ["--max-new-tokens", "6", "--max-prompt-tokens", "48", "--layers", "-1", "--out", str(tmp_path)]
     if kind in ("cached", "replacement", "scores"):
-        args += ["--policy", "h2o", "--budget", "0.5", "--param", "sinks=2"]
+        args += ["--policy", "h2o", "--budget", "0.5", "--param", "sinks=2", "--param", "floor=0"]
     assert main(args) == 0
     result = read(tmp_path, kind)
     assert result["kind"] == kind and result["prompt_tokens"] == 48 and result["source"]["truncated"] is True
@@ -203,7 +209,7 @@ def test_cli_smollm2(tmp_path: Path) -> None:
             pytest.skip(f"SmolLM2 is not available: {err}")
     prompt = "The lighthouse keeper climbed the stairs every evening to light the lamp. Summarize this in a sentence."
     args = ["analyze", "cached", "--prompt", prompt, "--chat", "--max-new-tokens", "6", "--policy", "h2o"]
-    assert main([*args, "--budget", "0.5", "--layers", "-1", "--out", str(tmp_path)]) == 0
+    assert main([*args, "--budget", "0.5", "--param", "floor=0", "--layers", "-1", "--out", str(tmp_path)]) == 0
     result = read(tmp_path, "cached")
     assert result["model"] == "smollm2" and result["view"]["layer"] == 29 and result["kv_heads"] == 3
     assert len(result["per_layer"]) == 30 and result["source"]["chat"] is True

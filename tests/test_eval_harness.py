@@ -74,7 +74,10 @@ def news(tmp_path) -> Path:
 
 
 def sweep_args(tiny_dir: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["sweep", "--model", tiny_dir, "--data", str(data), "--max-new-tokens", "6", "--out", str(out), *extra]
+    """A sweep of the tiny model; with budgets, no floor (the test prompts are far shorter than 256 tokens)."""
+    floor = ["--param", "floor=0"] if "--budgets" in extra and "--param" not in extra else []
+    return ["sweep", "--model", tiny_dir, "--data", str(data), "--max-new-tokens", "6", "--out", str(out), *extra,
+            *floor]  # fmt: skip
 
 
 # -- metrics --------------------------------------------------------------------------------------------
@@ -190,8 +193,8 @@ def test_runner_takes_plain_values(news, tmp_path) -> None:
 # -- sweep ----------------------------------------------------------------------------------------------
 def test_sweep_resumes_without_duplicates(tiny_dir, news, tmp_path, monkeypatch) -> None:
     out = tmp_path / "run"
-    argv = sweep_args(tiny_dir, news, out, "--policies", "window,h2o", "--budgets", "0.5")
-    argv += ["--param", "recent_ratio=0.25,0.5"]  # h2o only: window has no recent_ratio
+    grid = ("--param", "recent_ratio=0.25,0.5", "--param", "floor=0")  # recent_ratio: h2o only, not window
+    argv = sweep_args(tiny_dir, news, out, "--policies", "window,h2o", "--budgets", "0.5", *grid)
     per_sample = 1 + 1 + 2  # full, window, h2o x 2
 
     assert cli(*argv, "--limit", "2") == 0
@@ -230,7 +233,7 @@ def test_sweep_resumes_without_duplicates(tiny_dir, news, tmp_path, monkeypatch)
     assert cli(*argv) == 0
     assert len(read_rows(out)) == len(rows)
     config = json.loads((out / "config.json").read_text())
-    assert config["policies"] == "window,h2o" and config["params"] == ["recent_ratio=0.25,0.5"]
+    assert config["policies"] == "window,h2o" and config["params"] == ["recent_ratio=0.25,0.5", "floor=0"]
 
     # the report of the resumed run, through the real command line
     from kvkeep.cli import main
@@ -282,6 +285,7 @@ def test_perplexity_task(tiny_dir, tmp_path) -> None:
     out = tmp_path / "ppl"
     argv = ["sweep", "--model", tiny_dir, "--data", str(text), "--out", str(out), "--policies", "h2o,keyformer,co2"]
     argv += ["--budgets", "0.5", "--prompt-tokens", "32", "--eval-tokens", "8", "--windows", "2", "--param", "N=2"]
+    argv += ["--param", "floor=0"]
     assert cli(*argv) == 0
     rows = {r["policy"]: r for r in read_rows(out)}
     assert set(rows) == {"full", "h2o", "keyformer", "co2"}

@@ -70,7 +70,7 @@ def test_scoring_is_a_case_insensitive_share_of_the_answers() -> None:
 def test_sweep_and_report_on_a_tiny_model(tiny_dir, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     argv = ["sweep", "--model", tiny_dir, "--data", "passkey", "--context", "300", "--depths", "0,1"]
-    assert cli(*argv, "--policies", "full,window,h2o", "--budgets", "0.5", "--out", str(out)) == 0
+    assert cli(*argv, "--policies", "full,window,h2o", "--budgets", "0.5", "--param", "floor=0", "--out", str(out)) == 0
     rows = read_rows(out)
     assert len(rows) == 6 and {r["sample_id"] for r in rows} == {"passkey-300-d0-0", "passkey-300-d1-0"}
     for row in rows:
@@ -79,7 +79,9 @@ def test_sweep_and_report_on_a_tiny_model(tiny_dir, tmp_path, capsys) -> None:
         assert row["options"] == {"max_new_tokens": None} and row["depth_actual"] == row["depth"]
         if row["policy"] != "full":
             assert 0.4 < row["kv_bytes"] / row["kv_bytes_full"] < 0.6
-    assert cli(*argv, "--policies", "full,window,h2o", "--budgets", "0.5", "--out", str(out)) == 0  # resumes
+    assert (
+        cli(*argv, "--policies", "full,window,h2o", "--budgets", "0.5", "--param", "floor=0", "--out", str(out)) == 0
+    )  # resumes
     assert len(read_rows(out)) == 6
     capsys.readouterr()
     run_report(capsys, out)

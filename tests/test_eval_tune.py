@@ -52,7 +52,7 @@ def test_tune_on_a_tiny_model(tiny_dir, news, tmp_path, capsys) -> None:
         "--out",
         str(tmp_path / "run"),
     ]
-    argv += ["--param", "alpha=0,0.2", "--param", "N=0:3:3", *extra]
+    argv += ["--param", "alpha=0,0.2", "--param", "N=0:3:3", "--param", "floor=0", *extra]
     assert run_tune(*argv) == 0
     out = capsys.readouterr().out
     assert "calibration (2 samples, max agreement):" in out and "held-out (1 samples):" in out

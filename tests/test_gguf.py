@@ -78,7 +78,7 @@ def test_gguf_file_and_its_folder_load_generate_and_reuse_one_cached_copy(
     assert entry.startswith("gguf-")
 
     ids = tok(["The lighthouse stood", "at the edge of the cliff"], return_tensors="pt", padding=True)
-    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5)
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
     run = kvkeep.generate(model, ids["input_ids"], ids["attention_mask"], cache=cache, max_new_tokens=5)
     assert run.tokens.shape == (2, 5) and int(run.tokens.max()) < VOCAB
     plain = kvkeep.generate(model, ids["input_ids"], ids["attention_mask"], max_new_tokens=5)

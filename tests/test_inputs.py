@@ -71,7 +71,7 @@ def test_full_policy_keeps_exactly_full_per_sequence_with_padding_and_sliding_la
 def test_budget_keeps_less_than_full_per_sequence() -> None:
     model = gemma(["sliding_attention", "full_attention"] * 2)
     ids, mask = padded_batch(LENGTHS)
-    cache = kvkeep.KVKeepCache(model, "window", budget=0.5)
+    cache = kvkeep.KVKeepCache(model, "window", budget=0.5, floor=0)
     kvkeep.generate(model, ids, mask, cache=cache, max_new_tokens=4)
     for n, (kept, full) in zip(LENGTHS, cache.sequence_bytes(), strict=True):
         real = n + 3
@@ -100,7 +100,7 @@ def test_mostly_sliding_model_says_once_per_cache_what_the_budget_governs(caplog
     caplog.set_level(logging.WARNING, logger="kvkeep")
     model = gemma(["sliding_attention"] * 5 + ["full_attention"])  # Gemma 3's 5 : 1
     prompt = random_prompt(40, seed=1)
-    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5)
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
     kvkeep.generate(model, prompt, cache=cache, max_new_tokens=1)
     # 1 global layer x 40 tokens, 5 sliding layers x 11: the budget governs 40 / 95 = 42%; it keeps
     # (20 + 55) / 95 = 79% of them, which is what the cache holds after the prompt.
@@ -113,7 +113,7 @@ def test_mostly_sliding_model_says_once_per_cache_what_the_budget_governs(caplog
     cache.reset()
     kvkeep.generate(model, prompt, cache=cache, max_new_tokens=5)
     assert len(hybrid_lines(caplog)) == 1  # once per cache, however many generations and steps
-    kvkeep.generate(model, prompt, cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5), max_new_tokens=3)
+    kvkeep.generate(model, prompt, cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0), max_new_tokens=3)
     assert len(hybrid_lines(caplog)) == 2  # and once for the next cache
 
 
@@ -123,7 +123,7 @@ def test_no_line_for_full_policy_or_a_model_not_mostly_sliding(caplog) -> None:
     half = gemma(["sliding_attention", "full_attention"] * 2)
     prompt = random_prompt(40, seed=1)
     kvkeep.generate(mostly, prompt, cache=kvkeep.KVKeepCache(mostly, "full"), max_new_tokens=2)
-    kvkeep.generate(half, prompt, cache=kvkeep.KVKeepCache(half, "h2o", budget=0.5), max_new_tokens=2)
+    kvkeep.generate(half, prompt, cache=kvkeep.KVKeepCache(half, "h2o", budget=0.5, floor=0), max_new_tokens=2)
     assert hybrid_lines(caplog) == []
 
 
@@ -180,7 +180,7 @@ def test_numpy_policy_parameters_are_plain_numbers() -> None:
     assert json.loads(json.dumps(params)) == params  # plain Python numbers
     assert params["sinks"] == 2 and params["recent_ratio"] == 0.25 and params["seed"] == 5 and params["noise"] is True
     kvkeep.generate(MODEL, PROMPT, cache=cache, max_new_tokens=3)
-    co2 = kvkeep.KVKeepCache(MODEL, "co2", budget=0.5, N=np.int32(0), alpha=np.float16(0.5))
+    co2 = kvkeep.KVKeepCache(MODEL, "co2", budget=0.5, floor=0, N=np.int32(0), alpha=np.float16(0.5))
     assert co2.policy.N == 0 and type(co2.policy.N) is int
 
 
@@ -214,7 +214,7 @@ def test_bad_policy_values_are_one_line(kwargs, fragment) -> None:
     ],
 )
 def test_empty_or_malformed_prompt_is_one_line(ids, mask, fragment) -> None:
-    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5, floor=0)
     with pytest.raises(ValueError) as info:
         kvkeep.generate(MODEL, ids, mask, cache=cache, max_new_tokens=3)
     one_line(info, fragment)
@@ -228,7 +228,7 @@ def test_an_empty_row_in_model_generate_is_one_line() -> None:
     An input of shape [1, 0] fails inside transformers before any cache sees it, as it does without kvkeep.
     """
     ids, mask = torch.tensor([[0, 0, 0], [5, 6, 7]]), torch.tensor([[0, 0, 0], [1, 1, 1]])
-    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5)
+    cache = kvkeep.KVKeepCache(MODEL, "h2o", budget=0.5, floor=0)
     with pytest.raises(ValueError) as info:
         greedy(MODEL, ids, cache, 3, attention_mask=mask)
     one_line(info, "a prompt of the batch is empty")
@@ -243,7 +243,7 @@ def short_context_model() -> torch.nn.Module:
 
 def test_generate_refuses_to_run_past_the_context_unless_asked() -> None:
     model = short_context_model()
-    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5)
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
     kvkeep.generate(model, random_prompt(28), cache=cache, max_new_tokens=4)  # 32: exactly the context
     cache.reset()
     with pytest.raises(ValueError) as info:
@@ -291,7 +291,7 @@ def test_triton_kernel_on_a_cpu_is_one_line_and_leaves_the_model_as_it_was(monke
     model = tiny_model("llama")
     before = model.config._attn_implementation
     with pytest.raises(ValueError) as info:
-        kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=True, kernel="triton")
+        kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0, static=True, kernel="triton")
     one_line(info, "kernel='triton' needs a CUDA device", "kernel='auto' or 'torch'")
     assert model.config._attn_implementation == before  # not switched to kvkeep's attention
 
@@ -306,23 +306,27 @@ def test_a_cache_used_with_another_model_raises_and_leaves_both_models_working()
     with torch.no_grad():
         b_logits = model_b(**ids, **with_cache(model_b, DynamicCache(config=model_b.config))).logits
     b_tokens, twin_tokens = greedy(model_b, prompt), greedy(twin, prompt)
-    a_tokens = kvkeep.generate(model_a, prompt, cache=kvkeep.KVKeepCache(model_a, "h2o", budget=0.5), max_new_tokens=8)
+    a_tokens = kvkeep.generate(
+        model_a, prompt, cache=kvkeep.KVKeepCache(model_a, "h2o", budget=0.5, floor=0), max_new_tokens=8
+    )
 
-    kvkeep.KVKeepCache(model_b, "h2o", budget=0.5)  # B on kvkeep's attention too: only its shape tells
+    kvkeep.KVKeepCache(model_b, "h2o", budget=0.5, floor=0)  # B on kvkeep's attention too: only its shape tells
     for model, fragment in ((model_b, "1 of dimension 16"), (twin, "did not run through kvkeep")):
-        cache = kvkeep.KVKeepCache(model_a, "h2o", budget=0.5)
+        cache = kvkeep.KVKeepCache(model_a, "h2o", budget=0.5, floor=0)
         with pytest.raises(ValueError) as info:
             kvkeep.generate(model, prompt, cache=cache, max_new_tokens=4)
         one_line(info, fragment, "KVKeepCache(model, ...) for the model that uses it")
     with pytest.raises(ValueError, match="built for"):
-        greedy(model_b, prompt, kvkeep.KVKeepCache(model_a, "h2o", budget=0.5, max_new_tokens=4), 4)
+        greedy(model_b, prompt, kvkeep.KVKeepCache(model_a, "h2o", budget=0.5, floor=0, max_new_tokens=4), 4)
 
     with torch.no_grad():
         again = model_b(**ids, **with_cache(model_b, DynamicCache(config=model_b.config))).logits
     torch.testing.assert_close(again, b_logits, rtol=0, atol=1e-5)
     assert torch.equal(greedy(model_b, prompt), b_tokens)
     assert torch.equal(greedy(twin, prompt), twin_tokens)
-    a_again = kvkeep.generate(model_a, prompt, cache=kvkeep.KVKeepCache(model_a, "h2o", budget=0.5), max_new_tokens=8)
+    a_again = kvkeep.generate(
+        model_a, prompt, cache=kvkeep.KVKeepCache(model_a, "h2o", budget=0.5, floor=0), max_new_tokens=8
+    )
     assert torch.equal(a_again.tokens, a_tokens.tokens)
 
 
@@ -330,13 +334,15 @@ def test_an_error_inside_a_forward_leaves_the_model_usable() -> None:
     model = tiny_model("llama")
     prompt = random_prompt(30, seed=4)
     plain = greedy(model, prompt)
-    h2o = kvkeep.generate(model, prompt, cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5), max_new_tokens=6)
-    cache = kvkeep.KVKeepCache(model, "streaming", budget=0.1)  # 3 tokens: fewer than its 4 sinks
+    h2o = kvkeep.generate(model, prompt, cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0), max_new_tokens=6)
+    cache = kvkeep.KVKeepCache(model, "streaming", budget=0.1, floor=0)  # 3 tokens: fewer than its 4 sinks
     with pytest.raises(ValueError) as info:
         kvkeep.generate(model, prompt, cache=cache, max_new_tokens=6)  # raised by layer 0's attention
     one_line(info, "smaller than sinks")
     assert torch.equal(greedy(model, prompt), plain)
-    again = kvkeep.generate(model, prompt, cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5), max_new_tokens=6)
+    again = kvkeep.generate(
+        model, prompt, cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0), max_new_tokens=6
+    )
     assert torch.equal(again.tokens, h2o.tokens)
 
 
@@ -345,10 +351,10 @@ def test_no_future_warning_from_kvkeep_runs() -> None:
     model = tiny_model("llama")
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        cache = kvkeep.KVKeepCache(model, "keyformer", budget=0.5, max_new_tokens=4)
+        cache = kvkeep.KVKeepCache(model, "keyformer", budget=0.5, floor=0, max_new_tokens=4)
         greedy(model, PROMPT, cache, 4)
         for static in (False, True):
-            cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=static)
+            cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0, static=static)
             kvkeep.generate(model, PROMPT, cache=cache, max_new_tokens=4)
 
 
@@ -360,7 +366,7 @@ def sampled(model, ids, mask=None, cache=None, sampling=None) -> torch.Tensor:
 @pytest.mark.parametrize("policy", [None, "h2o"])
 def test_sampling_is_seeded_and_a_request_samples_the_same_alone_or_batched(policy) -> None:
     def cache():
-        return None if policy is None else kvkeep.KVKeepCache(MODEL, policy, budget=0.5)
+        return None if policy is None else kvkeep.KVKeepCache(MODEL, policy, budget=0.5, floor=0)
 
     hot = Sampling(temperature=1.5, top_p=0.95, seed=7)
     short, long = random_prompt(12, seed=5), random_prompt(30, seed=6)

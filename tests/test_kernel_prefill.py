@@ -29,10 +29,11 @@ f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 def _case(name, batch, q_heads, kv_heads, n, head_dim, dtype, mode, reduce, blocks=None, **opts):
     """``opts``: ``head_cols`` (per-KV-head key columns), ``holes`` (random padding keys and rows),
     ``no_real`` / ``no_pad`` (leave ``query_real`` / ``padding`` out: then there is no padding), ``tau``,
-    ``offset`` (the model's index of KV head 0: a tensor-parallel rank's heads)."""
+    ``offset`` (the model's index of KV head 0: a tensor-parallel rank's heads), ``first`` (the observation
+    window: rows before it score nothing)."""
     c = dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, n=n, head_dim=head_dim, dtype=dtype, mode=mode)
     c.update(reduce=reduce, blocks=blocks, head_cols=False, holes=False, no_real=False, no_pad=False, tau=1.0)
-    c.update(offset=0)
+    c.update(offset=0, first=0)
     c.update(opts)
     return pytest.param(c, id=name)
 
@@ -49,6 +50,8 @@ if CUDA:
         _case("gqa4-probs-mean-fp16-d96", 2, 32, 8, 777, 96, f16, "probs", "mean"),
         _case("gqa4-probs-sum-bf16-short", 4, 32, 8, 50, 128, bf16, "probs", "sum"),
         _case("mha-gumbel-mean-bf16-nopad", 2, 32, 32, 600, 128, bf16, "gumbel", "mean", no_real=True, no_pad=True),
+        _case("gqa4-gumbel-mean-bf16-observe32", 2, 32, 8, 3000, 128, bf16, "gumbel", "mean", first=2968),
+        _case("gqa4-probs-mean-bf16-observe200", 3, 32, 8, 1500, 128, bf16, "probs", "mean", holes=True, first=1300),
     ]
 else:
     CASES = [
@@ -63,6 +66,9 @@ else:
         _case("gqa2-gumbel-mean-fp32-short-default", 2, 4, 2, 7, 16, f32, "gumbel", "mean"),
         _case("mha-probs-sum-fp32-nopad", 2, 2, 2, 20, 16, f32, "probs", "sum", (16, 16), no_real=True, no_pad=True),
         _case("mha-gumbel-max-fp32-nopad", 1, 2, 2, 24, 16, f32, "gumbel", "max", (16, 16), no_real=True, no_pad=True),
+        _case("gqa4-gumbel-mean-fp32-observe", 3, 8, 2, 45, 32, f32, "gumbel", "mean", (32, 16), holes=True, first=21),
+        _case("gqa4-probs-sum-fp32-observe-last-block", 2, 8, 2, 45, 16, f32, "probs", "sum", (32, 16), first=40),
+        _case("mha-probs-fp32-observe-nopad", 1, 2, 2, 40, 16, f32, "probs", "mean", None, no_real=True, first=33),
     ]
 
 
@@ -105,6 +111,7 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> torch.Tensor:
     query_pos = cols[None, :] - pad[:, None]
     if not c["no_real"]:  # padding rows (and holes) attend to nothing and score nothing
         query_pos = torch.where(x["real"], query_pos, -1)
+    query_pos = torch.where(cols[None, :] >= c["first"], query_pos, -1)  # rows before the window: nothing
     key_pos = torch.where(key_cols >= 0, key_cols - pad[:, None, None], -1)
 
     def scorer(logits, allowed, rows):
@@ -147,6 +154,9 @@ def test_prefill_scores_match_reference(c: dict) -> None:
     if not c["no_real"]:
         x["query"].transpose(1, 2)[~x["real"]] = float("nan")
         kwargs["query_real"] = x["real"]
+    if c["first"]:  # rows before the observation window are never read either
+        x["query"][:, :, : c["first"]] = float("nan")
+        kwargs["first_row"] = c["first"]
     out = prefill_scores(
         x["query"],
         x["keys"],

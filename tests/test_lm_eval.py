@@ -57,7 +57,7 @@ def test_argv_gets_the_run_command_and_the_model() -> None:
 
 def test_generate_until_through_the_entry_point(tiny_dir, local_task, tmp_path, capsys) -> None:
     kv_log, out = tmp_path / "kv.jsonl", tmp_path / "out"
-    model_args = f"pretrained={tiny_dir},policy=h2o,budget=0.5,recent_ratio=0.25,kv_log={kv_log}"
+    model_args = f"pretrained={tiny_dir},policy=h2o,budget=0.5,floor=0,recent_ratio=0.25,kv_log={kv_log}"
     argv = ["lm-eval", "--model_args", model_args, "--tasks", "kvkeep_local", "--include_path", str(local_task)]
     assert main([*argv, "--device", "cpu", "--output_path", str(out), "--log_samples"]) == 0
     table = capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_bad_model_args_are_one_line_errors(tiny_dir, local_task, capsys) -> Non
     argv = ["lm-eval", "--model_args", f"pretrained={tiny_dir},policy=nope", "--tasks", "kvkeep_local"]
     assert main([*argv, "--include_path", str(local_task), "--device", "cpu"]) == 2
     assert "kvkeep: error: unknown policy 'nope'" in capsys.readouterr().err
-    argv = ["lm-eval", "--model_args", f"pretrained={tiny_dir},policy=h2o,budget=0.5,tau_end=2"]
+    argv = ["lm-eval", "--model_args", f"pretrained={tiny_dir},policy=h2o,budget=0.5,floor=0,tau_end=2"]
     assert main([*argv, "--tasks", "kvkeep_local", "--include_path", str(local_task), "--device", "cpu"]) == 2
     assert "has no parameter" in capsys.readouterr().err  # tau_end is keyformer's, not h2o's
     assert main(["sweep", "--data", "x", "--out", "y", "--bogus"]) == 2  # other commands keep strict options
@@ -91,7 +91,7 @@ def test_log_likelihood_in_chunks_through_the_cache(tiny_dir) -> None:
     full = KVKeepLM(pretrained=tiny_dir, device="cpu", prefill_chunk=8)
     torch.testing.assert_close(full._model_call(ids), whole, rtol=1e-4, atol=1e-4)  # same tokens attended
     assert full.kv_records[0]["kv_bytes"] == full.kv_records[0]["kv_bytes_full"]
-    h2o = KVKeepLM(pretrained=tiny_dir, device="cpu", policy="h2o", budget=0.25, prefill_chunk=8)
+    h2o = KVKeepLM(pretrained=tiny_dir, device="cpu", policy="h2o", budget=0.25, floor=0, prefill_chunk=8)
     logits = h2o._model_call(ids)
     torch.testing.assert_close(logits[:, :8], whole[:, :8], rtol=1e-4, atol=1e-4)  # the first chunk sees all
     assert not torch.allclose(logits[:, -8:], whole[:, -8:], atol=1e-3)  # later chunks see what was kept

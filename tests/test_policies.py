@@ -31,7 +31,8 @@ def eager_rows(gqa_model):
 
 
 def _run(model, prompt, policy, **params):
-    cache = kvkeep.KVKeepCache(model, policy, budget=1000, **params)
+    """Every prompt row scores alike (observe=0): the scores as H2O, Keyformer and CO2 were published."""
+    cache = kvkeep.KVKeepCache(model, policy, budget=1000, observe=0, **params)
     greedy(model, prompt, cache, new_tokens=STEPS)
     return cache
 
@@ -82,8 +83,8 @@ def test_keyformer_score_is_gumbel_softmax_with_swept_temperature(gqa_model, eag
 
 def test_keyformer_without_noise_at_unit_temperature_is_h2o(gqa_model):
     prompt = random_prompt(40, seed=6)
-    h2o = kvkeep.KVKeepCache(gqa_model, "h2o", budget=0.5, recent_ratio=0.3)
-    plain = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5, noise=False, tau_init=1.0, tau_end=1.0)
+    h2o = kvkeep.KVKeepCache(gqa_model, "h2o", budget=0.5, floor=0, recent_ratio=0.3)
+    plain = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5, floor=0, noise=False, tau_init=1.0, tau_end=1.0)
     assert torch.equal(greedy(gqa_model, prompt, h2o, 10), greedy(gqa_model, prompt, plain, 10))
     for a, b in zip(h2o.layers, plain.layers, strict=True):
         assert torch.equal(a.positions, b.positions)
@@ -92,8 +93,8 @@ def test_keyformer_without_noise_at_unit_temperature_is_h2o(gqa_model):
 
 def test_co2_without_decay_or_measurement_is_h2o(gqa_model):
     prompt = random_prompt(40, seed=7)
-    h2o = kvkeep.KVKeepCache(gqa_model, "h2o", budget=0.5)
-    co2 = kvkeep.KVKeepCache(gqa_model, "co2", budget=0.5, N=0, alpha=0.0, rho=0.5)
+    h2o = kvkeep.KVKeepCache(gqa_model, "h2o", budget=0.5, floor=0)
+    co2 = kvkeep.KVKeepCache(gqa_model, "co2", budget=0.5, floor=0, N=0, alpha=0.0, rho=0.5)
     assert torch.equal(greedy(gqa_model, prompt, h2o, 10), greedy(gqa_model, prompt, co2, 10))
     for a, b in zip(h2o.layers, co2.layers, strict=True):
         assert torch.equal(a.positions, b.positions)
@@ -102,8 +103,8 @@ def test_co2_without_decay_or_measurement_is_h2o(gqa_model):
 
 def test_keyformer_noise_off_changes_nothing_but_noise_on_changes_choice(gqa_model):
     prompt = random_prompt(60, seed=8)
-    noisy = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.3, seed=1)
-    plain = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.3, noise=False)
+    noisy = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.3, floor=0, seed=1)
+    plain = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.3, floor=0, noise=False)
     greedy(gqa_model, prompt, noisy, 4)
     greedy(gqa_model, prompt, plain, 4)
     assert any(not torch.equal(a.positions, b.positions) for a, b in zip(noisy.layers, plain.layers, strict=True))
@@ -133,7 +134,7 @@ def test_gumbel_noise_is_finite_at_the_extreme_hashes():
 
 def test_keyformer_is_reproducible_run_to_run(gqa_model):
     prompt = random_prompt(50, seed=9)
-    runs = [kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.4, seed=3) for _ in range(2)]
+    runs = [kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.4, floor=0, seed=3) for _ in range(2)]
     outs = [greedy(gqa_model, prompt, c, 8) for c in runs]
     assert torch.equal(*outs)
     assert all(torch.equal(a.positions, b.positions) for a, b in zip(*[c.layers for c in runs], strict=True))
@@ -152,7 +153,7 @@ def test_head_reduction_of_gqa_scores(gqa_model, eager_rows, reduce):
 
 
 def test_temperature_schedule():
-    policy = kvkeep.make_policy("keyformer", budget=0.5, tau_init=1.0, tau_end=2.0)
+    policy = kvkeep.make_policy("keyformer", budget=0.5, floor=0, tau_init=1.0, tau_end=2.0)
     assert policy.tau(0, 100) == 1.0
     assert policy.tau(50, 100) == pytest.approx(1.5)
     assert policy.tau(100, 100) == pytest.approx(2.0)
@@ -165,9 +166,9 @@ def test_fp16_and_bf16_scores_are_finite():
         prompt = random_prompt(40, seed=11)
         for policy in ("keyformer", "h2o", "co2"):
             cache = (
-                kvkeep.KVKeepCache(model, policy, budget=0.5, N=2)
+                kvkeep.KVKeepCache(model, policy, budget=0.5, floor=0, N=2)
                 if policy == "co2"
-                else kvkeep.KVKeepCache(model, policy, budget=0.5)
+                else kvkeep.KVKeepCache(model, policy, budget=0.5, floor=0)
             )
             greedy(model, prompt, cache, 6)
             for layer in cache.layers:
@@ -179,10 +180,10 @@ def test_prompt_scoring_in_small_row_chunks_equals_one_chunk(gqa_model, monkeypa
     import kvkeep.attention as attention
 
     prompt = random_prompt(48, seed=12)
-    whole = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5)
+    whole = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5, floor=0)
     out_whole = greedy(gqa_model, prompt, whole, 5)
     monkeypatch.setattr(attention, "CHUNK_ELEMENTS", 4 * 48 * 5)  # 5 query rows per chunk
-    chunked = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5)
+    chunked = kvkeep.KVKeepCache(gqa_model, "keyformer", budget=0.5, floor=0)
     assert torch.equal(greedy(gqa_model, prompt, chunked, 5), out_whole)
     for a, b in zip(whole.layers, chunked.layers, strict=True):
         assert torch.equal(a.positions, b.positions)

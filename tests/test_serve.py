@@ -76,7 +76,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    server = Server("keyformer", 0.5)
+    server = Server("keyformer", 0.5, floor=0)  # short test prompts: no floor, so they are compressed
     yield server
     server.close()
 
@@ -189,7 +189,7 @@ def test_two_hundred_short_requests_leave_rows_memory_and_tasks_where_they_start
 
 
 def test_a_full_queue_answers_503_and_the_server_recovers():
-    server = Server("window", 0.5, rows=2, queue_limit=2, start_engine=False)
+    server = Server("window", 0.5, rows=2, queue_limit=2, start_engine=False, floor=0)
     try:
         body = {"model": MODEL, "prompt": prompt(4), "max_tokens": 2, "temperature": 0, "stream": True}
         held = [httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) for _ in range(2)]
@@ -207,13 +207,36 @@ def test_a_full_queue_answers_503_and_the_server_recovers():
 
 
 def test_co2_server_batches_without_changing_tokens():
-    server = Server("co2", 0.5, rows=4, N=3)
+    server = Server("co2", 0.5, rows=4, N=3, floor=0)
     try:
         texts = [prompt(n) for n in (6, 30, 14, 41, 22, 9)]
         alone = [greedy(server.client, t, max_tokens=10).choices[0].text for t in texts]
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             together = list(pool.map(lambda t: greedy(server.client, t, max_tokens=10).choices[0].text, texts))
         assert together == alone
+    finally:
+        server.close()
+
+
+def test_a_short_chat_at_half_the_cache_answers_as_full_and_reports_the_floor():
+    """The default floor keeps a short chat whole (the README's "Name three colours."); a request may lower it
+    (then its prompt is compressed), and every answer reports its end and peak KV bytes."""
+    server = Server("keyformer", 0.5)
+    try:
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=24)
+        full = server.client.chat.completions.create(**ask, temperature=0, extra_body={"kvkeep": {"budget": 1.0}})
+        half = server.client.chat.completions.create(**ask, temperature=0)
+        assert half.choices[0].message.content == full.choices[0].message.content
+        kv = half.model_extra["kvkeep"]
+        assert kv["floored"] is True and kv["kv_bytes"] == kv["kv_bytes_peak"] == kv["kv_bytes_full"]
+        cut = server.client.chat.completions.create(
+            **ask, temperature=0, extra_body={"kvkeep": {"floor": 0, "observe": 8, "pool": 3}}
+        )
+        kv = cut.model_extra["kvkeep"]
+        assert kv["floored"] is False and kv["kv_bytes"] == kv["kv_bytes_peak"] < 0.6 * kv["kv_bytes_full"]
+        for bad, word in (({"pool": 4}, "pool"), ({"observe": "8"}, "observe"), ({"floor": -1}, "floor")):
+            with pytest.raises(openai.BadRequestError, match=word):
+                server.client.chat.completions.create(**ask, extra_body={"kvkeep": bad})
     finally:
         server.close()
 

@@ -30,12 +30,12 @@ COVERING = {
 }
 #: Half the prompt; CO2 with its default measurement step and with none.
 HALF = {
-    "window": {"budget": 0.5},
-    "streaming": {"budget": 0.5},
-    "h2o": {"budget": 0.5},
-    "keyformer": {"budget": 0.5},
-    "co2": {"budget": 0.5},
-    "co2-N0": {"budget": 0.5, "N": 0},
+    "window": {"budget": 0.5, "floor": 0},
+    "streaming": {"budget": 0.5, "floor": 0},
+    "h2o": {"budget": 0.5, "floor": 0},
+    "keyformer": {"budget": 0.5, "floor": 0},
+    "co2": {"budget": 0.5, "floor": 0},
+    "co2-N0": {"budget": 0.5, "N": 0, "floor": 0},
 }
 
 # A data-free prompt for the decoding loop (no shared data needed).
@@ -148,7 +148,7 @@ def test_window_nbytes_stay_at_budget(smollm2) -> None:
     model, tok = smollm2
     inputs = chat_inputs(tok, PARAGRAPH)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    cache = KVKeepCache(model, "window", budget=0.5)
+    cache = KVKeepCache(model, "window", budget=0.5, floor=0)
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, **with_cache(model, cache), use_cache=True).logits
         kept, full = cache.nbytes(), cache.full_nbytes()

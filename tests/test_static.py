@@ -67,7 +67,7 @@ def test_generate_loop_matches_for_static_and_compacting_caches(get_model, polic
 def test_slot_buffers_keep_shape_address_and_bytes_while_decoding():
     model = tiny_model("llama")
     prompt = random_prompt(64, seed=1)
-    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, static=True)
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0, static=True)
     with torch.no_grad():
         token = model(prompt, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
         token = (
@@ -109,7 +109,7 @@ def test_static_bad_input_errors(kwargs, fragment):
 
 def test_static_refuses_sliding_window_models():
     with pytest.raises(ValueError, match="sliding-window layers"):
-        kvkeep.KVKeepCache(tiny_model("gemma3"), "h2o", budget=0.5, static=True)
+        kvkeep.KVKeepCache(tiny_model("gemma3"), "h2o", budget=0.5, floor=0, static=True)
 
 
 def test_static_full_cache_needs_the_generation_length():
@@ -126,7 +126,7 @@ def test_static_full_cache_needs_the_generation_length():
 
 def test_static_takes_one_token_per_step():
     model = tiny_model("llama")
-    cache = kvkeep.KVKeepCache(model, "window", budget=0.5, static=True)
+    cache = kvkeep.KVKeepCache(model, "window", budget=0.5, floor=0, static=True)
     with torch.no_grad():
         model(random_prompt(20), **with_cache(model, cache))
         with pytest.raises(ValueError, match="one token per sequence"):
@@ -139,7 +139,7 @@ def test_cuda_graph_needs_a_static_cache_on_cuda():
         kvkeep.generate(
             model,
             random_prompt(10),
-            cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5),
+            cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0),
             max_new_tokens=3,
             cuda_graph=True,
         )

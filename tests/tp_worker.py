@@ -24,11 +24,11 @@ from kvkeep.sampling import Sampling
 ARCHS = ("llama", "qwen2")
 POLICIES = {
     "full": {},
-    "window": {"budget": 0.5},
-    "streaming": {"budget": 0.5, "sinks": 2},
-    "h2o": {"budget": 0.5},
-    "keyformer": {"budget": 0.5},
-    "co2": {"budget": 0.5, "N": 3},
+    "window": {"budget": 0.5, "floor": 0},
+    "streaming": {"budget": 0.5, "sinks": 2, "floor": 0},
+    "h2o": {"budget": 0.5, "floor": 0},
+    "keyformer": {"budget": 0.5, "floor": 0},
+    "co2": {"budget": 0.5, "N": 3, "floor": 0},
 }
 NEW_TOKENS = 8
 

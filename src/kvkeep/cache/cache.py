@@ -309,6 +309,17 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         summed = self._sum([n for row in rows for n in row])
         return list(zip(summed[::2], summed[1::2], strict=True))
 
+    def peak_sequence_bytes(self) -> list[int]:
+        """Per sequence: the most bytes its kept tokens filled after any forward, summed over layers (every
+        policy's layers peak at the same step: the prompt's end, or CO2's cut after its measurement steps)."""
+        per_layer = [layer.peak_bytes() for layer in self.layers if layer.keys is not None]
+        return self._sum([sum(row) for row in zip(*per_layer, strict=True)])
+
+    def floored(self) -> list[bool]:
+        """Per sequence: True when the policy's floor, not its ratio, set the budget (a short prompt)."""
+        prompt = self.layers[0].prompt_tokens
+        return [] if prompt is None else [self.policy.floored(int(n)) for n in prompt.tolist()]
+
     def stats(self) -> list[dict]:
         """Per layer: kept tokens (the most over KV heads) and budget per sequence, evicted entries (summed over
         KV heads), bytes."""

@@ -12,7 +12,8 @@ import torch
 
 from ..attention import attend, bind, prompt_attention
 from ..hf import REUSE_HINT
-from ..policies import StepInfo, protected
+from ..policies import StepInfo, protected, reduce_heads
+from ..policies.base import pool_scores
 from .layer import Eviction, KVKeepLayer
 from .step import StepState
 
@@ -21,7 +22,6 @@ class CompactingLayer(KVKeepLayer):
     """A layer whose tensors shrink to the kept tokens after every forward (see the module docstring).
 
     Attributes (beyond :class:`~kvkeep.cache.layer.KVKeepLayer`'s):
-        prompt_tokens: ``[batch]`` real tokens of each prompt (the budget's base).
         kernel: ``"triton"`` scores a fresh prompt with the Triton prefill kernel, ``"torch"`` with :func:`attend`.
     """
 
@@ -31,7 +31,6 @@ class CompactingLayer(KVKeepLayer):
 
     def clear(self) -> None:
         super().clear()
-        self.prompt_tokens = None
         self.new_tokens = 0
         self.state: StepState | None = None
         self.awaiting_attention = False
@@ -81,7 +80,7 @@ class CompactingLayer(KVKeepLayer):
             self._index_batch(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
 
     def _index_batch(self, index: torch.Tensor) -> None:
-        for name in ("keys", "values", "positions", "scores", "budget", "recent", "padding", "prompt_tokens"):
+        for name in ("keys", "values", "positions", "scores", "budget", "recent", "padding", "prompt_tokens", "peak"):
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
@@ -97,7 +96,8 @@ class CompactingLayer(KVKeepLayer):
         self.awaiting_attention = False
         new, first = self.new_tokens, self.seen - self.new_tokens
         real = self._mark_padding(attention_mask, new)
-        if new > 1 or self.prompt_tokens is None:  # prompt phase: the first or a multi-token forward
+        prompt = new > 1 or self.prompt_tokens is None  # prompt phase: the first or a multi-token forward
+        if prompt:
             self.prompt_tokens = real.sum(-1) + (0 if self.prompt_tokens is None else self.prompt_tokens)
             self.set_budgets(self.prompt_tokens.tolist(), self.keys.device)
         else:
@@ -105,28 +105,64 @@ class CompactingLayer(KVKeepLayer):
         columns = torch.arange(first, self.seen, device=query.device)
         query_positions = torch.where(real, columns[None, :] - self.padding.to(query.device)[:, None], -1)
         fresh = first == 0 and new > 1 and self.sliding_window is None and softcap is None and alibi_slopes is None
+        # The observation window: at a prompt, its last `observe` rows (the same columns for every sequence of a
+        # left-padded batch, so each sequence's own last tokens) score apart from the rest.
+        window = None
+        if prompt and self.spec is not None and self.spec.observe:
+            window = max(0, new - self.spec.observe)
         if fresh and self.kernel == "triton":
-            out, step_scores = self._attend_prompt_fused(query, scaling, real)
+            out, scores, window_scores = self._attend_prompt_fused(query, scaling, real, window)
         else:
-            out, step_scores = self._attend_torch(query, query_positions, scaling, softcap, alibi_slopes)
-        if step_scores is not None:
-            self.scores = self.policy.accumulate(self.scores, step_scores)
+            out, scores, window_scores = self._attend_torch(
+                query, query_positions, scaling, softcap, alibi_slopes, window
+            )
+        if window_scores is not None:
+            scores = self._blend(scores, window_scores, real, window)
+        if scores is not None:
+            self.scores = self.policy.accumulate(self.scores, scores)
         self.evict()
+        self._track_peak()
         return out
 
-    def _attend_torch(self, query, query_positions, scaling, softcap, alibi_slopes):
-        """The reference path, :func:`kvkeep.attention.attend` over the held tokens: ``(output, scores)``."""
-        scorer = None
+    def _blend(self, every: torch.Tensor | None, window: torch.Tensor, real: torch.Tensor, first: int) -> torch.Tensor:
+        """A prompt's score from the window's (pooled) and, unless the policy scores by the window alone, every
+        row's: ``every + (n / w) * pool(window)``, with ``n`` and ``w`` each sequence's real rows in the forward
+        and in the window, so both parts weigh the same.  Shapes ``[B, kv_heads, slots]``; ``real`` ``[B, new]``."""
+        pooled = pool_scores(window, self.spec.pool, self.positions >= 0)
+        if every is None:
+            return pooled
+        rows, in_window = real.sum(-1), real[:, first:].sum(-1).clamp(min=1)
+        return every + (rows / in_window).to(pooled.dtype)[:, None, None] * pooled
+
+    def _attend_torch(self, query, query_positions, scaling, softcap, alibi_slopes, window: int | None = None):
+        """The reference path, :func:`kvkeep.attention.attend` over the held tokens.
+
+        Returns ``(output, scores, window_scores)``: ``window`` (None: no observation window) is the index of
+        this forward's first window row; ``window_scores`` sums the rows from there on, ``scores`` every row (None
+        when the policy scores by the window alone).
+        """
+        scorer, window_sum = None, None
+        every = window is None or self.spec.every_query
         if self.spec is not None:
             total = self.state.max_new_tokens if self.state is not None else None
+            batch, kv_heads, slots = self.positions.shape
+            if window is not None:
+                group = query.shape[1] // kv_heads
+                window_sum = query.new_zeros(batch, kv_heads, group, slots, dtype=torch.float32)
 
             def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
+                skip = 0 if every else min(max(0, window - rows.start), rows.stop - rows.start)
+                rows = slice(rows.start + skip, rows.stop)
                 chunk = StepInfo(
                     self.layer_idx, self.step, query_positions[:, rows], self.positions, total, self.head_offset
                 )
-                return self.policy.step_scores(logits, allowed, chunk)
+                part = self.policy.step_scores(logits[:, :, :, skip:], allowed[:, :, :, skip:], chunk)
+                if window_sum is not None:
+                    window_sum.add_(part[:, :, :, max(0, window - rows.start) :].sum(dim=3))
+                return part
 
-        return attend(
+        head_reduce = self.spec.head_reduce if self.spec is not None else "mean"
+        out, scores = attend(
             query,
             self.keys,
             self.values,
@@ -137,27 +173,34 @@ class CompactingLayer(KVKeepLayer):
             softcap=softcap,
             alibi_slopes=alibi_slopes,
             scorer=scorer,
-            head_reduce=self.spec.head_reduce if self.spec is not None else "mean",
+            head_reduce=head_reduce,
         )
+        window_scores = None if window_sum is None else reduce_heads(window_sum, head_reduce)
+        return out, scores if every else None, window_scores
 
-    def _attend_prompt_fused(self, query: torch.Tensor, scaling: float, real: torch.Tensor):
+    def _attend_prompt_fused(self, query: torch.Tensor, scaling: float, real: torch.Tensor, window: int | None):
         """A fresh prompt on the GPU: output from PyTorch's fused SDPA, scores from the Triton prefill kernel.
 
-        Returns ``(output [B, n, q_heads, D], scores [B, kv_heads, n] or None)``; neither builds an n x n tensor.
+        Returns ``(output [B, n, q_heads, D], scores, window_scores)`` as :meth:`_attend_torch` (``[B, kv_heads,
+        n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.
         """
         out = prompt_attention(query, self.keys, self.values, self.positions, scaling)
         if self.spec is None:
-            return out, None
+            return out, None, None
         from ..kernels.prefill import prefill_scores
 
         tau = float(self.policy.temperature(torch.zeros(1, dtype=torch.long), None))
         padding = self.padding.to(query.device)
         columns = torch.where(self.positions >= 0, self.positions + padding[:, None, None], -1)
-        scores = prefill_scores(
-            query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx,
-            head_offset=self.head_offset, tau=tau, query_real=real, padding=padding,
-        )  # fmt: skip
-        return out, scores
+
+        def scores_from(first_row: int) -> torch.Tensor:
+            return prefill_scores(
+                query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx,
+                head_offset=self.head_offset, tau=tau, query_real=real, padding=padding, first_row=first_row,
+            )  # fmt: skip
+
+        every = scores_from(0) if window is None or self.spec.every_query else None
+        return out, every, None if window is None else scores_from(window)
 
     def _mark_padding(self, attention_mask: torch.Tensor | None, new: int) -> torch.Tensor:
         """Turn padding columns of the new tokens into empty slots; return ``[batch, new]`` real flags."""

@@ -54,6 +54,9 @@ class KVKeepLayer(CacheLayerMixin):
         budget, recent: ``[batch]`` int64 tokens each sequence may keep and its protected recent window
             (``budget`` None: no limit).
         padding: ``[batch]`` int64 left padding of each sequence (columns before its first token).
+        prompt_tokens: ``[batch]`` real tokens of each prompt (the budget's base; None before the prompt).
+        peak: ``[batch]`` int64 the most entries (token x KV head) each sequence held after any forward so far
+            (None before the first; a slot layer's count never falls, so its peak is also what it holds now).
         seen: columns processed (the padded sequence length transformers counts in).
         step: generation step (0 while the prompt is processed).
         head_offset: the model's index of this layer's KV head 0 (under tensor parallelism a rank holds
@@ -79,7 +82,7 @@ class KVKeepLayer(CacheLayerMixin):
     def clear(self) -> None:
         """Forget every token (and the batch): the state of a new layer."""
         self.keys = self.values = self.positions = self.scores = None
-        self.budget = self.recent = self.padding = None
+        self.budget = self.recent = self.padding = self.peak = self.prompt_tokens = None
         self.seen = self.step = self.evicted = 0
         self.is_initialized = False
 
@@ -150,6 +153,24 @@ class KVKeepLayer(CacheLayerMixin):
         if self.sliding_window is not None:
             real = real.clamp(max=self.sliding_window - 1)
         return list(zip(kept.tolist(), (real * self.token_bytes()).tolist(), strict=True))
+
+    def held_entries(self) -> torch.Tensor:
+        """``[batch]`` entries (token x KV head) each sequence holds now."""
+        return (self.positions >= 0).sum(dim=(1, 2))
+
+    def _track_peak(self) -> None:
+        """Fold what each sequence holds now into :attr:`peak` (after a forward's eviction)."""
+        held = self.held_entries()
+        self.peak = held if self.peak is None else torch.maximum(self.peak, held)
+
+    def peak_bytes(self) -> list[int]:
+        """Per sequence: the most bytes its kept tokens filled after any forward (a measurement phase
+        included), at least what they fill now."""
+        if self.keys is None:
+            return []
+        held = self.held_entries()
+        peak = held if self.peak is None else torch.maximum(self.peak.to(held.device), held)
+        return (peak * (self.token_bytes() // self.keys.shape[1])).tolist()
 
     def real_tokens(self) -> torch.Tensor:
         """``[batch]`` real tokens each sequence has seen (its padding excluded)."""

@@ -64,6 +64,7 @@ class SlotLayer(KVKeepLayer):
             layer.scores = torch.zeros(rows, kv_heads, capacity, dtype=torch.float32, device=like.device)
         layer.free = torch.zeros(rows, kv_heads, dtype=torch.long, device=like.device)
         layer.padding = torch.zeros(rows, dtype=torch.long, device=like.device)
+        layer.peak = torch.zeros(rows, dtype=torch.long, device=like.device)
         if not policy.keeps_all:
             layer.budget = torch.zeros(rows, dtype=torch.long, device=like.device)
             layer.recent = torch.zeros(rows, dtype=torch.long, device=like.device)
@@ -83,9 +84,10 @@ class SlotLayer(KVKeepLayer):
         layer.positions[:, :, :width] = source.positions
         if layer.scores is not None:
             layer.scores[:, :, :width] = source.scores
-        for name in ("budget", "recent", "padding"):
+        for name in ("budget", "recent", "padding", "peak"):
             if getattr(source, name) is not None:
                 getattr(layer, name).copy_(getattr(source, name))
+        layer.prompt_tokens = source.prompt_tokens
         layer.seen, layer.step, layer.evicted = source.seen, source.step, source.evicted
         layer.origin = (source.step, int((layer.positions >= 0).sum()), source.evicted, width)
         layer.free.copy_((layer.positions < 0).to(torch.int8).argmax(-1))
@@ -105,11 +107,13 @@ class SlotLayer(KVKeepLayer):
             self.scores[row, :, :width] = source.scores[source_row]
         if self.budget is not None:
             self.budget[row], self.recent[row] = source.budget[source_row], source.recent[source_row]
+        self.peak[row] = (source.positions[source_row] >= 0).sum() if source.peak is None else source.peak[source_row]
         self.free[row] = (self.positions[row] < 0).to(torch.int8).argmax(-1)
 
     def clear_row(self, row: int) -> None:
         """Empty ``row`` (a finished request's): no slot holds a token."""
         self.positions[row] = -1
+        self.peak[row] = 0
         self.free[row] = 0
 
     # -- transformers' contract ----------------------------------------------------------------------

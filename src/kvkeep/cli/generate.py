@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     new_ids = run.row(0)
 
     kv_bytes, kv_full = cache.nbytes(), cache.full_nbytes()  # every rank: under --tp, collectives
+    (kv_peak,) = cache.peak_sequence_bytes()
     if not distributed.is_main():
         return 0
     result = {
@@ -150,8 +151,11 @@ def run(args: argparse.Namespace) -> int:
         "chat": args.chat,
         "do_sample": args.sample,
         "kv_bytes": kv_bytes,
+        "kv_bytes_peak": kv_peak,
         "kv_bytes_full": kv_full,
         "kv_ratio": kv_bytes / kv_full if kv_full else None,
+        "kv_peak_ratio": kv_peak / kv_full if kv_full else None,
+        "floored": cache.floored()[0],
         "seconds": seconds,
         "tokens_per_second": len(new_ids) / seconds if seconds > 0 else None,
         "tp": args.tp,
@@ -169,6 +173,10 @@ def summary(result: dict) -> str:
     """One line: policy, budget, tokens, KV bytes kept vs full, time."""
     budget = "" if result["budget"] is None else f" budget={result['budget']}"
     share = "" if result["kv_ratio"] is None else f" ({100 * result['kv_ratio']:.1f}%)"
+    if result["kv_peak_ratio"] is not None and result["kv_bytes_peak"] > result["kv_bytes"]:
+        share += f", peak {_mib(result['kv_bytes_peak'])} ({100 * result['kv_peak_ratio']:.1f}%)"
+    if result["floored"]:
+        share += f", the prompt is under the floor of {result['params']['floor']} tokens: not compressed"
     speed = "" if result["tokens_per_second"] is None else f", {result['tokens_per_second']:.1f} tok/s"
     return (
         f"[kvkeep] {result['policy']}{budget}: {result['prompt_tokens']} prompt + {result['new_tokens']} new "

@@ -76,14 +76,20 @@ class Engine:
             )
         if not 1 <= request.max_tokens <= self.max_tokens:
             raise ValueError(f"max_tokens must be in [1, {self.max_tokens}], got {request.max_tokens}")
-        if request.budget is not None:
-            policy = type(self.policy)(**{**self.policy.params(), "budget": request.budget})
+        policy = self.request_policy(request)
+        if policy is not self.policy:
             kept = policy.budget_tokens(len(request.prompt_ids))
             policy.check_budget(kept, len(request.prompt_ids))
             if kept is not None and kept + 1 > self.plan.capacity:
                 raise ValueError(
                     f"a budget of {kept} tokens does not fit this server's rows ({self.plan.capacity - 1} tokens)"
                 )
+        request.floored = policy.floored(len(request.prompt_ids))
+
+    def request_policy(self, request: Request) -> Policy:
+        """The policy ``request`` runs under: the engine's, with the request's own budget and options."""
+        changes = request.policy_changes()
+        return self.policy.replace(**changes) if changes else self.policy
 
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (thread-safe); its events go to ``request.on_event``."""
@@ -170,7 +176,7 @@ class Engine:
             self.measuring[wide] = row
         try:
             first = self.runner.prefill(
-                target, request.prompt_ids, request.sampling, request.max_tokens, request.budget
+                target, request.prompt_ids, request.sampling, request.max_tokens, self.request_policy(request)
             )
         except Exception as err:  # a request that cannot run must not stop the others
             request.error = " ".join(str(err).split()) or type(err).__name__
@@ -203,6 +209,7 @@ class Engine:
         wide = self._measuring_row(row)
         if reason != "error":
             request.kv_bytes = self.runner.rows.held_bytes(row if wide is None else wide)
+            request.kv_bytes_peak = self.runner.rows.held_bytes(row if wide is None else wide, peak=True)
         if wide is not None:
             del self.measuring[wide]
             self.runner.release(wide)

@@ -47,6 +47,7 @@ class Request:
         stop: strings that end the generation (not included in the output).
         stop_ids: token ids that end it (the model's end of sequence; included in ``output_ids``).
         budget: the request's own KV budget (None: the engine's).
+        policy_options: the request's own prompt-scoring options (``observe``, ``pool``, ``floor``).
         on_event: called from the engine's thread with every :class:`Event`.
     """
 
@@ -56,6 +57,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stop_ids: set[int] = field(default_factory=set)
     budget: float | int | None = None
+    policy_options: dict = field(default_factory=dict)
     on_event: Callable[[Event], None] | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
@@ -69,8 +71,10 @@ class Request:
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
-        self.kv_bytes = 0  # what its row holds after the prompt (the compressed cache)
+        self.kv_bytes = 0  # what its row holds at the end (the compressed cache)
+        self.kv_bytes_peak = 0  # the most its row held (CO2's measurement phase included)
         self.kv_bytes_full = 0  # what full attention holds for its tokens at the end
+        self.floored = False  # the policy's floor, not its ratio, set the budget
         self.detokenizer: Detokenizer | None = None
 
     @property
@@ -80,6 +84,10 @@ class Request:
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    def policy_changes(self) -> dict:
+        """What this request changes in the engine's policy: its budget and prompt-scoring options."""
+        return {**({} if self.budget is None else {"budget": self.budget}), **self.policy_options}
 
 
 class Detokenizer:

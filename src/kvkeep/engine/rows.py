@@ -120,13 +120,15 @@ class RowCache:
         newest = prompt.layers[0].seen - 1
         self.state.set_row(row, newest, 0, length)
 
-    def held_bytes(self, row: int) -> int:
-        """Bytes of K and V the filled slots of ``row`` hold, over every layer and KV head."""
+    def held_bytes(self, row: int, peak: bool = False) -> int:
+        """Bytes of K and V the filled slots of ``row`` hold, over every layer and KV head (``peak``: the most
+        they held since the request's prompt, a measurement row's before its cut included)."""
         total = 0
         for layer in self.cache.layers:
             slots, index = self._slots(layer, row)
             per_slot = 2 * slots.keys.shape[-1] * slots.keys.element_size()
-            total += int((slots.positions[index] >= 0).sum()) * per_slot
+            held = int((slots.positions[index] >= 0).sum())
+            total += (max(held, int(slots.peak[index])) if peak else held) * per_slot
         return total
 
     def clear(self, row: int) -> None:
@@ -158,6 +160,7 @@ class RowCache:
             compact.recent = wide.recent[index : index + 1]
             compact.padding = torch.zeros(1, dtype=torch.long, device=wide.keys.device)
             compact.seen, compact.step = newest + 1, step
+            compact._track_peak()  # the measurement row's peak: everything it held before the cut
             compact.evict()
             narrow, target = self._slots(layer, row)
             narrow.load_row(target, compact)

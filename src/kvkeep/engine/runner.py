@@ -52,13 +52,13 @@ class ModelRunner:
 
     # -- a new request --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: int, prompt_ids: list[int], sampling: Sampling, max_tokens: int, budget=None):
-        """Run a prompt alone, compress it into ``row``; return its first token and the prompt's cache.
+    def prefill(self, row: int, prompt_ids: list[int], sampling: Sampling, max_tokens: int, policy=None):
+        """Run a prompt alone, compress it into ``row`` (under ``policy``, default the engine's: a request's own
+        budget and prompt options); return its first token.
 
         The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.
         """
-        policy = self.policy if budget is None else type(self.policy)(**{**self.policy.params(), "budget": budget})
-        cache = KVKeepCache(self.model, policy, kernel=self.kernel, max_new_tokens=max_tokens)
+        cache = KVKeepCache(self.model, policy or self.policy, kernel=self.kernel, max_new_tokens=max_tokens)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(self.model, cache)).logits[
             :, -1

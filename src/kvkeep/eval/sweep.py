@@ -237,8 +237,14 @@ def summary_table(rows: list[dict], metrics, shown_params) -> str:
     for group in groups.values():
         first = group[0]
         extra = " ".join(f"{k}={first['params'][k]}" for k in shown_params if k in first["params"])
-        kept = sum(r["kv_bytes"] for r in group) / max(1, sum(r["kv_bytes_full"] for r in group))
+        full = max(1, sum(r["kv_bytes_full"] for r in group))
+        kept = sum(r["kv_bytes"] for r in group) / full
+        peak = sum(r.get("kv_bytes_peak", r["kv_bytes"]) for r in group) / full
+        floored = sum(bool(r.get("floored")) for r in group)
         means = mean_metrics(group, metrics)
         budget = "-" if first["budget"] is None else first["budget"]
-        lines.append([first["policy"], budget, extra, len(group), *means.values(), f"{100 * kept:.1f}%"])
-    return format_table(["policy", "budget", "params", "n", *metrics, "kv kept"], lines)
+        lines.append(
+            [first["policy"], budget, extra, len(group), *means.values(), f"{100 * kept:.1f}%", f"{100 * peak:.1f}%",
+             floored]
+        )  # fmt: skip
+    return format_table(["policy", "budget", "params", "n", *metrics, "kv kept", "kv peak", "floored"], lines)

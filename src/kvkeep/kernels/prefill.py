@@ -95,7 +95,7 @@ def _lse_block(
     return m_new, l_i
 
 
-@triton.jit(do_not_specialize=["noise_key", "head_offset"])
+@triton.jit(do_not_specialize=["noise_key", "head_offset", "first_row"])
 def _lse_kernel(
     Q,
     K,
@@ -107,6 +107,7 @@ def _lse_kernel(
     noise_scale,
     noise_key,
     head_offset,
+    first_row,
     n,
     q_heads,
     group,
@@ -132,8 +133,11 @@ def _lse_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Pass 1, one (query row block, sequence x query head): ``LSE[bh, r] = log2 sum_j exp2(x[r, j])``."""
-    blk = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) row blocks start first
+    """Pass 1, one (query row block, sequence x query head): ``LSE[bh, r] = log2 sum_j exp2(x[r, j])``.
+
+    The grid covers the row blocks from the one holding ``first_row`` on (rows before it score nothing).
+    """
+    blk = first_row // BLOCK_M + tl.num_programs(0) - 1 - tl.program_id(0)  # the longest (last) blocks first
     bh = tl.program_id(1).to(tl.int64)
     b = bh // q_heads
     h = bh % q_heads
@@ -243,7 +247,7 @@ def _colsum_block(
     return acc + tl.sum(tl.exp2(x), 1)
 
 
-@triton.jit(do_not_specialize=["noise_key", "head_offset"])
+@triton.jit(do_not_specialize=["noise_key", "head_offset", "first_row"])
 def _colsum_kernel(
     Q,
     K,
@@ -256,6 +260,7 @@ def _colsum_kernel(
     noise_scale,
     noise_key,
     head_offset,
+    first_row,
     n,
     q_heads,
     group,
@@ -312,26 +317,27 @@ def _colsum_kernel(
 
     acc = tl.zeros([BLOCK_N], tl.float32)
     diag_end = tl.minimum(n0 + BLOCK_N, n)
+    first_m = (first_row // BLOCK_M) * BLOCK_M  # rows before first_row score nothing: their blocks are skipped
     if INTERPRET:
-        m0 = n0
+        m0 = tl.maximum(n0, first_m)
         while m0 < diag_end:
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
                                 noise_scale, noise_key, noise_head, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D,
                                 HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
             m0 += BLOCK_M
-        m0 = n0 + BLOCK_N
+        m0 = tl.maximum(n0 + BLOCK_N, first_m)
         while m0 < n:
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
                                 noise_scale, noise_key, noise_head, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D,
                                 HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
             m0 += BLOCK_M
     else:
-        for m0 in range(n0, diag_end, BLOCK_M):
+        for m0 in range(tl.maximum(n0, first_m), diag_end, BLOCK_M):
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
                                 noise_scale, noise_key, noise_head, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D,
                                 HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
         # Row blocks wholly below the key block: every key column j < n0 + BLOCK_N <= r, no causal mask needed.
-        for m0 in range(n0 + BLOCK_N, n, BLOCK_M):
+        for m0 in range(tl.maximum(n0 + BLOCK_N, first_m), n, BLOCK_M):
             acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
                                 noise_scale, noise_key, noise_head, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D,
                                 HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
@@ -351,6 +357,7 @@ def prefill_scores(
     tau: float = 1.0,
     query_real: torch.Tensor | None = None,
     padding: torch.Tensor | None = None,
+    first_row: int = 0,
     _blocks: tuple[int, int] | None = None,
     _poison: bool = False,
 ) -> torch.Tensor:
@@ -373,6 +380,8 @@ def prefill_scores(
         tau: temperature (tempered only; the prompt uses the schedule's first value).
         query_real: ``[B, n]`` bool, the real query rows (padding rows contribute nothing; never read).
         padding: ``[B]`` int64 left padding: true position = column - padding (noise hash only).
+        first_row: query rows before it score nothing (the observation window ``[first_row, n)``); their
+            blocks are skipped, so scoring ``W`` rows costs about ``W / n`` of scoring all of them.
         _blocks: ``(big, small)`` block sizes (tests); _poison: NaN-fill scratch and output before launch.
 
     Returns:
@@ -393,6 +402,8 @@ def prefill_scores(
         raise ValueError(f"query_real {tuple(query_real.shape)} must be [B, n] = [{batch}, {n}]")
     if padding is not None and padding.shape != (batch,):
         raise ValueError(f"padding {tuple(padding.shape)} must be [B] = [{batch}]")
+    if not 0 <= first_row <= n:
+        raise ValueError(f"first_row {first_row} must be in [0, n = {n}]")
     check_spec(spec, tau)
     if spec.tempered and not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
@@ -420,6 +431,11 @@ def prefill_scores(
     inv_tau = 1.0 / float(tau) if spec.tempered else 1.0
     qk_scale = float(scaling) * inv_tau * _LOG2E
     noise_scale = inv_tau * _LOG2E
+    if first_row > 0:  # rows of the first scored block that lie before first_row: masked like padding rows
+        window = torch.arange(n, device=query.device) >= first_row
+        query_real = window.expand(batch, n) if query_real is None else query_real.bool() & window
+        if first_row == n:
+            return colsum.new_zeros(batch, kv_heads, n)
     real = query_real.view(torch.uint8) if query_real is not None and query_real.dtype == torch.bool else query_real
     has_pad = noise and padding is not None
     stride_ch = key_cols.stride(1) if key_cols.shape[1] == kv_heads else 0
@@ -436,6 +452,7 @@ def prefill_scores(
         noise_scale,
         int32_key(spec.noise_seed if noise else None, layer_idx),
         int(head_offset),
+        int(first_row),
         n,
         q_heads,
         group,
@@ -463,6 +480,7 @@ def prefill_scores(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    _lse_kernel[(math.ceil(n / big), batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
+    row_blocks = math.ceil(n / big) - first_row // big  # the blocks from the one holding first_row
+    _lse_kernel[(row_blocks, batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
     _colsum_kernel[(math.ceil(n / big), batch * q_heads)](*args, colsum, *scalars, BLOCK_M=small, BLOCK_N=big, **meta)
     return reduce_heads(colsum.view(batch, kv_heads, group, n), spec.head_reduce)

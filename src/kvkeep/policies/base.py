@@ -17,8 +17,13 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 HEAD_REDUCTIONS = ("mean", "sum", "max")
+#: Defaults of the prompt-scoring options (measured in RESULTS.md, "Keeping what the question needs").
+DEFAULT_FLOOR = 256
+DEFAULT_OBSERVE = 32
+DEFAULT_POOL = 31
 SCORE_MODES = ("probs", "tempered")
 
 
@@ -32,12 +37,20 @@ class ScoreSpec:
         head_reduce: how the query heads that share a KV head combine (``mean``, ``sum``, ``max``).
         decay: 0 adds each step to the running score; ``a > 0`` folds it as ``(1 - a) * running + a * step``.
         noise_seed: seed of the counter-based Gumbel noise added to the logits (``tempered`` only; None: none).
+        observe: at a prompt, its last ``observe`` query rows (the observation window) score the keys apart
+            (0: no window).
+        pool: the window's score of each key becomes the mean over the ``pool`` positions centred on it (1: none).
+        every_query: with a window, every prompt row scores too, and the two parts are added at equal weight;
+            False: the window alone scores the prompt.
     """
 
     mode: str = "probs"
     head_reduce: str = "mean"
     decay: float = 0.0
     noise_seed: int | None = None
+    observe: int = 0
+    pool: int = 1
+    every_query: bool = True
 
     @property
     def tempered(self) -> bool:
@@ -102,6 +115,26 @@ def reduce_heads(per_head: torch.Tensor, how: str) -> torch.Tensor:
     return per_head.mean(dim=2)
 
 
+def pool_scores(scores: torch.Tensor, kernel: int, real: torch.Tensor) -> torch.Tensor:
+    """Each slot's score as the mean over the real slots among the ``kernel`` centred on it (slots in position
+    order), so a kept token brings its phrase: a needle's digits share the score of the words the question
+    matched.  Empty slots (padding) count in neither sum nor divisor, so a sequence pools alike alone or in a
+    left-padded batch.
+
+    Args:
+        scores: ``[B, H, S]`` float32; real: ``[B, H, S]`` bool, the slots holding a token.
+    Returns:
+        ``[B, H, S]`` float32, 0 where not ``real``.  ``kernel`` 1 returns ``scores`` unchanged.
+    """
+    if kernel <= 1:
+        return scores
+    batch, heads, slots = scores.shape
+    flat = (batch * heads, 1, slots)
+    total = F.avg_pool1d(torch.where(real, scores, 0.0).reshape(flat), kernel, 1, kernel // 2)
+    count = F.avg_pool1d(real.to(scores.dtype).reshape(flat), kernel, 1, kernel // 2)
+    return torch.where(real, (total / count.clamp_min(1e-12)).view(batch, heads, slots), 0.0)
+
+
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim that ignores disallowed entries and never yields NaN.
 
@@ -120,10 +153,13 @@ class Policy:
         budget: a float in (0, 1] is a share of the prompt length (``k = floor(budget * n)``, at least 1);
             an int >= 1 is an absolute number of kept tokens per layer and KV head.
         sinks: number of first tokens that are always kept ("attention sinks").
+        floor: a ratio budget never keeps fewer than ``floor`` tokens (a prompt shorter than it keeps every
+            token); an int budget is an exact count and is never raised.  0: no floor.
     """
 
     budget: float | int | None = None
     sinks: int = 0
+    floor: int = DEFAULT_FLOOR
 
     name: ClassVar[str] = ""
     #: True for the baseline that keeps everything (no budget).
@@ -139,6 +175,8 @@ class Policy:
         if self.keeps_all:
             if self.budget is not None:
                 raise ValueError(f"policy '{self.name}' keeps every token and takes no budget; drop budget=")
+            if self.floor != DEFAULT_FLOOR:
+                raise ValueError(f"policy '{self.name}' keeps every token and takes no floor; drop floor=")
             return
         b = self.budget
         if b is None:
@@ -154,6 +192,8 @@ class Policy:
             raise ValueError(f"budget {b} tokens is < 1: pass an int >= 1 or a ratio in (0, 1]")
         if not is_integer(self.sinks) or self.sinks < 0:
             raise ValueError(f"sinks must be an int >= 0, got {self.sinks!r}")
+        if not is_integer(self.floor) or self.floor < 0:
+            raise ValueError(f"floor must be an int >= 0 (tokens a ratio budget always keeps), got {self.floor!r}")
         if isinstance(b, int):
             self.check_budget(b)
 
@@ -181,8 +221,23 @@ class Policy:
         if self.keeps_all:
             return None
         if isinstance(self.budget, float):
-            return max(1, math.floor(self.budget * prompt_len + 1e-9))
+            return max(1, self.floor, math.floor(self.budget * prompt_len + 1e-9))
         return self.budget
+
+    def floored(self, prompt_len: int) -> bool:
+        """True when the floor, not the ratio, sets the budget of a ``prompt_len``-token prompt."""
+        return (
+            not self.keeps_all
+            and isinstance(self.budget, float)
+            and self.floor > max(1, math.floor(self.budget * prompt_len + 1e-9))
+        )
+
+    def replace(self, **changes) -> Policy:
+        """A copy with ``changes`` (a request's own budget or options), validated; unknown names raise."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"policy '{self.name}' has no parameter {', '.join(unknown)}")
+        return type(self)(**{**self.params(), **changes})
 
     def recent_size(self, k: int) -> int:
         """How many of the newest tokens are always kept under a budget of ``k``."""
@@ -222,8 +277,8 @@ class Policy:
 
     # -- display ------------------------------------------------------------------------------------
     def params(self) -> dict:
-        """Every parameter as a plain dict (for logs, JSON and sweeps)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every parameter as a plain dict (for logs, JSON and sweeps); a policy that keeps everything has no floor."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not (self.keeps_all and f.name == "floor")}
 
 
 def _plain_number(value):
@@ -247,12 +302,27 @@ class ScoringPolicy(Policy):
     Args:
         head_reduce: how the query heads that share a KV head (GQA/MQA) combine their scores:
             ``"mean"`` (default), ``"sum"`` or ``"max"``.
+        observe: the observation window (after SnapKV): at a prompt, its last ``observe`` query rows, where a
+            question sits, score the keys apart, and their score is added to every row's at equal weight
+            (``every + (n / observe) * pool(window)`` for an ``n``-token prompt), so a fact that only the
+            question attends to is kept.  0: every prompt row scores alike, as H2O, Keyformer and CO2 were
+            published.  The policy's own score form and its rule while decoding are unchanged.
+        pool: the window's score of each key becomes the mean over the ``pool`` positions centred on it (odd;
+            1: none), so a kept token keeps the words around it.
+        every_query: False: the window alone scores the prompt (SnapKV's rule; ``observe`` >= the prompt with
+            ``pool=1`` then equals the published rule).
     """
 
     head_reduce: str = "mean"
+    observe: int = DEFAULT_OBSERVE
+    pool: int = DEFAULT_POOL
+    every_query: bool = True
 
     def score_spec(self) -> ScoreSpec:
-        return ScoreSpec(mode="probs", head_reduce=self.head_reduce)
+        return ScoreSpec(
+            mode="probs", head_reduce=self.head_reduce, observe=self.observe, pool=self.pool,
+            every_query=self.every_query,
+        )  # fmt: skip
 
     def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
         return masked_softmax(logits, allowed)
@@ -261,6 +331,14 @@ class ScoringPolicy(Policy):
         super().validate()
         if self.head_reduce not in HEAD_REDUCTIONS:
             raise ValueError(f"head_reduce must be one of {', '.join(HEAD_REDUCTIONS)}, got {self.head_reduce!r}")
+        if not is_integer(self.observe) or self.observe < 0:
+            raise ValueError(
+                f"observe must be an int >= 0 (the last prompt queries that score it; 0: all), got {self.observe!r}"
+            )
+        if not isinstance(self.every_query, bool):
+            raise ValueError(f"every_query must be true or false, got {self.every_query!r}")
+        if not is_integer(self.pool) or self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"pool must be an odd int >= 1 (positions pooled over; 1: none), got {self.pool!r}")
 
 
 def check_share(name: str, value: float) -> None:

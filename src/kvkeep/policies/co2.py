@@ -1,6 +1,6 @@
 """CO2, cumulative observation oracle (Yamazaki & Venkataraman, ES-FoMo 2024)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -45,7 +45,7 @@ class CO2Policy(ScoringPolicy):
         return self.N
 
     def score_spec(self) -> ScoreSpec:
-        return ScoreSpec(mode="probs", head_reduce=self.head_reduce, decay=float(self.alpha))
+        return replace(super().score_spec(), decay=float(self.alpha))
 
     def accumulate(self, running: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         if self.alpha == 0:

@@ -1,6 +1,6 @@
 """Keyformer (Adnan et al., MLSys 2024): key tokens ranked by a Gumbel-regularised softmax score."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -53,10 +53,10 @@ class KeyformerPolicy(ScoringPolicy):
         return int(self.recent_ratio * k)
 
     def score_spec(self) -> ScoreSpec:
+        probs = super().score_spec()
         if not self.noise and self.tau_init == self.tau_end == 1:
-            return ScoreSpec(mode="probs", head_reduce=self.head_reduce)  # exactly H2O's score
-        seed = int(self.seed) if self.noise else None
-        return ScoreSpec(mode="tempered", head_reduce=self.head_reduce, noise_seed=seed)
+            return probs  # exactly H2O's score
+        return replace(probs, mode="tempered", noise_seed=int(self.seed) if self.noise else None)
 
     def temperature(self, step, total_steps):
         """``tau_init + min(step, T) * (tau_end - tau_init) / T``, elementwise; ``tau_init`` at step 0."""

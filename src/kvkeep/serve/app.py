@@ -101,7 +101,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_ids: set[int]) -
             )
             request = Request(
                 prompt_ids, max_tokens, sampling, stop=body.stops, stop_ids=set() if options.ignore_eos else stop_ids,
-                budget=options.budget, on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                budget=options.budget, policy_options=options.policy_options(),
+                on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             )  # fmt: skip
             engine.submit(request)
         except QueueFull as err:

@@ -1,9 +1,11 @@
 """The OpenAI wire format kvkeep speaks: request bodies (validated) and response / stream-chunk bodies.
 
 Requests may carry a ``kvkeep`` object (``extra_body={"kvkeep": {...}}`` in the ``openai`` client) with the
-request's own KV ``budget`` and ``ignore_eos`` (benchmarks with fixed output lengths); any other key there is
-an error.  Every response reports the KV bytes its request held (``kvkeep.kv_bytes``, and what full attention
-would hold, ``kvkeep.kv_bytes_full``).
+request's own KV ``budget``, prompt-scoring options (``observe``, ``pool``, ``floor``: see
+:class:`kvkeep.policies.ScoringPolicy`) and ``ignore_eos`` (benchmarks with fixed output lengths); any other
+key there is an error.  Every response reports the KV bytes its request held at the end (``kvkeep.kv_bytes``),
+the most it held (``kv_bytes_peak``), what full attention would hold (``kv_bytes_full``) and whether the
+policy's floor set its budget (``floored``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-KVKEEP_KEYS = ("budget", "ignore_eos")
+KVKEEP_KEYS = ("budget", "observe", "pool", "floor", "ignore_eos")
+POLICY_KEYS = ("observe", "pool", "floor")
 
 
 class StreamOptions(BaseModel):
@@ -26,7 +29,14 @@ class KVKeepOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     budget: float | int | None = None
+    observe: int | None = Field(default=None, strict=True)
+    pool: int | None = Field(default=None, strict=True)
+    floor: int | None = Field(default=None, strict=True)
     ignore_eos: bool = False
+
+    def policy_options(self) -> dict:
+        """The prompt-scoring options the request sets (checked by the policy: a 400 names a bad one)."""
+        return {key: getattr(self, key) for key in POLICY_KEYS if getattr(self, key) is not None}
 
 
 class _Sampled(BaseModel):
@@ -134,7 +144,12 @@ def usage(request) -> dict:
 
 
 def kv_report(request) -> dict:
-    return {"kv_bytes": request.kv_bytes, "kv_bytes_full": request.kv_bytes_full}
+    return {
+        "kv_bytes": request.kv_bytes,
+        "kv_bytes_peak": request.kv_bytes_peak,
+        "kv_bytes_full": request.kv_bytes_full,
+        "floored": request.floored,
+    }
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: str | None, created: int) -> dict:

@@ -91,6 +91,11 @@ def section(
                 written.append(path)
                 md += ["", f"![{metric} vs budget]({path.name})"]
     md += ["", "### KV bytes kept / full (measured)", "", *_kv_table(sl)]
+    md += [
+        "",
+        'At the end of each request; "peak" is the most a request held (CO2\'s measurement phase), where it '
+        'was more, and "floored" counts the rows whose short prompt the policy\'s floor kept whole.',
+    ]
     swept = sl.swept()
     for policy, param in swept:
         for metric in chosen:
@@ -179,9 +184,20 @@ def _kv_table(sl: Slice) -> list[str]:
     for policy in sl.policies:
         for params, groups in sl.main_series(policy):
             by_budget = {g["budget"]: g for g in groups}
-            cells = [fmt_value(by_budget[b]["kv_ratio"]) if b in by_budget else "–" for b in sl.budgets]
+            cells = [_kv_cell(by_budget[b]) if b in by_budget else "–" for b in sl.budgets]
             body.append([series_label(policy, params), *cells])
     return _md_table(header, body)
+
+
+def _kv_cell(group: dict) -> str:
+    """The share kept at the end, with the peak where it was higher and the rows the floor kept whole."""
+    cell = fmt_value(group["kv_ratio"])
+    peak = group.get("kv_peak_ratio")
+    if peak is not None and group["kv_ratio"] is not None and peak > group["kv_ratio"] * (1 + 1e-9):
+        cell += f" (peak {fmt_value(peak)})"
+    if group.get("floored"):
+        cell += f"; floored {group['floored']}/{group['n']}"
+    return cell
 
 
 def _sweep_table(sl: Slice, policy: str, param: str, metric: str) -> list[str]:

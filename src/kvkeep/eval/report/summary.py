@@ -159,15 +159,17 @@ def _means(members: Sequence[dict]) -> dict:
             metrics["ppl_pooled"] = pooled
             metrics = dict(sorted(metrics.items(), key=lambda item: metric_key(item[0])))
     ci = {name: _sample_ci(members, name) for name in metrics if name != "ppl_pooled"}
-    kept = [(r.get("kv_bytes"), r.get("kv_bytes_full")) for r in members]
-    kept = [(k, f) for k, f in kept if _numeric(k) and _numeric(f)]
-    full_sum = sum(f for _, f in kept)
+    kept = [(r.get("kv_bytes"), r.get("kv_bytes_full"), r.get("kv_bytes_peak", r.get("kv_bytes"))) for r in members]
+    kept = [(k, f, p) for k, f, p in kept if _numeric(k) and _numeric(f) and _numeric(p)]
+    full_sum = sum(f for _, f, _ in kept)
     seconds = [float(r["seconds"]) for r in members if _numeric(r.get("seconds"))]
     return {
         "n": len(members),
         "metrics": metrics,
         "ci": {name: value for name, value in ci.items() if value is not None},
-        "kv_ratio": sum(k for k, _ in kept) / full_sum if full_sum else None,
+        "kv_ratio": sum(k for k, _, _ in kept) / full_sum if full_sum else None,
+        "kv_peak_ratio": sum(p for _, _, p in kept) / full_sum if full_sum else None,
+        "floored": sum(bool(r.get("floored")) for r in members),
         "seconds": _mean(seconds),
     }
 
@@ -182,7 +184,9 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     ``metrics`` (metric name -> mean over the rows that have a number for it; for perplexity also
     ``ppl_pooled``, exp of the token-weighted mean NLL, when ``nll`` is per token), ``ci`` (metric name -> its
     mean's 95% percentile-bootstrap interval over samples, :func:`kvkeep.eval.stats.bootstrap_ci`), ``kv_ratio`` (sum of
-    ``kv_bytes`` / sum of ``kv_bytes_full``) and ``seconds`` (mean). Sorted by task, dataset, model, options,
+    ``kv_bytes`` / sum of ``kv_bytes_full``), ``kv_peak_ratio`` (the same of ``kv_bytes_peak``, the most a
+    request held: CO2's measurement phase included), ``floored`` (rows whose budget the policy's floor set) and
+    ``seconds`` (mean). Sorted by task, dataset, model, options,
     policy (``full`` first), budget and parameters.
     """
     rows, _ = dedupe(rows)

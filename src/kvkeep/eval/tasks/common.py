@@ -154,8 +154,9 @@ def generate_batch(
     """Generate for every prompt (one left-padded ``model.generate`` call through a fresh kvkeep cache).
 
     ``generation``: ``model.generate``'s decoding arguments, ``max_new_tokens`` included.  Returns, per prompt,
-    ``tokens`` (up to the stop token, which is dropped), ``text``, ``kv_bytes`` and ``kv_bytes_full`` (a
-    sample's beams averaged), and the wall time of the call.
+    ``tokens`` (up to the stop token, which is dropped), ``text``, ``kv_bytes`` (held at the end),
+    ``kv_bytes_peak`` (the most held), ``kv_bytes_full`` (a sample's beams averaged), ``floored`` (the policy's
+    floor set the budget), and the wall time of the call.
     """
     model, tok = ctx.model, ctx.tokenizer
     input_ids, mask = _left_pad(prompts, tok.pad_token_id, model.device)
@@ -169,14 +170,19 @@ def generate_batch(
     )  # fmt: skip
     new = out[:, input_ids.shape[1] :].tolist()
     stop = stop_token_ids(model, tok)
-    rows = cache.sequence_bytes()  # one per sequence and beam: a sample's beams are consecutive rows
+    # One per sequence and beam: a sample's beams are consecutive rows.
+    rows = [(*kept, peak) for kept, peak in zip(cache.sequence_bytes(), cache.peak_sequence_bytes(), strict=True)]
     beams = len(rows) // len(prompts)
+    floored = cache.floored()
     results = []
     for i, tokens in enumerate(new):
-        kv_bytes, kv_full = (sum(col) // beams for col in zip(*rows[i * beams : (i + 1) * beams], strict=True))
+        kv_bytes, kv_full, kv_peak = (sum(c) // beams for c in zip(*rows[i * beams : (i + 1) * beams], strict=True))
         tokens = [t for t in until_stop(tokens, stop) if t not in stop]
         text = tok.decode(tokens, skip_special_tokens=True).strip()
-        results.append({"tokens": tokens, "text": text, "kv_bytes": kv_bytes, "kv_bytes_full": kv_full})
+        results.append(
+            {"tokens": tokens, "text": text, "kv_bytes": kv_bytes, "kv_bytes_peak": kv_peak,
+             "kv_bytes_full": kv_full, "floored": floored[i * beams]}
+        )  # fmt: skip
     return results, seconds
 
 
@@ -186,7 +192,9 @@ def generation_fields(out: dict, prompt: list[int], seconds: float, truncated: b
         "prompt_tokens": len(prompt),
         "new_tokens": len(out["tokens"]),
         "kv_bytes": out["kv_bytes"],
+        "kv_bytes_peak": out["kv_bytes_peak"],
         "kv_bytes_full": out["kv_bytes_full"],
+        "floored": out["floored"],
         "seconds": seconds,
         "truncated": truncated,
         "output": out["text"],

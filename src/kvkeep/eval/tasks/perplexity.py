@@ -81,7 +81,9 @@ def _perplexity(ctx: RunContext, samples: list[Sample], policy: str, params: dic
                 "prompt_tokens": L,
                 "new_tokens": M,
                 "kv_bytes": cache.nbytes(),  # at the end of a window (the same for every window)
+                "kv_bytes_peak": sum(cache.peak_sequence_bytes()),
                 "kv_bytes_full": cache.full_nbytes(),
+                "floored": cache.floored()[0],
                 "seconds": seconds,
                 "truncated": False,
                 "windows": len(starts),
