@@ -176,7 +176,7 @@ def summary(result: dict) -> str:
     if result["kv_peak_ratio"] is not None and result["kv_bytes_peak"] > result["kv_bytes"]:
         share += f", peak {_mib(result['kv_bytes_peak'])} ({100 * result['kv_peak_ratio']:.1f}%)"
     if result["floored"]:
-        share += f", the prompt is under the floor of {result['params']['floor']} tokens: not compressed"
+        share += f", the budget raised to the floor of {result['params']['floor']} tokens (floor=0: none)"
     speed = "" if result["tokens_per_second"] is None else f", {result['tokens_per_second']:.1f} tok/s"
     return (
         f"[kvkeep] {result['policy']}{budget}: {result['prompt_tokens']} prompt + {result['new_tokens']} new "
