@@ -63,7 +63,9 @@ def summarize(model, tok, article: str, policy: str, budget: float, max_new_toke
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = tok(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     budget = None if policy == "full" else budget
-    cache = KVKeepCache(model, policy, budget, max_new_tokens=max_new_tokens)  # Keyformer's schedule length
+    # The papers' rules, as the README's table was measured: every prompt query scores, no floor.
+    paper = {} if policy == "full" else {"floor": 0, **({} if policy in ("window", "streaming") else {"observe": 0})}
+    cache = KVKeepCache(model, policy, budget, max_new_tokens=max_new_tokens, **paper)  # Keyformer's schedule length
     with torch.inference_mode():
         start = time.perf_counter()
         out = model.generate(

@@ -354,7 +354,7 @@ def test_budget_search_on_tiny_model(tiny_dir, news, tmp_path) -> None:
 @pytest.mark.slow
 def test_smollm2_on_two_cnndm_articles(tmp_path) -> None:
     if not (data_root() / "summarization" / "summeval_cnndm_100.jsonl").is_file():
-        pytest.skip(f"CNN/DM data not found under {data_root()}")
+        pytest.skip(f"CNN/DM data not found under {data_root()}: set KVKEEP_DATA to the shared data folder")
     if not smollm2_available():
         pytest.skip("SmolLM2 is not available")
     out = tmp_path / "cnndm"

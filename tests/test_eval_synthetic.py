@@ -13,7 +13,9 @@ from kvkeep.eval.synthetic import KINDS, build_prompt, score_answers, synthetic_
 from kvkeep.eval.tasks.common import chat_parts
 
 BOOKS = data_root() / "books"
-needs_books = pytest.mark.skipif(not list(BOOKS.glob("austen_*.txt")), reason="no shared data (books/austen_*.txt)")
+needs_books = pytest.mark.skipif(
+    not list(BOOKS.glob("austen_*.txt")), reason="no books/austen_*.txt: set KVKEEP_DATA to the shared data folder"
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,18 @@ budget on CNN/DM articles, and a cache that stays at its budget while decoding."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvkeep import KVKeepCache
+from kvkeep.eval.data import data_root
 from kvkeep.hf import with_cache
 from kvkeep.models import MODELS, find_gguf, load_model, model_cache_dir
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = data_root()  # $KVKEEP_DATA, else the shared data folder beside the repository
 CNNDM = DATA / "summarization" / "summeval_cnndm_100.jsonl"
 ARTICLES, WORDS = 2, 250
 INSTRUCTION = "Summarize the following news article in 3 sentences.\n\n"
@@ -63,7 +63,10 @@ def smollm2():
 @pytest.fixture(scope="module")
 def articles() -> list[str]:
     if not CNNDM.is_file():
-        pytest.skip(f"CNN/DM data not found at {CNNDM} (the shared data folder is not mounted)")
+        pytest.skip(
+            f"CNN/DM data not found at {CNNDM}: set KVKEEP_DATA to a folder holding "
+            "summarization/summeval_cnndm_100.jsonl (the project's shared data; see README's evaluation section)"
+        )
     with CNNDM.open() as f:
         rows = [json.loads(line) for line, _ in zip(f, range(ARTICLES), strict=False)]
     return [" ".join(row["article"].split()[:WORDS]) for row in rows]
