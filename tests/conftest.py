@@ -187,6 +187,16 @@ def greedy(model, input_ids, cache=None, new_tokens: int = 10, attention_mask=No
     return out[:, input_ids.shape[1] :]
 
 
+def eager_attention(sequence: torch.Tensor, arch: str = "llama") -> list[torch.Tensor]:
+    """The eager attention probabilities of the tiny ``arch`` model over ``sequence`` ``[1, rows]``, per layer:
+    ``[q_heads, rows, rows]`` float64 (the references the policies' scores are checked against)."""
+    eager = tiny_model(arch)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(sequence, output_attentions=True).attentions
+    return [a[0].double() for a in attentions]
+
+
 def random_prompt(length: int, seed: int = 0, vocab: int = 96) -> torch.Tensor:
     """``[1, length]`` random token ids (avoiding the low ids that configs use as special tokens)."""
     return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))

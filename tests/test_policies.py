@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import greedy, random_prompt, tiny_model
+from conftest import eager_attention, greedy, random_prompt, tiny_model
 
 import kvkeep
 from kvkeep.policies.noise import gumbel_noise
@@ -23,11 +23,7 @@ def eager_rows(gqa_model):
     prompt = random_prompt(N_PROMPT, seed=5)
     generated = greedy(tiny_model("llama"), prompt, new_tokens=STEPS)
     sequence = torch.cat([prompt, generated[:, : STEPS - 1]], dim=1)  # rows fed through the model
-    eager = tiny_model("llama")
-    eager.set_attn_implementation("eager")
-    with torch.no_grad():
-        attentions = eager(sequence, output_attentions=True).attentions
-    return prompt, [a[0].double() for a in attentions]
+    return prompt, eager_attention(sequence)
 
 
 def _run(model, prompt, policy, **params):

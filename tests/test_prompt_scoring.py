@@ -5,7 +5,7 @@ References are computed by hand from eager attention probabilities of the same t
 
 import pytest
 import torch
-from conftest import greedy, left_pad, random_prompt, tiny_model
+from conftest import eager_attention, greedy, left_pad, random_prompt, tiny_model
 
 import kvkeep
 from kvkeep.policies import make_policy
@@ -25,11 +25,7 @@ def model():
 def eager_probs(model):
     """Eager attention probabilities over the prompt, per layer: ``[Hq, n, n]`` float64."""
     prompt = random_prompt(N_PROMPT, seed=5)
-    eager = tiny_model("llama")
-    eager.set_attn_implementation("eager")
-    with torch.no_grad():
-        attentions = eager(prompt, output_attentions=True).attentions
-    return prompt, [a[0].double() for a in attentions]
+    return prompt, eager_attention(prompt)
 
 
 def _group_mean(per_query_head: torch.Tensor) -> torch.Tensor:

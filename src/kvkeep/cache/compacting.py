@@ -139,19 +139,19 @@ class CompactingLayer(KVKeepLayer):
 
         Returns ``(output, scores, window_scores)``: ``window`` (None: no observation window) is the index of
         this forward's first window row; ``window_scores`` sums the rows from there on, ``scores`` every row (None
-        when the policy scores by the window alone).
+        when the policy scores by the window alone: then the rows before the window are not scored at all).
         """
         scorer, window_sum = None, None
         every = window is None or self.spec.every_query
         if self.spec is not None:
             total = self.state.max_new_tokens if self.state is not None else None
-            batch, kv_heads, slots = self.positions.shape
-            if window is not None:
-                group = query.shape[1] // kv_heads
-                window_sum = query.new_zeros(batch, kv_heads, group, slots, dtype=torch.float32)
+            first = 0 if every else window  # the first row whose scores attend() sums
+            if every and window is not None:  # the window's part of every row's sum, kept apart
+                batch, kv_heads, slots = self.positions.shape
+                window_sum = query.new_zeros(batch, kv_heads, query.shape[1] // kv_heads, slots, dtype=torch.float32)
 
             def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
-                skip = 0 if every else min(max(0, window - rows.start), rows.stop - rows.start)
+                skip = min(max(0, first - rows.start), rows.stop - rows.start)
                 rows = slice(rows.start + skip, rows.stop)
                 chunk = StepInfo(
                     self.layer_idx, self.step, query_positions[:, rows], self.positions, total, self.head_offset
@@ -175,8 +175,11 @@ class CompactingLayer(KVKeepLayer):
             scorer=scorer,
             head_reduce=head_reduce,
         )
-        window_scores = None if window_sum is None else reduce_heads(window_sum, head_reduce)
-        return out, scores if every else None, window_scores
+        if window is None:
+            return out, scores, None
+        if not every:
+            return out, None, scores
+        return out, scores, reduce_heads(window_sum, head_reduce)
 
     def _attend_prompt_fused(self, query: torch.Tensor, scaling: float, real: torch.Tensor, window: int | None):
         """A fresh prompt on the GPU: output from PyTorch's fused SDPA, scores from the Triton prefill kernel.

@@ -208,8 +208,7 @@ class Engine:
         request.kv_bytes_full = self.facts.kv_bytes(tokens_seen)
         wide = self._measuring_row(row)
         if reason != "error":
-            request.kv_bytes = self.runner.rows.held_bytes(row if wide is None else wide)
-            request.kv_bytes_peak = self.runner.rows.held_bytes(row if wide is None else wide, peak=True)
+            request.kv_bytes, request.kv_bytes_peak = self.runner.rows.held_bytes(row if wide is None else wide)
         if wide is not None:
             del self.measuring[wide]
             self.runner.release(wide)

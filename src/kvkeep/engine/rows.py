@@ -120,16 +120,17 @@ class RowCache:
         newest = prompt.layers[0].seen - 1
         self.state.set_row(row, newest, 0, length)
 
-    def held_bytes(self, row: int, peak: bool = False) -> int:
-        """Bytes of K and V the filled slots of ``row`` hold, over every layer and KV head (``peak``: the most
-        they held since the request's prompt, a measurement row's before its cut included)."""
-        total = 0
+    def held_bytes(self, row: int) -> tuple[int, int]:
+        """Bytes of K and V the filled slots of ``row`` hold now, over every layer and KV head, and the most
+        they held since the request's prompt (a measurement row's before its cut included)."""
+        held = peak = 0
         for layer in self.cache.layers:
             slots, index = self._slots(layer, row)
             per_slot = 2 * slots.keys.shape[-1] * slots.keys.element_size()
-            held = int((slots.positions[index] >= 0).sum())
-            total += (max(held, int(slots.peak[index])) if peak else held) * per_slot
-        return total
+            filled = int((slots.positions[index] >= 0).sum())
+            held += filled * per_slot
+            peak += max(filled, int(slots.peak[index])) * per_slot
+        return held, peak
 
     def clear(self, row: int) -> None:
         """Empty ``row`` (its request has finished)."""

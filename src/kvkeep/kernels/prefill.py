@@ -380,8 +380,8 @@ def prefill_scores(
         tau: temperature (tempered only; the prompt uses the schedule's first value).
         query_real: ``[B, n]`` bool, the real query rows (padding rows contribute nothing; never read).
         padding: ``[B]`` int64 left padding: true position = column - padding (noise hash only).
-        first_row: query rows before it score nothing (the observation window ``[first_row, n)``); their
-            blocks are skipped, so scoring ``W`` rows costs about ``W / n`` of scoring all of them.
+        first_row: query rows before it score nothing (the observation window ``[first_row, n)``); both passes
+            skip their row blocks, so only the window's rows are read (its time is not measured yet).
         _blocks: ``(big, small)`` block sizes (tests); _poison: NaN-fill scratch and output before launch.
 
     Returns:
