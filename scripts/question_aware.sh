@@ -4,7 +4,8 @@
 # observation window alone (the last 32 prompt queries, pooled over 31 positions: every_query=false), and
 # kvkeep's default blend of the two (observe=32 pool=31 every_query=true); on every synthetic retrieval kind,
 # CNN/DM in both prompt orders, XSum, DialogSum (with and without the floor), QMSum and perplexity on the
-# books.  One stage per argument (default: all); every sweep is resumable.  A GPU is recommended.
+# books.  One stage per argument (default: all); every sweep is resumable.  A GPU is recommended: on one
+# H200 the stages take 1.5-10 minutes per rule each, and they can run at once (each writes its own folder).
 #   scripts/question_aware.sh niah niah-multikey cnndm books report
 set -euo pipefail
 KVKEEP=${KVKEEP:-kvkeep}
@@ -24,9 +25,9 @@ stage() {
   case "$1" in
     niah|niah-multikey|niah-multivalue|passkey|vt|cwe)
       both "$1" --data "$1" "${SYNTH[@]}" --policies full,window,streaming,h2o,keyformer,co2 --budgets 0.1,0.2,0.5 ;;
-    co2n0)  # CO2 without its measurement phase (N=0) beside its default N=20
+    co2n0)  # CO2 without its measurement phase (N=0); its default N=20 is in the niah and niah-multikey runs
       for kind in niah niah-multikey; do
-        both "$kind" --data "$kind" "${SYNTH[@]}" --policies co2 --budgets 0.1,0.2,0.5 --param N=0
+        both "co2n0-$kind" --data "$kind" "${SYNTH[@]}" --policies co2 --budgets 0.1,0.2,0.5 --param N=0
       done ;;
     cnndm|cnndm-after)
       both "$1" --data "$1" --limit 100 --policies full,h2o,keyformer,co2 --budgets 0.2,0.5 --max-new-tokens 96 \
