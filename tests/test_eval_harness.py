@@ -92,6 +92,10 @@ def test_rouge_hand_computed() -> None:
     assert rouge("the cat sat", ["a dog ran", "the cat sat"]) == pytest.approx(dict.fromkeys(scores, 1.0))
     # stemming: "cats" and "cat" match
     assert rouge("cats", "cat")["rouge1"] == 1.0
+    # identical outputs score as identical, even empty or without a word (rouge_score alone gives 0)
+    assert rouge("", "") == dict.fromkeys(scores, 1.0)
+    assert rouge("...", ["x", "..."]) == dict.fromkeys(scores, 1.0)
+    assert rouge("", "the cat") == dict.fromkeys(scores, 0.0)
 
 
 def test_perplexity_hand_computed() -> None:

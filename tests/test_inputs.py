@@ -222,6 +222,17 @@ def test_empty_or_malformed_prompt_is_one_line(ids, mask, fragment) -> None:
     kvkeep.generate(MODEL, PROMPT, cache=cache, max_new_tokens=2)
 
 
+def test_a_tokenizer_or_anything_but_a_model_as_the_first_argument_is_one_line() -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")))
+    for thing in (tokenizer, "smollm2", None):
+        with pytest.raises(ValueError) as info:
+            kvkeep.KVKeepCache(thing, "h2o", 0.5)
+        one_line(info, "first argument must be the model", type(thing).__name__)
+
+
 def test_an_empty_row_in_model_generate_is_one_line() -> None:
     """An all-zero attention-mask row reaches the cache, which refuses it (a budget of a 0-token prompt).
 

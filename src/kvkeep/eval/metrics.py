@@ -23,11 +23,14 @@ def _scorer():
 def rouge(prediction: str, references: str | Sequence[str]) -> dict[str, float]:
     """ROUGE-1/2/L F1 of ``prediction`` (rouge_score, Porter stemming).
 
-    With several references each score is the max over the references, taken per ROUGE type.
+    With several references each score is the max over the references, taken per ROUGE type.  A prediction
+    identical to a reference scores 1, even where both are empty (rouge_score gives 0 to empty texts).
     """
     refs = [references] if isinstance(references, str) else list(references)
     if not refs:
         raise ValueError("ROUGE needs at least one reference")
+    if prediction in refs:
+        return dict.fromkeys(ROUGE_TYPES, 1.0)
     scores = [_scorer().score(ref, prediction) for ref in refs]
     return {t: max(s[t].fmeasure for s in scores) for t in ROUGE_TYPES}
 
