@@ -390,6 +390,19 @@ def test_bad_argument_fails_before_the_model_loads(capsys, no_loading, tiny_dir,
     assert_error(capsys, fragment, argv=[*base, *argv])
 
 
+def test_serve_port_out_of_range_or_in_use_fails_before_the_model_loads(capsys, no_loading, tiny_dir) -> None:
+    pytest.importorskip("uvicorn")
+    import socket
+
+    status, out, err = run(capsys, "serve", "--model", tiny_dir, "--port", "99999")
+    assert status == 2 and "expected a port number in [0, 65535], got '99999'" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        assert_error(capsys, f"cannot listen on 127.0.0.1:{port}", argv=["serve", "--model", tiny_dir, "--port", port])
+
+
 def test_missing_prompt_file_and_unknown_policy_fail_before_the_model_loads(capsys, no_loading, tmp_path) -> None:
     missing = tmp_path / "absent.txt"
     assert_error(capsys, "cannot read prompt file", argv=["generate", "--prompt-file", str(missing)])

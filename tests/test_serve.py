@@ -37,8 +37,9 @@ class Server:
     """The app of ``kvkeep serve`` on a uvicorn server in a thread of this process (its engine inspectable)."""
 
     def __init__(
-        self, policy: str, budget=None, rows: int = 8, queue_limit: int = 64, start_engine: bool = True, **params
-    ):
+        self, policy: str, budget=None, rows: int = 8, queue_limit: int = 64, start_engine: bool = True,
+        max_body_bytes: int = 8 << 20, **params,
+    ):  # fmt: skip
         import uvicorn
 
         import kvkeep
@@ -52,7 +53,9 @@ class Server:
         self.engine = build(
             model, self.tokenizer, policy, max_prompt=384, max_tokens=32, rows=rows, queue_limit=queue_limit
         )
-        app = create_app(self.engine, self.tokenizer, MODEL, stop_token_ids(model, self.tokenizer))
+        app = create_app(
+            self.engine, self.tokenizer, MODEL, stop_token_ids(model, self.tokenizer), max_body_bytes=max_body_bytes
+        )
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -162,6 +165,116 @@ def test_bad_requests_get_a_4xx_json_error_and_the_next_request_is_served(server
     assert greedy(server.client, prompt(5), max_tokens=3).usage.completion_tokens == 3
 
 
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}]}
+#: (route, body, the field the 400 must name, a word of its message)
+REFUSED = [
+    ("completions", {"prompt": [1, 49152]}, "prompt", "[0, 49151]"),  # one past the vocabulary
+    ("completions", {"prompt": [1, -5]}, "prompt", "not a token id"),
+    ("completions", {"prompt": [1, 10**9]}, "prompt", "not a token id"),
+    ("completions", {"prompt": [1, 2**70]}, "prompt", "not a token id"),
+    ("completions", {"prompt": "hi", "max_tokens": True}, "max_tokens", "integer"),
+    ("completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens", "integer"),
+    ("completions", {"prompt": "hi", "temperature": "0"}, "temperature", "number"),
+    ("completions", {"prompt": "hi", "stream": "yes"}, "stream", "boolean"),
+    ("completions", {"prompt": "hi", "kvkeep": {"budget": "0.5"}}, "kvkeep.budget", "number"),
+    ("completions", {"prompt": "hi", "kvkeep": {"budget": True}}, "kvkeep.budget", "number"),
+    ("completions", {"prompt": "hi", "echo": True}, "echo", "not supported"),
+    ("completions", {"prompt": "hi", "logprobs": 1}, "logprobs", "not supported"),
+    ("completions", {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ("completions", {"prompt": "hi", "best_of": 3}, "best_of", "not supported"),
+    ("completions", {"prompt": "hi", "n": 2}, "n", "n=1"),
+    ("completions", {"prompt": "hi", "frobnicate": 1}, "frobnicate", "unknown field"),
+    ("chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens"),
+    ("chat/completions", {"max_completion_tokens": -5}, "max_completion_tokens", "max_completion_tokens"),
+    ("chat/completions", {"logprobs": True}, "logprobs", "not supported"),
+    ("chat/completions", {"top_logprobs": 3}, "top_logprobs", "not supported"),
+    ("chat/completions", {"frequency_penalty": 1}, "frequency_penalty", "not supported"),
+    ("chat/completions", {"tools": [{"type": "function"}]}, "tools", "not supported"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0.tool_calls",
+     "not supported"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("route, body, field, word", REFUSED, ids=[f"{r[0]}-{r[2]}" for r in REFUSED])
+def test_a_field_kvkeep_does_not_do_or_a_wrong_type_is_a_400_naming_it(server, route, body, field, word):
+    base = CHAT if route.startswith("chat") else {"model": MODEL}
+    response = httpx.post(f"{server.url}/v1/{route}", json={**base, **body}, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and word in error["message"], error
+
+
+def test_the_no_op_values_clients_send_by_default_are_accepted(server):
+    noop = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u1", "n": 1, "seed": 3}
+    out = httpx.post(
+        f"{server.url}/v1/completions", timeout=60,
+        json={"model": MODEL, "prompt": prompt(4), "max_tokens": 2, "echo": False, "logprobs": None, **noop},
+    )  # fmt: skip
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 2
+    messages = [{"role": "user", "content": "Hi.", "name": "ann"}]
+    out = httpx.post(
+        f"{server.url}/v1/chat/completions", timeout=60,
+        json={**CHAT, "messages": messages, "max_completion_tokens": 2, "logprobs": False, "tools": [], **noop},
+    )  # fmt: skip
+    assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_text_that_is_not_unicode_or_not_json_is_a_400_that_says_so(server):
+    lone = b'{"model": "smollm2", "prompt": "\\ud800x"}'
+    response = httpx.post(f"{server.url}/v1/completions", content=lone, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "surrogate" in response.json()["error"]["message"]
+    chat = b'{"model": "smollm2", "messages": [{"role": "user", "content": "a\\udc00"}]}'
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=chat, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.content"
+    body = json.dumps({"model": MODEL, "prompt": "hi"})
+    response = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "text/plain"})
+    assert response.status_code == 400 and "content-type: application/json" in response.json()["error"]["message"]
+
+
+def test_an_oversized_body_or_prompt_is_refused_at_once_while_others_are_served():
+    server = Server("window", 0.5, rows=2, max_body_bytes=1 << 20, floor=0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:  # 20 MiB announced, not sent
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"content-length: 20971520\r\n\r\n" + b"{" * 1000)  # fmt: skip
+            head = raw.recv(65536).decode()
+        assert head.startswith("HTTP/1.1 413") and "body_too_large" in head
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            huge = {"model": MODEL, "prompt": "x" * 900_000}
+            big = pool.submit(httpx.post, f"{server.url}/v1/completions", json=huge, timeout=60)
+            health = pool.submit(httpx.get, f"{server.url}/health", timeout=60)
+            assert health.result().status_code == 200
+            response = big.result()
+        assert response.status_code == 400 and "characters" in response.json()["error"]["message"]
+        assert time.monotonic() - started < 5  # refused by its length, not tokenised (that took 40 s)
+        assert greedy(server.client, prompt(4), max_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.close()
+
+
+def test_a_non_streaming_request_whose_client_gives_up_is_cancelled():
+    server = Server("window", 0.5, rows=2, start_engine=False, floor=0)
+    try:
+        body = {"model": MODEL, "prompt": prompt(8), "max_tokens": 32, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):  # the engine is not running: the request waits, the client leaves
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
+        deadline = time.monotonic() + 10
+        while not (server.engine.waiting and server.engine.waiting[0].cancelled) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.engine.waiting[0].cancelled
+        server.engine.start()
+        deadline = time.monotonic() + 10
+        while server.engine.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stats = server.engine.stats()
+        assert stats["cancelled"] == 1 and stats["steps"] == 0 and stats["rows_in_use"] == 0  # it never decoded
+    finally:
+        server.close()
+
+
 def test_a_cancelled_stream_frees_its_row(server):
     with httpx.stream(
         "POST", f"{server.url}/v1/completions", timeout=60,
@@ -266,3 +379,66 @@ def test_kvkeep_serve_command_answers_health_and_a_request(tmp_path):
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert "2 rows x" in err and "serving http://127.0.0.1" in err
+
+
+def test_soak_mixed_clients_leave_every_row_free_memory_flat_and_answers_as_alone(server):
+    """Eight clients for 15 s mixing streaming, non-streaming, abandoned and malformed requests."""
+    import random
+    import resource
+
+    texts = [prompt(n) for n in (4, 11, 19, 26, 33, 41)]
+    alone = [greedy(server.client, t, max_tokens=6).choices[0].text for t in texts]
+    tasks, rss = server.tasks(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bad = [
+        (b"{not json", "application/json"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "9"}).encode(), "application/json"),
+        (json.dumps({"model": MODEL, "prompt": [1, 10**12]}).encode(), "application/json"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "echo": True}).encode(), "application/json"),
+        (json.dumps({"model": MODEL, "prompt": "x" * 2_000_000}).encode(), "application/json"),
+        (json.dumps({"model": MODEL, "prompt": "hi"}).encode(), "text/plain"),
+    ]
+    answers: list[tuple[int, str]] = []
+    statuses: list[int] = []
+    url = f"{server.url}/v1/completions"
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        end = time.monotonic() + 15
+        with httpx.Client(timeout=120) as http:
+            while time.monotonic() < end:
+                i = rng.randrange(len(texts))
+                body = {"model": MODEL, "prompt": texts[i], "max_tokens": 6, "temperature": 0}
+                kind = rng.randrange(5)
+                if kind == 0:
+                    answers.append((i, http.post(url, json=body).json()["choices"][0]["text"]))
+                elif kind == 1:
+                    with http.stream("POST", url, json={**body, "stream": True}) as response:
+                        lines = [x[6:] for x in response.iter_lines() if x.startswith("data: {")]
+                    answers.append((i, "".join(json.loads(x)["choices"][0]["text"] for x in lines)))
+                elif kind == 2:  # gives up before its answer
+                    try:
+                        httpx.post(url, json={**body, "max_tokens": 32}, timeout=rng.uniform(0.01, 0.3))
+                    except httpx.TimeoutException:
+                        pass
+                elif kind == 3:  # reads one event, then goes away
+                    with http.stream("POST", url, json={**body, "max_tokens": 32, "stream": True}) as response:
+                        next(x for x in response.iter_lines() if x.startswith("data: "))
+                else:
+                    content, kind_header = rng.choice(bad)
+                    statuses.append(http.post(url, content=content, headers={"content-type": kind_header}).status_code)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(client, range(8)))
+    deadline = time.monotonic() + 20
+    while server.engine.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = server.engine.stats()
+    assert stats["rows_in_use"] == 0 and stats["waiting"] == 0 and stats["failure"] is None
+    assert len(answers) > 20 and all(text == alone[i] for i, text in answers)
+    assert statuses and all(status in (400, 413) for status in statuses)
+    deadline = time.monotonic() + 5
+    while server.tasks() > tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.tasks() <= tasks
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < rss + 300_000  # KiB
+    assert greedy(server.client, texts[0], max_tokens=6).choices[0].text == alone[0]

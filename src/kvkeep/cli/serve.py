@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from .options import add_model_options, add_policy_options, add_tp_option, positive_int
@@ -18,7 +19,7 @@ def add_parser(subparsers) -> None:
     add_policy_options(parser, static=False)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    group.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    group.add_argument("--port", type=port_number, default=8000, help="0: any free port (default: %(default)s)")
     group.add_argument("--served-model-name", help="the model name clients ask for (default: --model)")
     group = parser.add_argument_group("engine")
     group.add_argument(
@@ -43,7 +44,45 @@ def add_parser(subparsers) -> None:
         default=1024,
         help="waiting requests at most, then 503 (default: %(default)s)",
     )
+    group.add_argument(
+        "--max-body-mib",
+        type=positive_float,
+        default=8.0,
+        help="request bodies at most, then 413 (default: %(default)s)",
+    )
     parser.set_defaults(func=run)
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening, or a one-line error naming the fix."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ValueError(f"cannot listen on {host}:{port}: {reason}: choose another --port or --host") from None
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,10 +107,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--max-prompt-tokens {max_prompt} + --max-tokens {args.max_tokens} exceed the {context}-token context"
         )
+    from .. import distributed
+
+    # Before loading: a port in use is known at once.  Under --tp only rank 0 serves HTTP.
+    sock = listen(args.host, args.port) if distributed.is_main() else None
 
     import transformers
 
-    from .. import distributed
     from ..engine import build
     from ..generation import stop_token_ids
     from ..models import load_model
@@ -90,13 +132,16 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     budget = "" if policy.keeps_all else f" budget {policy.budget}"
     split = f"; tensor-parallel over {args.tp} ranks (rows per rank)" if args.tp > 1 else ""
-    print(f"[kvkeep] {name}: {policy.name}{budget}{split}; {engine.plan.describe()}; prompts up to {max_prompt} "
-          f"tokens, outputs up to {args.max_tokens}", file=sys.stderr)  # fmt: skip
-    print(f"[kvkeep] serving http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    app = create_app(engine, tokenizer, name, stop_token_ids(model, tokenizer))
+    body_bytes = int(args.max_body_mib * 2**20)
+    print(f"[kvkeep] {name}: {policy.name}{budget}{split}; {engine.plan.describe()}", file=sys.stderr)
+    print(f"[kvkeep] limits: prompts up to {max_prompt} tokens, outputs up to {args.max_tokens}, "
+          f"bodies up to {args.max_body_mib:g} MiB, {args.queue_limit} waiting requests", file=sys.stderr)  # fmt: skip
+    app = create_app(engine, tokenizer, name, stop_token_ids(model, tokenizer), max_body_bytes=body_bytes)
+    host, port = sock.getsockname()[:2]
+    print(f"[kvkeep] serving http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
     engine.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
     finally:
         engine.stop()
     return 0

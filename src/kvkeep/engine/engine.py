@@ -62,6 +62,7 @@ class Engine:
         self.peak_rows = 0
         self.row_steps = 0  # rows in use, summed over decode steps
         self.decode_s = 0.0
+        self.cancelled = 0  # requests cancelled (their clients went away) before they finished
         self.failure: str | None = None  # why the loop stopped, if it failed
 
     # -- requests -------------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class Engine:
                 request = self.waiting.popleft()
             if request.cancelled:
                 request.finish_reason, request.finished_at = "cancelled", time.perf_counter()
+                self.cancelled += 1
                 if request.on_event:
                     request.on_event(Event([], "", "cancelled", request))
                 continue
@@ -203,6 +205,7 @@ class Engine:
 
     def _finish(self, row: int, request: Request, reason: str, tokens=(), text: str = "") -> None:
         request.finish_reason = reason
+        self.cancelled += reason == "cancelled"
         request.finished_at = time.perf_counter()
         tokens_seen = len(request.prompt_ids) + len(request.output_ids) - 1  # the last token is never fed back
         request.kv_bytes_full = self.facts.kv_bytes(tokens_seen)
@@ -266,7 +269,7 @@ class Engine:
             self.thread.join()
 
     def stats(self) -> dict:
-        """Rows in use and their peak, waiting requests, decode steps, and device memory."""
+        """Rows in use and their peak, waiting and cancelled requests, decode steps, and device memory."""
         device = next(self.model.parameters()).device
         return {
             "failure": self.failure,
@@ -274,6 +277,7 @@ class Engine:
             "rows_in_use": len(self.running),
             "peak_rows_in_use": self.peak_rows,
             "waiting": len(self.waiting),
+            "cancelled": self.cancelled,
             "steps": self.steps,
             "rows_used_mean": self.row_steps / self.steps if self.steps else None,
             "step_ms_mean": 1e3 * self.decode_s / self.steps if self.steps else None,

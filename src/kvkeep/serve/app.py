@@ -3,8 +3,8 @@
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's chat template), ``GET /v1/models`` and
 ``GET /health``.  Responses stream as server-sent events with ``"stream": true``.  Every error is an
 OpenAI-style JSON body with a 4xx status (5xx only for a fault of the server itself), never a traceback, and
-the server keeps serving.  A client that goes away mid-stream cancels its request: the engine frees its row
-at its next step.
+the server keeps serving.  A client that goes away cancels its request, streaming or not: the engine frees
+its row at its next step.  Bodies over ``max_body_bytes`` get a 413 before they are read.
 """
 
 from __future__ import annotations
@@ -22,76 +22,72 @@ from starlette.exceptions import HTTPException
 from ..engine import Engine, EngineStopped, QueueFull, Request
 from ..sampling import Sampling
 from . import protocol as wire
+from .prompts import Prompts
+from .protocol import APIError
+
+#: The default limit on a request body: a long chat of a 128k-token model fits many times over.
+DEFAULT_BODY_BYTES = 8 << 20
+#: How often a non-streaming request's handler checks that its client is still there (seconds).
+DISCONNECT_POLL_S = 0.25
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
-
-
-def create_app(engine: Engine, tokenizer, model_name: str, stop_ids: set[int]) -> FastAPI:
+def create_app(engine: Engine, tokenizer, model_name: str, stop_ids: set[int], *,
+               max_body_bytes: int = DEFAULT_BODY_BYTES) -> FastAPI:  # fmt: skip
     """The app serving ``engine`` under ``model_name`` (the engine's thread must be running)."""
+    service = Service(engine, Prompts(tokenizer, engine.facts.vocab, engine.max_prompt), model_name, stop_ids)
     app = FastAPI(title="kvkeep", description="OpenAI-compatible server with KV-cache eviction")
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(Exception, _fault)
+    app.get("/health")(service.health)
+    app.get("/v1/models")(service.models)
+    app.post("/v1/completions")(service.completions)
+    app.post("/v1/chat/completions")(service.chat)
+    app.router.on_shutdown.append(service.prompts.close)
+    return app
 
-    @app.exception_handler(APIError)
-    async def _api_error(_, err: APIError):
-        return JSONResponse(wire.error_body(err.message, err.kind, code=err.code), status_code=err.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            return JSONResponse(wire.error_body("the request body is not valid JSON"), 400)
-        if first.get("type") == "extra_forbidden" and "kvkeep" in where:
-            message = f"unknown kvkeep parameter {where.split('.')[-1]!r}: use {' or '.join(wire.KVKEEP_KEYS)}"
-        return JSONResponse(wire.error_body(f"{where}: {message}" if where else message, param=where or None), 400)
+class Service:
+    """The routes' work: a request body to an engine request, and the engine's events to a response."""
 
-    @app.exception_handler(HTTPException)
-    async def _http(_, err: HTTPException):
-        return JSONResponse(wire.error_body(str(err.detail)), status_code=err.status_code)
+    def __init__(self, engine: Engine, prompts: Prompts, model_name: str, stop_ids: set[int]):
+        self.engine, self.prompts, self.model_name, self.stop_ids = engine, prompts, model_name, stop_ids
 
-    @app.exception_handler(Exception)
-    async def _fault(_, err: Exception):
-        return JSONResponse(wire.error_body(f"internal error: {type(err).__name__}: {err}", "server_error"), 500)
-
-    @app.get("/health")
-    async def health():
-        stats = engine.stats()
+    async def health(self):
+        stats = self.engine.stats()
         if stats["failure"]:
             return JSONResponse({"status": "error", **stats}, status_code=503)
         return {"status": "ok", **stats}
 
-    @app.get("/v1/models")
-    async def models():
-        card = {"id": model_name, "object": "model", "created": wire.now(), "owned_by": "kvkeep"}
+    async def models(self):
+        card = {"id": self.model_name, "object": "model", "created": wire.now(), "owned_by": "kvkeep"}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions")
-    async def completions(body: wire.CompletionRequest, http: HTTPRequest):
-        check_model(body.model, model_name)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "give one prompt per request (batching is the server's job)", code="prompt")
-            prompt = prompt[0]
-        ids = list(prompt) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
-        return await serve(body, ids, body.max_tokens or 16, chat=False, http=http)
+    async def completions(self, body: wire.CompletionRequest, http: HTTPRequest):
+        self.check(body)
+        ids = await self.prompts.completion(body.prompt)
+        return await self.serve(body, ids, body.max_tokens or 16, chat=False, http=http)
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: wire.ChatCompletionRequest, http: HTTPRequest):
-        check_model(body.model, model_name)
-        if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, f"model {model_name} has no chat template: use /v1/completions")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
-        limit = body.max_completion_tokens or body.max_tokens or engine.max_tokens
-        return await serve(body, ids, limit, chat=True, http=http)
+    async def chat(self, body: wire.ChatCompletionRequest, http: HTTPRequest):
+        self.check(body)
+        if not getattr(self.prompts.tokenizer, "chat_template", None):
+            raise APIError(400, f"model {self.model_name} has no chat template: use /v1/completions")
+        ids = await self.prompts.chat([m.template_message() for m in body.messages])
+        limit = body.max_completion_tokens or body.max_tokens or self.engine.max_tokens
+        return await self.serve(body, ids, limit, chat=True, http=http)
 
-    async def serve(body, prompt_ids: list[int], max_tokens: int, chat: bool, http: HTTPRequest):
+    def check(self, body) -> None:
+        """A 404 for another model's name, a 400 naming a field kvkeep does not do."""
+        if body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist: this server serves {self.model_name!r}",
+                           code="model_not_found", param="model")  # fmt: skip
+        if refused := wire.unsupported(body):
+            raise APIError(400, refused[1], param=refused[0])
+
+    def submit(self, body, prompt_ids: list[int], max_tokens: int) -> tuple[Request, asyncio.Queue]:
+        """The engine request of ``body`` and the queue its events arrive on (4xx/503 if it cannot run)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         options = body.kvkeep or wire.KVKeepOptions()
@@ -100,41 +96,103 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_ids: set[int]) -
                 body.temperature, body.top_p, random.randrange(1 << 31) if body.seed is None else body.seed
             )
             request = Request(
-                prompt_ids, max_tokens, sampling, stop=body.stops, stop_ids=set() if options.ignore_eos else stop_ids,
-                budget=options.budget, policy_options=options.policy_options(),
+                prompt_ids, max_tokens, sampling, stop=body.stops,
+                stop_ids=set() if options.ignore_eos else self.stop_ids, budget=options.budget,
+                policy_options=options.policy_options(),
                 on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             )  # fmt: skip
-            engine.submit(request)
+            self.engine.submit(request)
         except QueueFull as err:
             raise APIError(503, str(err), "server_overloaded", "queue_full") from None
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "engine_stopped") from None
         except ValueError as err:
             raise APIError(400, " ".join(str(err).split())) from None
+        return request, events
+
+    async def serve(self, body, prompt_ids: list[int], max_tokens: int, chat: bool, http: HTTPRequest):
+        request, events = self.submit(body, prompt_ids, max_tokens)
         rid, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _stream(engine, request, events, rid, created, model_name, chat, include_usage)
+            stream = _stream(self.engine, request, events, rid, created, self.model_name, chat, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
             while not request.finished:
-                await events.get()
+                try:
+                    await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        break  # the client gave up: nobody will read the answer
         finally:
-            if not request.finished:  # the client went away
-                engine.cancel(request)
+            if not request.finished:
+                self.engine.cancel(request)
         if request.finish_reason == "error":
             raise APIError(500, f"the request failed: {request.error}", "server_error")
         build = wire.chat_body if chat else wire.completion_body
-        return build(rid, model_name, request, created)
-
-    return app
+        return build(rid, self.model_name, request, created)
 
 
-def check_model(asked: str, served: str) -> None:
-    if asked != served:
-        raise APIError(
-            404, f"the model {asked!r} does not exist: this server serves {served!r}", code="model_not_found"
-        )
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before the app reads it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        message = f"the request body is over this server's limit of {self.limit} bytes (--max-body-mib)"
+        response = JSONResponse(wire.error_body(message, code="body_too_large"), status_code=413)
+        await response(scope, receive, send)
+
+
+async def _api_error(_, err: APIError):
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _invalid(http: HTTPRequest, err: RequestValidationError):
+    errors = err.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(wire.error_body("the request body is not valid JSON"), 400)
+    if tuple(first.get("loc", ())) == ("body",) and "json" not in http.headers.get("content-type", ""):
+        message = "the request body must be a JSON object, sent with content-type: application/json"
+        return JSONResponse(wire.error_body(message), 400)
+    where, message = wire.field_error(first)
+    if first.get("type") == "extra_forbidden" and where.startswith("kvkeep."):
+        message = f"unknown kvkeep parameter {where.split('.')[-1]!r}: use {' or '.join(wire.KVKEEP_KEYS)}"
+    return JSONResponse(wire.error_body(f"{where}: {message}" if where else message, param=where or None), 400)
+
+
+async def _http(_, err: HTTPException):
+    return JSONResponse(wire.error_body(str(err.detail)), status_code=err.status_code)
+
+
+async def _fault(_, err: Exception):
+    return JSONResponse(wire.error_body(f"internal error: {type(err).__name__}: {err}", "server_error"), 500)
 
 
 async def _stream(engine, request, events, rid, created, model, chat: bool, include_usage: bool):

@@ -1,5 +1,9 @@
 """The OpenAI wire format kvkeep speaks: request bodies (validated) and response / stream-chunk bodies.
 
+Fields follow one rule: kvkeep either does what a field asks or refuses the request with a 400 that names it
+(:func:`unsupported`); a field it does not know is refused too.  Values are checked strictly (``"5"`` or
+``true`` is not a number), as the Python API checks them.
+
 Requests may carry a ``kvkeep`` object (``extra_body={"kvkeep": {...}}`` in the ``openai`` client) with the
 request's own KV ``budget``, prompt-scoring options (``observe``, ``pool``, ``floor``: see
 :class:`kvkeep.policies.ScoringPolicy`) and ``ignore_eos`` (benchmarks with fixed output lengths); any other
@@ -14,21 +18,96 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 KVKEEP_KEYS = ("budget", "observe", "pool", "floor", "ignore_eos")
 POLICY_KEYS = ("observe", "pool", "floor")
 
 
+class APIError(Exception):
+    """An error answered as an OpenAI-style JSON body with ``status``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+    def body(self) -> dict:
+        return error_body(self.message, self.kind, self.param, self.code)
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+#: Fields kvkeep accepts only at the value that asks for nothing (what OpenAI's clients and harnesses send by
+#: default); any other value is refused by name.
+NO_OP = {
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+}
+#: Fields that change nothing kvkeep computes (bookkeeping for the client): accepted with any value.
+INERT = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+#: Message fields beyond ``role`` and ``content`` that the chat template receives.
+MESSAGE_KEYS = ("name",)
+
+
+#: What a field of several accepted types must be (pydantic names each type's error apart).
+TYPE_MESSAGES = {
+    "prompt": "must be a string, a list of token ids or a list of one string",
+    "kvkeep.budget": "must be a number: a share of the prompt in (0, 1] or a token count",
+    "temperature": "must be a number",
+    "top_p": "must be a number",
+    "stop": "must be a string or a list of strings",
+}
+
+
+def field_error(error: dict) -> tuple[str, str]:
+    """``(field, message)`` of one pydantic error: the field's dotted path without pydantic's type tags."""
+    path = [str(p) for p in error.get("loc", ()) if p != "body" and not _type_tag(p)]
+    where = ".".join(path)
+    message = error.get("msg", "invalid value").removeprefix("Value error, ")
+    if str(error.get("type", "")).endswith("_type"):
+        message = TYPE_MESSAGES.get(where, message)
+    return where, message
+
+
+def _type_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool"))
+
+
+def unsupported(body: BaseModel) -> tuple[str, str] | None:
+    """``(field, message)`` for the first field of ``body`` that kvkeep does not do, else None."""
+    extras = dict(body.model_extra or {})
+    for i, message in enumerate(getattr(body, "messages", ())):
+        for key in message.model_extra or {}:
+            if key not in MESSAGE_KEYS:
+                return f"messages.{i}.{key}", f"messages.{i}.{key}: message field {key!r} is not supported"
+    for key, value in extras.items():
+        if key in INERT or value is None:
+            continue
+        if key in NO_OP:
+            if not any(type(value) is type(ok) and value == ok for ok in NO_OP[key]):
+                return key, f"{key}={value!r} is not supported by kvkeep serve: leave it out"
+            continue
+        return key, f"unknown field {key!r}: see the README's list of the fields kvkeep serve takes"
+    return None
 
 
 class KVKeepOptions(BaseModel):
     """kvkeep's own request options."""
 
     model_config = ConfigDict(extra="forbid")
-    budget: float | int | None = None
+    budget: StrictInt | StrictFloat | None = None
     observe: int | None = Field(default=None, strict=True)
     pool: int | None = Field(default=None, strict=True)
     floor: int | None = Field(default=None, strict=True)
@@ -43,27 +122,29 @@ class _Sampled(BaseModel):
     """What completions and chat completions share."""
 
     model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = None
-    temperature: float = Field(default=1.0)
-    top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
+    model: StrictStr
+    max_tokens: StrictInt | None = None
+    temperature: StrictFloat | StrictInt | None = Field(default=None, validate_default=True)
+    top_p: StrictFloat | StrictInt | None = Field(default=None, validate_default=True)
+    n: StrictInt = 1
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
     kvkeep: KVKeepOptions | None = None
 
     @field_validator("max_tokens")
     @classmethod
-    def _positive(cls, value):
+    def _positive(cls, value, info):
         if value is not None and value < 1:
-            raise ValueError("max_tokens must be >= 1")
+            raise ValueError(f"{info.field_name} must be >= 1")
         return value
 
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, value):
+        if value is None:
+            return 1.0
         if not 0 <= value <= 2:
             raise ValueError("temperature must be in [0, 2]")
         return value
@@ -71,6 +152,8 @@ class _Sampled(BaseModel):
     @field_validator("top_p")
     @classmethod
     def _top_p(cls, value):
+        if value is None:
+            return 1.0
         if not 0 < value <= 1:
             raise ValueError("top_p must be in (0, 1]")
         return value
@@ -91,22 +174,17 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    prompt: str | list[int] | list[str]
-    echo: bool = False
-    logprobs: int | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value is not None:
-            raise ValueError("logprobs are not supported")
-        return value
+    prompt: StrictStr | list[StrictInt] | list[StrictStr]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+
+    def template_message(self) -> dict:
+        """The message as the chat template reads it."""
+        return {"role": self.role, "content": self.text(), **(self.model_extra or {})}
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -116,7 +194,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampled):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: StrictInt | None = None
+
+    _positive_completion = field_validator("max_completion_tokens")(_Sampled._positive.__func__)
 
     @field_validator("messages")
     @classmethod
