@@ -403,6 +403,28 @@ def test_serve_port_out_of_range_or_in_use_fails_before_the_model_loads(capsys, 
         assert_error(capsys, f"cannot listen on 127.0.0.1:{port}", argv=["serve", "--model", tiny_dir, "--port", port])
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--sample", "--top-p", "2", "--prompt", "hi"],
+        ["generate", "--policy", "keyformer", "--budget", "0.5", "--param", "seed=abc", "--prompt", "hi"],
+        ["generate", "--prompt", "  "],
+        ["generate", "--device", "tpu", "--prompt", "hi"],
+        ["serve", "--policy", "h2o", "--budget", "1.5"],
+    ],
+)
+def test_bad_arguments_are_refused_before_transformers_is_imported(argv) -> None:
+    """transformers takes seconds to import: a wrong argument is told before that."""
+    code = (
+        "import sys\nfrom kvkeep.cli import main\n"
+        f"status = main({argv!r})\n"
+        "assert status == 2, status\nassert 'transformers' not in sys.modules, 'imported transformers'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("kvkeep: error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
 def test_missing_prompt_file_and_unknown_policy_fail_before_the_model_loads(capsys, no_loading, tmp_path) -> None:
     missing = tmp_path / "absent.txt"
     assert_error(capsys, "cannot read prompt file", argv=["generate", "--prompt-file", str(missing)])
@@ -417,6 +439,9 @@ def short_context_dir(tiny_dir: str, tmp_path: Path, context: int) -> str:
     config = json.loads((folder / "config.json").read_text())
     config["max_position_embeddings"] = context
     (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = context  # as a real model's tokenizer says it
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return str(folder)
 
 
@@ -445,8 +470,20 @@ def test_prompt_beyond_the_context_fails_before_loading_unless_asked(capsys, mon
 
         patch.setattr(models, "load_model", _loaded)
         assert_error(capsys, "beyond the 32-token context", "--beyond-context", argv=argv)
-    result = run_json(capsys, *argv[1:-1], "--beyond-context")
-    assert result["prompt_tokens"] > 32 and result["new_tokens"] >= 1
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        status, out, err = run(capsys, *argv, "--beyond-context")
+    finally:
+        logger.removeHandler(handler)
+    result = json.loads(out)
+    assert status == 0 and result["prompt_tokens"] > 32 and result["new_tokens"] >= 1
+    assert not [m for m in seen if "sequence length is longer" in m]  # no stray warning about what was asked for
 
 
 @pytest.mark.slow

@@ -20,17 +20,24 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DistributedConfig,
-    GgufConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+#: transformers' classes this module uses, imported on first use: checking a command line's arguments
+#: (devices, dtypes, model names) must not wait seconds for transformers to import.
+_TRANSFORMERS = ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "DistributedConfig", "GgufConfig")
+
+
+def __getattr__(name: str):
+    if name in _TRANSFORMERS:
+        import transformers
+
+        return getattr(transformers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "MODELS",
@@ -310,6 +317,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent,
                 gguf_file=gguf.name,
@@ -360,6 +369,8 @@ def load_tokenizer(name_or_path: str | Source) -> PreTrainedTokenizerBase:
     """
     source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
     location = _local_copy(source)
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as err:
@@ -374,6 +385,8 @@ def load_config(name_or_path: str | Source):
     """The model's config (no weights are read, except to convert a GGUF file seen for the first time)."""
     source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
     location = _local_copy(source)
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
@@ -412,6 +425,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
     location = _local_copy(source)
+    from transformers import AutoModelForCausalLM, DistributedConfig
+
     split = {} if tp_plan is None else {"distributed_config": DistributedConfig(tp_plan=tp_plan)}
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **split)

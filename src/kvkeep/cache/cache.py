@@ -111,6 +111,10 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         observer: Observer | None = None,
         **params,
     ):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise ValueError(
+                f"the first argument must be the model (a transformers model with a config), got {type(model).__name__}"
+            )
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
         if max_new_tokens is not None and (not hf.is_count(max_new_tokens) or max_new_tokens < 1):

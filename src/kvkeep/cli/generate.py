@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat)["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat, verbose=False)["input_ids"]
     prompt_tokens = ids.shape[1]
     if prompt_tokens == 0:
         raise ValueError("the prompt is empty after tokenisation: give some text")

@@ -69,7 +69,7 @@ class Prompts:
         if isinstance(prompt, list):
             return self.check_ids(prompt)
         self.check_text(prompt, "prompt")
-        return await self._run(lambda: list(self.tokenizer(prompt)["input_ids"]))
+        return await self._run(lambda: list(self.tokenizer(prompt, verbose=False)["input_ids"]))
 
     async def chat(self, messages: list[dict]) -> list[int]:
         """The token ids of a conversation under the chat template, with the assistant's turn opened."""
