@@ -276,6 +276,7 @@ def test_a_non_streaming_request_whose_client_gives_up_is_cancelled():
 
 
 def test_a_cancelled_stream_frees_its_row(server):
+    cancelled = server.engine.stats()["cancelled"]
     with httpx.stream(
         "POST", f"{server.url}/v1/completions", timeout=60,
         json={"model": MODEL, "prompt": prompt(20), "max_tokens": 32, "temperature": 0, "stream": True},
@@ -287,6 +288,7 @@ def test_a_cancelled_stream_frees_its_row(server):
     while server.engine.running and time.time() < deadline:
         time.sleep(0.05)
     assert not server.engine.running
+    assert server.engine.stats()["cancelled"] == cancelled + 1  # ended by the client, not by its 32 tokens
 
 
 def test_two_hundred_short_requests_leave_rows_memory_and_tasks_where_they_started(server):
