@@ -25,6 +25,10 @@ from .runner import ModelRunner
 log = logging.getLogger(__name__)
 
 
+#: The most alternatives a request may ask per token (OpenAI's limit).
+MAX_LOGPROBS = 20
+
+
 class QueueFull(RuntimeError):
     """The engine's queue holds ``queue_limit`` requests already."""
 
@@ -77,6 +81,8 @@ class Engine:
             )
         if not 1 <= request.max_tokens <= self.max_tokens:
             raise ValueError(f"max_tokens must be in [1, {self.max_tokens}], got {request.max_tokens}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
         policy = self.request_policy(request)
         if policy is not self.policy:
             kept = policy.budget_tokens(len(request.prompt_ids))
@@ -131,7 +137,10 @@ class Engine:
         self.row_steps += len(self.running)
         for row, request in list(self.running.items()):
             here = self._measuring_row(row)
-            self._emit(row, request, tokens[here if here is not None else row])
+            index = here if here is not None else row
+            if request.logprobs is not None:
+                request.output_logprobs.append(self.runner.logprob(index, tokens[index], request.logprobs))
+            self._emit(row, request, tokens[index])
         for wide, row in list(self.measuring.items()):
             request = self.running.get(row)
             if request is not None and len(request.output_ids) == self.policy.evict_after() + 1:
@@ -176,10 +185,13 @@ class Engine:
         target = row if wide is None else wide
         if wide is not None:
             self.measuring[wide] = row
+        scored = request.logprobs if request.echo else None
         try:
-            first = self.runner.prefill(
-                target, request.prompt_ids, request.sampling, request.max_tokens, self.request_policy(request)
+            first, request.prompt_logprobs = self.runner.prefill(
+                target, request.prompt_ids, request.sampling, request.max_tokens, self.request_policy(request), scored
             )
+            if request.logprobs is not None:
+                request.output_logprobs.append(self.runner.logprob(None, first, request.logprobs))
         except Exception as err:  # a request that cannot run must not stop the others
             request.error = " ".join(str(err).split()) or type(err).__name__
             self._finish(row, request, "error")

@@ -113,7 +113,8 @@ def _wire(kind: str, item) -> tuple[str, object]:
     """An inbox entry as the other ranks receive it (a request without its callback or detokenizer)."""
     if kind != "submit":
         return kind, item
-    names = ("prompt_ids", "max_tokens", "sampling", "stop", "stop_ids", "budget", "policy_options", "id")
+    names = ("prompt_ids", "max_tokens", "sampling", "stop", "stop_ids", "budget", "policy_options", "logprobs",
+             "echo", "id")  # fmt: skip
     return kind, {name: getattr(item, name) for name in names}
 
 

@@ -48,6 +48,9 @@ class Request:
         stop_ids: token ids that end it (the model's end of sequence; included in ``output_ids``).
         budget: the request's own KV budget (None: the engine's).
         policy_options: the request's own prompt-scoring options (``observe``, ``pool``, ``floor``).
+        logprobs: record each output token's log-probability with this many likeliest alternatives (0 to 20;
+            None: none); with ``echo`` the prompt's too (its first token has none).
+        echo: the prompt's text comes before the output's in the response.
         on_event: called from the engine's thread with every :class:`Event`.
     """
 
@@ -58,6 +61,8 @@ class Request:
     stop_ids: set[int] = field(default_factory=set)
     budget: float | int | None = None
     policy_options: dict = field(default_factory=dict)
+    logprobs: int | None = None
+    echo: bool = False
     on_event: Callable[[Event], None] | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
@@ -75,6 +80,10 @@ class Request:
         self.kv_bytes_peak = 0  # the most its row held (CO2's measurement phase included)
         self.kv_bytes_full = 0  # what full attention holds for its tokens at the end
         self.floored = False  # the policy's floor, not its ratio, set the budget
+        # (log-probability, [(token, log-probability)] of the likeliest) per prompt token after the first
+        # (with logprobs and echo) and per output token (with logprobs)
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+        self.output_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.detokenizer: Detokenizer | None = None
 
     @property

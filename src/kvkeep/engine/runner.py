@@ -36,7 +36,9 @@ class ModelRunner:
         self.top_p = torch.ones(total, dtype=torch.float32, device=device)
         self.seed = torch.zeros(total, dtype=torch.long, device=device)
         self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.step_logits: torch.Tensor | None = None  # [total rows, vocab]: the last decode step's
+        self.prefill_logits: torch.Tensor | None = None  # [vocab]: the last prefill's, for its first token
         if self.use_graph:
             for greedy in (True, False):
                 self._capture(greedy)
@@ -47,27 +49,34 @@ class ModelRunner:
         self._step(greedy)
         graph = torch.cuda.CUDAGraph()
         with self.rows.cache.capture(), torch.cuda.graph(graph):
-            tokens = self._step(greedy)
-        self.graphs[greedy] = (graph, tokens)
+            tokens, logits = self._step(greedy)
+        self.graphs[greedy] = (graph, tokens, logits)
 
     # -- a new request --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, row: int, prompt_ids: list[int], sampling: Sampling, max_tokens: int, policy=None):
+    def prefill(self, row: int, prompt_ids: list[int], sampling: Sampling, max_tokens: int, policy=None,
+                prompt_logprobs: int | None = None) -> tuple[int, list | None]:  # fmt: skip
         """Run a prompt alone, compress it into ``row`` (under ``policy``, default the engine's: a request's own
-        budget and prompt options); return its first token.
+        budget and prompt options); return its first token and, with ``prompt_logprobs=k``, the log-probability
+        of each prompt token after the first with the ``k`` likeliest there (see :meth:`logprob`; else None).
 
-        The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.
+        The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.  The
+        prompt's log-probabilities come from its full attention (compression starts after the prompt).
         """
         cache = KVKeepCache(self.model, policy or self.policy, kernel=self.kernel, max_new_tokens=max_tokens)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(self.model, cache)).logits[
-            :, -1
-        ]
+        keep = 0 if prompt_logprobs is not None else 1  # 0: every position's logits
+        every = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **with_cache(self.model, cache)).logits
+        logits = every[:, -1]
+        scored = None
+        if prompt_logprobs is not None:
+            scored = _logprobs(every[0, :-1], ids[0, 1:], prompt_logprobs)
+        self.prefill_logits = logits[0]
         self.rows.load(row, cache, max_tokens)
         self.temperature[row], self.top_p[row], self.seed[row] = sampling.temperature, sampling.top_p, sampling.seed
         first = self._choose(logits, slice(row, row + 1), torch.zeros(1, dtype=torch.long, device=self.device))
         self.tokens[row, 0] = first[0]
-        return int(first[0])
+        return int(first[0]), scored
 
     def move(self, wide_row: int, row: int) -> None:
         """A CO2 request leaves its measurement row for an ordinary one, cut to its budget."""
@@ -93,7 +102,8 @@ class ModelRunner:
         else:
             chosen = self._choose(logits, slice(None), state.step)  # the counters advanced inside the forward
         self.tokens.copy_(chosen[:, None])
-        return chosen
+        self.step_logits = logits
+        return chosen, logits
 
     @torch.inference_mode()
     def decode(self, greedy: bool = False) -> list[int]:
@@ -102,7 +112,26 @@ class ModelRunner:
         ``greedy``: every row with a request decodes greedily, so the step skips the sampler.
         """
         if not self.graphs:
-            return self._step(greedy).tolist()
-        graph, tokens = self.graphs[greedy]
+            return self._step(greedy)[0].tolist()
+        graph, tokens, self.step_logits = self.graphs[greedy]
         graph.replay()
         return tokens.tolist()
+
+    def logprob(self, row: int | None, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """The log-probability of ``token`` where ``row`` chose it in the last decode step (None: the first token
+        of the last prefill), and the ``top`` likeliest tokens there with theirs (the model's distribution,
+        before temperature and top-p)."""
+        logits = self.prefill_logits if row is None else self.step_logits[row]
+        return _logprobs(logits[None], torch.tensor([token], device=logits.device), top)[0]
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """``logits [n, vocab]``, ``tokens [n]`` -> per position: (log-probability of its token, the ``top`` likeliest
+    ``(token, log-probability)`` pairs)."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    chosen = logprobs.gather(-1, tokens[:, None].long())[:, 0].tolist()
+    if not top:
+        return [(lp, []) for lp in chosen]
+    best = logprobs.topk(top, -1)
+    pairs = zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    return [(lp, list(zip(ids, values, strict=True))) for lp, (ids, values) in zip(chosen, pairs, strict=True)]

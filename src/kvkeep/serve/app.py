@@ -68,7 +68,11 @@ class Service:
     async def completions(self, body: wire.CompletionRequest, http: HTTPRequest):
         self.check(body)
         ids = await self.prompts.completion(body.prompt)
-        return await self.serve(body, ids, body.max_tokens or 16, chat=False, http=http)
+        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0] if body.prompt else ""
+        if body.echo and not isinstance(text, str):
+            text = self.prompts.tokenizer.decode(ids)
+        logprobs = {"logprobs": body.logprobs, "echo": body.echo, "prompt_text": text}
+        return await self.serve(body, ids, body.max_tokens or 16, chat=False, http=http, **logprobs)
 
     async def chat(self, body: wire.ChatCompletionRequest, http: HTTPRequest):
         self.check(body)
@@ -76,7 +80,11 @@ class Service:
             raise APIError(400, f"model {self.model_name} has no chat template: use /v1/completions")
         ids = await self.prompts.chat([m.template_message() for m in body.messages])
         limit = body.max_completion_tokens or body.max_tokens or self.engine.max_tokens
-        return await self.serve(body, ids, limit, chat=True, http=http)
+        try:
+            top = body.top
+        except ValueError as err:
+            raise APIError(400, str(err), param="top_logprobs") from None
+        return await self.serve(body, ids, limit, chat=True, http=http, logprobs=top)
 
     def check(self, body) -> None:
         """A 404 for another model's name, a 400 naming a field kvkeep does not do."""
@@ -86,7 +94,8 @@ class Service:
         if refused := wire.unsupported(body):
             raise APIError(400, refused[1], param=refused[0])
 
-    def submit(self, body, prompt_ids: list[int], max_tokens: int) -> tuple[Request, asyncio.Queue]:
+    def submit(self, body, prompt_ids: list[int], max_tokens: int, logprobs: int | None, echo: bool
+               ) -> tuple[Request, asyncio.Queue]:  # fmt: skip
         """The engine request of ``body`` and the queue its events arrive on (4xx/503 if it cannot run)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -98,7 +107,7 @@ class Service:
             request = Request(
                 prompt_ids, max_tokens, sampling, stop=body.stops,
                 stop_ids=set() if options.ignore_eos else self.stop_ids, budget=options.budget,
-                policy_options=options.policy_options(),
+                policy_options=options.policy_options(), logprobs=logprobs, echo=echo,
                 on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
             )  # fmt: skip
             self.engine.submit(request)
@@ -110,8 +119,12 @@ class Service:
             raise APIError(400, " ".join(str(err).split())) from None
         return request, events
 
-    async def serve(self, body, prompt_ids: list[int], max_tokens: int, chat: bool, http: HTTPRequest):
-        request, events = self.submit(body, prompt_ids, max_tokens)
+    async def serve(self, body, prompt_ids: list[int], max_tokens: int, chat: bool, http: HTTPRequest,
+                    logprobs: int | None = None, echo: bool = False, prompt_text: str = ""):  # fmt: skip
+        if body.stream and (logprobs is not None or echo):
+            field = "echo" if echo else "logprobs"
+            raise APIError(400, f"{field} with stream: true is not supported: leave one out", param=field)
+        request, events = self.submit(body, prompt_ids, max_tokens, logprobs, echo)
         rid, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -130,7 +143,10 @@ class Service:
         if request.finish_reason == "error":
             raise APIError(500, f"the request failed: {request.error}", "server_error")
         build = wire.chat_body if chat else wire.completion_body
-        return build(rid, self.model_name, request, created)
+        return build(rid, self.model_name, request, created, self._decode, prompt_text)
+
+    def _decode(self, token: int) -> str:
+        return self.prompts.tokenizer.decode([token])
 
 
 class BodyLimit:

@@ -61,8 +61,8 @@ class Prompts:
         return ids
 
     async def completion(self, prompt: str | list) -> list[int]:
-        """The token ids of a completion prompt: a string, a list of one string, or token ids."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        """The token ids of a completion prompt: a string, token ids, or a list of one of either."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
             if len(prompt) != 1:
                 raise APIError(400, "give one prompt per request (batching is the server's job)", param="prompt")
             prompt = prompt[0]

@@ -46,9 +46,6 @@ NO_OP = {
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
     "logit_bias": ({},),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
     "tools": ([],),
@@ -63,7 +60,7 @@ MESSAGE_KEYS = ("name",)
 
 #: What a field of several accepted types must be (pydantic names each type's error apart).
 TYPE_MESSAGES = {
-    "prompt": "must be a string, a list of token ids or a list of one string",
+    "prompt": "must be a string, a list of token ids, or a list of one string or one list of token ids",
     "kvkeep.budget": "must be a number: a share of the prompt in (0, 1] or a token count",
     "temperature": "must be a number",
     "top_p": "must be a number",
@@ -174,7 +171,9 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None  # the likeliest alternatives per token (0 to 20); None: no log-probabilities
+    echo: StrictBool = False  # the prompt before the completion, and its log-probabilities with ``logprobs``
 
 
 class ChatMessage(BaseModel):
@@ -195,6 +194,15 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampled):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None  # the likeliest alternatives per token (0 to 20), with ``logprobs``
+
+    @property
+    def top(self) -> int | None:
+        """The engine's ``logprobs``: alternatives per token, None when log-probabilities are off."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     _positive_completion = field_validator("max_completion_tokens")(_Sampled._positive.__func__)
 
@@ -242,14 +250,51 @@ def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, created: i
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def completion_body(rid: str, model: str, request, created: int) -> dict:
-    body = completion_chunk(rid, model, request.text, request.finish_reason, created)
+def completion_body(rid: str, model: str, request, created: int, decode, prompt_text: str = "") -> dict:
+    """A whole completion; ``decode(id) -> str`` names tokens, ``prompt_text`` comes first with ``echo``."""
+    text = (prompt_text if request.echo else "") + request.text
+    body = completion_chunk(rid, model, text, request.finish_reason, created)
+    if request.logprobs is not None:
+        body["choices"][0]["logprobs"] = completion_logprobs(request, decode)
     return {**body, "usage": usage(request), "kvkeep": kv_report(request)}
 
 
-def chat_body(rid: str, model: str, request, created: int) -> dict:
+def completion_logprobs(request, decode) -> dict:
+    """The completions API's ``logprobs``: each token, its log-probability, the likeliest alternatives and its
+    character offset in the returned text; with ``echo`` the prompt's tokens come first (the first has none)."""
+    entries = []
+    if request.echo:
+        entries.append((request.prompt_ids[0], None, None))
+        entries += [(t, lp, top) for t, (lp, top) in zip(request.prompt_ids[1:], request.prompt_logprobs, strict=True)]
+    entries += [(t, lp, top) for t, (lp, top) in zip(request.output_ids, request.output_logprobs, strict=True)]
+    tokens = [decode(token) for token, _, _ in entries]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [None if top is None else {decode(i): v for i, v in top} for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(request, decode) -> dict:
+    """The chat API's ``logprobs``: per output token its text, log-probability, UTF-8 bytes and alternatives."""
+
+    def entry(token: int, logprob: float) -> dict:
+        text = decode(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = [
+        {**entry(token, lp), "top_logprobs": [entry(i, v) for i, v in top]}
+        for token, (lp, top) in zip(request.output_ids, request.output_logprobs, strict=True)
+    ]
+    return {"content": content, "refusal": None}
+
+
+def chat_body(rid: str, model: str, request, created: int, decode, prompt_text: str = "") -> dict:
     message = {"role": "assistant", "content": request.text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": request.finish_reason}
+    logprobs = chat_logprobs(request, decode) if request.logprobs is not None else None
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": request.finish_reason}
     return {
         "id": rid,
         "object": "chat.completion",
