@@ -462,6 +462,16 @@ def test_what_the_config_tells_fails_before_the_weights_load(
     assert_error(capsys, fragment, argv=["generate", "--model", str(folder), "--prompt", "hello", *argv])
 
 
+def test_serve_refuses_a_sliding_window_model_before_the_weights_load(capsys, no_loading, tiny_dir, tmp_path) -> None:
+    pytest.importorskip("uvicorn")
+    folder = tmp_path / "config-only"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8).save_pretrained(folder)
+    assert_error(capsys, "kvkeep serve does not support models with sliding-window layers yet (gemma3_text)",
+                 argv=["serve", "--model", str(folder), "--port", "0"])  # fmt: skip
+
+
 def test_prompt_beyond_the_context_fails_before_loading_unless_asked(capsys, monkeypatch, tiny_dir, tmp_path) -> None:
     model = short_context_dir(tiny_dir, tmp_path, 32)
     argv = ["generate", "--model", model, "--prompt", PARAGRAPH[:300], "--max-new-tokens", "4", "--json"]

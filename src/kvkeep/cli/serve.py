@@ -71,6 +71,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+def check_model(config) -> None:
+    """What the config tells before the weights load: kvkeep supports the family, the engine its layers."""
+    from types import SimpleNamespace
+
+    from ..hf import check_supported, layer_types
+
+    check_supported(SimpleNamespace(config=config))  # it reads nothing but the config
+    if "sliding_attention" in layer_types(config.get_text_config(decoder=True)):
+        raise ValueError(
+            f"kvkeep serve does not support models with sliding-window layers yet ({config.model_type}): "
+            "kvkeep generate and the Python API do (their compacting cache)"
+        )
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` and listening, or a one-line error naming the fix."""
     try:
@@ -99,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise ValueError("kvkeep serve needs fastapi and uvicorn: pip install 'kvkeep[serve]'") from None
-    context = context_length(load_config(source)) or 2048
+    config = load_config(source)
+    check_model(config)
+    context = context_length(config) or 2048
     cpu = device.type == "cpu"  # the torch path attends every slot of every row: keep a CPU server small
     max_prompt = args.max_prompt_tokens or max(1, min(context - args.max_tokens, 2048 if cpu else context))
     rows = args.rows or (4 if cpu and args.memory_gib is None else None)
