@@ -184,7 +184,8 @@ REFUSED = [
     ("completions", {"prompt": [[1, 2], [3]]}, "prompt", "one prompt per request"),
     ("completions", {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ("completions", {"prompt": "hi", "best_of": 3}, "best_of", "not supported"),
-    ("completions", {"prompt": "hi", "n": 2}, "n", "n=1"),
+    ("completions", {"prompt": "hi", "n": 17}, "n", "n must be in [1, 16]"),
+    ("completions", {"prompt": "hi", "n": 2, "stream": True}, "n", "stream"),
     ("completions", {"prompt": "hi", "frobnicate": 1}, "frobnicate", "unknown field"),
     ("chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens"),
     ("chat/completions", {"max_completion_tokens": -5}, "max_completion_tokens", "max_completion_tokens"),
@@ -287,6 +288,24 @@ def test_lm_eval_scores_a_loglikelihood_task_through_the_server(server, tmp_path
             own = sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole)))
             assert response[0][0] == pytest.approx(own, abs=1e-3)
     assert 0 <= results["results"]["kvkeep_mc"]["acc,none"] <= 1
+
+
+def test_n_choices_are_the_requests_alone_with_seeds_seed_plus_index(server):
+    text = prompt(7)
+    def sampled(**extra):
+        return server.client.completions.create(model=MODEL, prompt=text, max_tokens=6, temperature=0.9, **extra)
+
+    out = sampled(n=3, seed=11)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    alone = [sampled(seed=11 + i) for i in range(3)]
+    assert [c.text for c in out.choices] == [a.choices[0].text for a in alone]
+    assert len({c.text for c in out.choices}) > 1  # sampled with three seeds
+    assert out.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert out.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    chat = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4, temperature=0, n=2
+    )
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content  # greedy
 
 
 def test_the_no_op_values_clients_send_by_default_are_accepted(server):

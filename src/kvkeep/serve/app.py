@@ -94,18 +94,14 @@ class Service:
         if refused := wire.unsupported(body):
             raise APIError(400, refused[1], param=refused[0])
 
-    def submit(self, body, prompt_ids: list[int], max_tokens: int, logprobs: int | None, echo: bool
-               ) -> tuple[Request, asyncio.Queue]:  # fmt: skip
-        """The engine request of ``body`` and the queue its events arrive on (4xx/503 if it cannot run)."""
+    def submit(self, body, prompt_ids: list[int], max_tokens: int, logprobs: int | None, echo: bool, seed: int,
+               events: asyncio.Queue) -> Request:  # fmt: skip
+        """The engine request of ``body`` with ``seed``, its events put on ``events`` (4xx/503 if it cannot run)."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
         options = body.kvkeep or wire.KVKeepOptions()
         try:
-            sampling = Sampling(
-                body.temperature, body.top_p, random.randrange(1 << 31) if body.seed is None else body.seed
-            )
             request = Request(
-                prompt_ids, max_tokens, sampling, stop=body.stops,
+                prompt_ids, max_tokens, Sampling(body.temperature, body.top_p, seed), stop=body.stops,
                 stop_ids=set() if options.ignore_eos else self.stop_ids, budget=options.budget,
                 policy_options=options.policy_options(), logprobs=logprobs, echo=echo,
                 on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
@@ -117,33 +113,44 @@ class Service:
             raise APIError(503, str(err), "server_error", "engine_stopped") from None
         except ValueError as err:
             raise APIError(400, " ".join(str(err).split())) from None
-        return request, events
+        return request
 
     async def serve(self, body, prompt_ids: list[int], max_tokens: int, chat: bool, http: HTTPRequest,
                     logprobs: int | None = None, echo: bool = False, prompt_text: str = ""):  # fmt: skip
-        if body.stream and (logprobs is not None or echo):
-            field = "echo" if echo else "logprobs"
-            raise APIError(400, f"{field} with stream: true is not supported: leave one out", param=field)
-        request, events = self.submit(body, prompt_ids, max_tokens, logprobs, echo)
+        """Run ``body`` as ``n`` engine requests (choice ``i`` samples with seed ``seed + i``) and answer."""
+        for field, asked in (("n", body.n > 1), ("echo", echo), ("logprobs", logprobs is not None)):
+            if body.stream and asked:
+                raise APIError(400, f"{field} with stream: true is not supported: leave one out", param=field)
+        seed = random.randrange(1 << 31) if body.seed is None else body.seed
+        events: asyncio.Queue = asyncio.Queue()
+        requests: list[Request] = []
+        try:
+            for i in range(body.n):
+                requests.append(self.submit(body, prompt_ids, max_tokens, logprobs, echo, seed + i, events))
+        except APIError:
+            for request in requests:
+                self.engine.cancel(request)
+            raise
         rid, created = wire.new_id("chatcmpl" if chat else "cmpl"), wire.now()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _stream(self.engine, request, events, rid, created, self.model_name, chat, include_usage)
+            stream = _stream(self.engine, requests[0], events, rid, created, self.model_name, chat, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
-            while not request.finished:
+            while not all(request.finished for request in requests):
                 try:
                     await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
                     if await http.is_disconnected():
                         break  # the client gave up: nobody will read the answer
         finally:
-            if not request.finished:
-                self.engine.cancel(request)
-        if request.finish_reason == "error":
-            raise APIError(500, f"the request failed: {request.error}", "server_error")
+            for request in requests:
+                if not request.finished:
+                    self.engine.cancel(request)
+        if failed := next((request for request in requests if request.finish_reason == "error"), None):
+            raise APIError(500, f"the request failed: {failed.error}", "server_error")
         build = wire.chat_body if chat else wire.completion_body
-        return build(rid, self.model_name, request, created, self._decode, prompt_text)
+        return build(rid, self.model_name, requests, created, self._decode, prompt_text)
 
     def _decode(self, token: int) -> str:
         return self.prompts.tokenizer.decode([token])
@@ -235,7 +242,7 @@ async def _stream(engine, request, events, rid, created, model, chat: bool, incl
         if include_usage:
             kind = "chat.completion.chunk" if chat else "text_completion"
             last = {"id": rid, "object": kind, "created": created, "model": model, "choices": []}
-            yield sse({**last, "usage": wire.usage(request), "kvkeep": wire.kv_report(request)})
+            yield sse({**last, "usage": wire.usage([request]), "kvkeep": wire.kv_report([request])})
         yield "data: [DONE]\n\n"
     finally:
         if not request.finished:

@@ -14,6 +14,7 @@ policy's floor set its budget (``floored``).
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 KVKEEP_KEYS = ("budget", "observe", "pool", "floor", "ignore_eos")
+#: The most choices (``n``) one request may ask for: each runs as its own engine request, in its own row.
+MAX_CHOICES = 16
 POLICY_KEYS = ("observe", "pool", "floor")
 
 
@@ -157,9 +160,9 @@ class _Sampled(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one(cls, value):
-        if value != 1:
-            raise ValueError("only n=1 is supported")
+    def _choices(cls, value):
+        if not 1 <= value <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}]")
         return value
 
     @property
@@ -222,21 +225,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(request) -> dict:
-    completion = len(request.output_ids)
-    return {
-        "prompt_tokens": request.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": request.prompt_tokens + completion,
-    }
+def usage(requests: list) -> dict:
+    """Token counts of the engine requests behind one response (one per choice; the prompt counts once)."""
+    completion = sum(len(request.output_ids) for request in requests)
+    prompt = requests[0].prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def kv_report(request) -> dict:
+def kv_report(requests: list) -> dict:
+    """KV bytes the engine requests behind one response held, summed over its choices (each has its row)."""
     return {
-        "kv_bytes": request.kv_bytes,
-        "kv_bytes_peak": request.kv_bytes_peak,
-        "kv_bytes_full": request.kv_bytes_full,
-        "floored": request.floored,
+        "kv_bytes": sum(request.kv_bytes for request in requests),
+        "kv_bytes_peak": sum(request.kv_bytes_peak for request in requests),
+        "kv_bytes_full": sum(request.kv_bytes_full for request in requests),
+        "floored": any(request.floored for request in requests),
     }
 
 
@@ -250,13 +252,16 @@ def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, created: i
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def completion_body(rid: str, model: str, request, created: int, decode, prompt_text: str = "") -> dict:
-    """A whole completion; ``decode(id) -> str`` names tokens, ``prompt_text`` comes first with ``echo``."""
-    text = (prompt_text if request.echo else "") + request.text
-    body = completion_chunk(rid, model, text, request.finish_reason, created)
-    if request.logprobs is not None:
-        body["choices"][0]["logprobs"] = completion_logprobs(request, decode)
-    return {**body, "usage": usage(request), "kvkeep": kv_report(request)}
+def completion_body(rid: str, model: str, requests: list, created: int, decode, prompt_text: str = "") -> dict:
+    """A whole completion, a choice per engine request; ``decode(id) -> str`` names tokens, ``prompt_text``
+    comes first with ``echo``."""
+    choices = []
+    for index, request in enumerate(requests):
+        text = (prompt_text if request.echo else "") + request.text
+        logprobs = completion_logprobs(request, decode) if request.logprobs is not None else None
+        choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": request.finish_reason})
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    return {**body, "usage": usage(requests), "kvkeep": kv_report(requests)}
 
 
 def completion_logprobs(request, decode) -> dict:
@@ -268,7 +273,7 @@ def completion_logprobs(request, decode) -> dict:
         entries += [(t, lp, top) for t, (lp, top) in zip(request.prompt_ids[1:], request.prompt_logprobs, strict=True)]
     entries += [(t, lp, top) for t, (lp, top) in zip(request.output_ids, request.output_logprobs, strict=True)]
     tokens = [decode(token) for token, _, _ in entries]
-    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0))
     return {
         "tokens": tokens,
         "token_logprobs": [lp for _, lp, _ in entries],
@@ -291,19 +296,16 @@ def chat_logprobs(request, decode) -> dict:
     return {"content": content, "refusal": None}
 
 
-def chat_body(rid: str, model: str, request, created: int, decode, prompt_text: str = "") -> dict:
-    message = {"role": "assistant", "content": request.text}
-    logprobs = chat_logprobs(request, decode) if request.logprobs is not None else None
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": request.finish_reason}
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": usage(request),
-        "kvkeep": kv_report(request),
-    }
+def chat_body(rid: str, model: str, requests: list, created: int, decode, prompt_text: str = "") -> dict:
+    """A whole chat completion, a choice per engine request."""
+    choices = []
+    for index, request in enumerate(requests):
+        message = {"role": "assistant", "content": request.text}
+        logprobs = chat_logprobs(request, decode) if request.logprobs is not None else None
+        finish = request.finish_reason
+        choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+    body = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices}
+    return {**body, "usage": usage(requests), "kvkeep": kv_report(requests)}
 
 
 def now() -> int:
