@@ -68,9 +68,10 @@ class Service:
     async def completions(self, body: wire.CompletionRequest, http: HTTPRequest):
         self.check(body)
         ids = await self.prompts.completion(body.prompt)
-        text = body.prompt if isinstance(body.prompt, str) else body.prompt[0] if body.prompt else ""
-        if body.echo and not isinstance(text, str):
-            text = self.prompts.tokenizer.decode(ids)
+        text = ""  # the prompt's text, echoed: as sent, or decoded from token ids
+        if body.echo:
+            first = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
+            text = first if isinstance(first, str) else self.prompts.tokenizer.decode(ids)
         logprobs = {"logprobs": body.logprobs, "echo": body.echo, "prompt_text": text}
         return await self.serve(body, ids, body.max_tokens or 16, chat=False, http=http, **logprobs)
 
