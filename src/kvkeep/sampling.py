@@ -71,14 +71,3 @@ def sample(
     chosen = order.gather(-1, noisy.argmax(-1, keepdim=True))[:, 0]
     return torch.where(temperature > 0, chosen, greedy)
 
-
-def sample_rows(logits: torch.Tensor, sampling: list[Sampling], step: int | torch.Tensor) -> torch.Tensor:
-    """:func:`sample` with per-row :class:`Sampling` settings; greedy rows skip the noise entirely."""
-    if all(s.greedy for s in sampling):
-        return logits.argmax(-1)
-    device = logits.device
-    temperature = torch.tensor([s.temperature for s in sampling], dtype=torch.float32, device=device)
-    top_p = torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=device)
-    seed = torch.tensor([s.seed for s in sampling], dtype=torch.int64, device=device)
-    step = torch.as_tensor(step, dtype=torch.int64, device=device).expand(len(sampling))
-    return sample(logits, temperature, top_p, seed, step)

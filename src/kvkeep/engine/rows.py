@@ -13,11 +13,10 @@ import torch
 
 from ..attention import bind
 from ..cache import CompactingLayer, KVKeepCache, KVKeepLayer, SlotLayer, StepState
+from ..cache.layer import NO_LIMIT
 from ..distributed import tensor_parallel
 from ..policies import Policy
 from .planner import ModelFacts
-
-_NO_LIMIT = 1 << 62
 
 
 class RowGroups(KVKeepLayer):
@@ -116,7 +115,7 @@ class RowCache:
             slots.load_row(index, source)
             if row >= self.rows:  # a measurement row: nothing is evicted until it is cut
                 self.measured_budget[row] = int(source.budget[0])
-                slots.budget[index] = _NO_LIMIT
+                slots.budget[index] = NO_LIMIT
         newest = prompt.layers[0].seen - 1
         self.state.set_row(row, newest, 0, length)
 
@@ -150,7 +149,7 @@ class RowCache:
         for layer in self.cache.layers:
             wide, index = self._slots(layer, wide_row)
             held = wide.positions[index, 0] >= 0  # a measurement row holds the same tokens in every head
-            order = wide.positions[index, 0].masked_fill(~held, _NO_LIMIT).argsort()[: int(held.sum())]
+            order = wide.positions[index, 0].masked_fill(~held, NO_LIMIT).argsort()[: int(held.sum())]
             compact = CompactingLayer(self.policy, layer.layer_idx, None, wide.kernel)
             compact.head_offset = wide.head_offset
             compact.keys = wide.keys[index : index + 1, :, order]
