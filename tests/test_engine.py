@@ -63,6 +63,30 @@ def test_sampled_requests_are_reproducible_and_batching_does_not_change_them():
     assert [r.output_ids for r in batched] != [r.output_ids for r in greedy]  # the noise does change them
 
 
+@pytest.mark.parametrize("policy", ["h2o", "co2"])  # co2: the first steps decode in a measurement row
+def test_logprobs_batched_with_other_asks_equal_alone_and_the_models_own(policy):
+    asks = [None, 1, 3, 0, 2, None]
+    requests = [Request(p, 12, logprobs=k, echo=k == 2) for p, k in zip(prompts(), asks, strict=False)]
+    batched = engine(policy).run(requests)
+    for request, prompt, k in zip(batched, prompts(), asks, strict=False):
+        alone = engine(policy).run([Request(prompt, 12, logprobs=k, echo=k == 2)])[0]
+        assert request.output_ids == alone.output_ids
+        if k is None:
+            assert request.output_logprobs == [] and request.prompt_logprobs is None
+            continue
+        assert len(request.output_logprobs) == 12
+        for (lp, best), (lp_alone, best_alone), token in zip(
+            request.output_logprobs, alone.output_logprobs, request.output_ids, strict=True
+        ):
+            assert lp == pytest.approx(lp_alone, abs=1e-5) and [i for i, _ in best] == [i for i, _ in best_alone]
+            assert len(best) == k and (not k or (best[0][0] == token and best[0][1] == pytest.approx(lp)))  # greedy
+    echoed = batched[4]  # the prompt's log-probabilities: full attention over the prompt
+    ids = torch.tensor([prompts()[4]])
+    with torch.no_grad():
+        expected = torch.log_softmax(MODEL(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    assert [lp for lp, _ in echoed.prompt_logprobs] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
 def test_rows_are_freed_and_reused_and_requests_finish_at_a_stop_token():
     served = engine("h2o", rows=2)
     first = served.run([Request(prompts()[0], 12)])[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+from types import SimpleNamespace
 
 import torch
 from transformers import AttentionInterface
@@ -201,6 +202,13 @@ def check_supported(model: torch.nn.Module) -> str:
         families = ", ".join(sorted(set(SUPPORTED.values())))
         raise ValueError(f"kvkeep does not support model type '{model_type}': supported families are {families}")
     return model_type
+
+
+def config_layer_types(config) -> list[str]:
+    """From a model's config alone (no weights): its layer types (:func:`layer_types`), once kvkeep is known
+    to support its family (a one-line error otherwise)."""
+    check_supported(SimpleNamespace(config=config))
+    return layer_types(config.get_text_config(decoder=True))
 
 
 def install(model: torch.nn.Module) -> None:

@@ -75,14 +75,10 @@ def check_args(args: argparse.Namespace):
 def check_model(config, prompt_tokens: int, args: argparse.Namespace) -> None:
     """What the model's config tells before its weights are read: kvkeep supports it, ``--static`` suits it,
     and prompt + ``--max-new-tokens`` fit its context (unless ``--beyond-context``)."""
-    from types import SimpleNamespace
-
-    from ..hf import check_supported, layer_types
+    from ..hf import config_layer_types
     from ..models import context_length
 
-    check_supported(SimpleNamespace(config=config))  # it reads nothing but the config
-    text_config = config.get_text_config(decoder=True)
-    if args.static and "sliding_attention" in layer_types(text_config):
+    if "sliding_attention" in config_layer_types(config) and args.static:
         raise ValueError(f"--static does not support models with sliding-window layers ({config.model_type}): drop it")
     context = context_length(config)
     if context and prompt_tokens + args.max_new_tokens > context and not args.beyond_context:

@@ -73,6 +73,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def method_params(pairs: list[tuple[str, object]]) -> dict[str, dict]:
     """``[("co2.N", 20), ...]`` from ``--param METHOD.KEY=VALUE`` -> ``{"co2": {"N": 20}}``."""
     params: dict[str, dict] = {}

@@ -6,7 +6,7 @@ import argparse
 import socket
 import sys
 
-from .options import add_model_options, add_policy_options, add_tp_option, positive_int
+from .options import add_model_options, add_policy_options, add_tp_option, positive_float, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -60,25 +60,11 @@ def port_number(text: str) -> int:
     return int(text)
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
 def check_model(config) -> None:
     """What the config tells before the weights load: kvkeep supports the family, the engine its layers."""
-    from types import SimpleNamespace
+    from ..hf import config_layer_types
 
-    from ..hf import check_supported, layer_types
-
-    check_supported(SimpleNamespace(config=config))  # it reads nothing but the config
-    if "sliding_attention" in layer_types(config.get_text_config(decoder=True)):
+    if "sliding_attention" in config_layer_types(config):
         raise ValueError(
             f"kvkeep serve does not support models with sliding-window layers yet ({config.model_type}): "
             "kvkeep generate and the Python API do (their compacting cache)"

@@ -135,17 +135,29 @@ class Engine:
         self.decode_s += time.perf_counter() - started
         self.steps += 1
         self.row_steps += len(self.running)
+        index = {row: self._step_row(row) for row in self.running}  # where each request's token is
+        self._record_logprobs([(r, index[row]) for row, r in self.running.items() if r.logprobs is not None], tokens)
         for row, request in list(self.running.items()):
-            here = self._measuring_row(row)
-            index = here if here is not None else row
-            if request.logprobs is not None:
-                request.output_logprobs.append(self.runner.logprob(index, tokens[index], request.logprobs))
-            self._emit(row, request, tokens[index])
+            self._emit(row, request, tokens[index[row]])
         for wide, row in list(self.measuring.items()):
             request = self.running.get(row)
             if request is not None and len(request.output_ids) == self.policy.evict_after() + 1:
                 self.runner.move(wide, row)
                 del self.measuring[wide]
+
+    def _record_logprobs(self, asking: list[tuple[Request, int]], tokens: list[int]) -> None:
+        """Append each asking request's token log-probability (its row of the step: ``index``), in one pass."""
+        if not asking:
+            return
+        indices = [index for _, index in asking]
+        scored = self.runner.logprobs(indices, [tokens[i] for i in indices], max(r.logprobs for r, _ in asking))
+        for (request, _), (logprob, best) in zip(asking, scored, strict=True):
+            request.output_logprobs.append((logprob, best[: request.logprobs]))
+
+    def _step_row(self, row: int) -> int:
+        """The row of the cache that decodes for the request of ``row`` (its measurement row, while it has one)."""
+        here = self._measuring_row(row)
+        return row if here is None else here
 
     def _measuring_row(self, row: int) -> int | None:
         return next((wide for wide, target in self.measuring.items() if target == row), None)
@@ -191,7 +203,7 @@ class Engine:
                 target, request.prompt_ids, request.sampling, request.max_tokens, self.request_policy(request), scored
             )
             if request.logprobs is not None:
-                request.output_logprobs.append(self.runner.logprob(None, first, request.logprobs))
+                request.output_logprobs += self.runner.logprobs(None, [first], request.logprobs)
         except Exception as err:  # a request that cannot run must not stop the others
             request.error = " ".join(str(err).split()) or type(err).__name__
             self._finish(row, request, "error")

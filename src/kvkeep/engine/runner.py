@@ -58,7 +58,7 @@ class ModelRunner:
                 prompt_logprobs: int | None = None) -> tuple[int, list | None]:  # fmt: skip
         """Run a prompt alone, compress it into ``row`` (under ``policy``, default the engine's: a request's own
         budget and prompt options); return its first token and, with ``prompt_logprobs=k``, the log-probability
-        of each prompt token after the first with the ``k`` likeliest there (see :meth:`logprob`; else None).
+        of each prompt token after the first with the ``k`` likeliest there (see :meth:`logprobs`; else None).
 
         The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.  The
         prompt's log-probabilities come from its full attention (compression starts after the prompt).
@@ -117,12 +117,13 @@ class ModelRunner:
         graph.replay()
         return tokens.tolist()
 
-    def logprob(self, row: int | None, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-        """The log-probability of ``token`` where ``row`` chose it in the last decode step (None: the first token
-        of the last prefill), and the ``top`` likeliest tokens there with theirs (the model's distribution,
-        before temperature and top-p)."""
-        logits = self.prefill_logits if row is None else self.step_logits[row]
-        return _logprobs(logits[None], torch.tensor([token], device=logits.device), top)[0]
+    @torch.inference_mode()
+    def logprobs(self, rows: list[int] | None, tokens: list[int], top: int) -> list[tuple[float, list]]:
+        """Per row of ``rows``: the log-probability of its token in ``tokens`` under the last decode step's
+        logits (``rows=None``: the first token of the last prefill), and the ``top`` likeliest tokens there with
+        theirs (the model's distribution, before temperature and top-p).  One pass over the rows asked."""
+        logits = self.prefill_logits[None] if rows is None else self.step_logits[rows]
+        return _logprobs(logits, torch.tensor(tokens, device=logits.device), top)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:

@@ -133,7 +133,7 @@ class _Sampled(BaseModel):
     seed: StrictInt | None = None
     kvkeep: KVKeepOptions | None = None
 
-    @field_validator("max_tokens")
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
     @classmethod
     def _positive(cls, value, info):
         if value is not None and value < 1:
@@ -206,8 +206,6 @@ class ChatCompletionRequest(_Sampled):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    _positive_completion = field_validator("max_completion_tokens")(_Sampled._positive.__func__)
 
     @field_validator("messages")
     @classmethod
