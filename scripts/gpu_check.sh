@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine (the device tool runs it in the repository root): the GPU tests, the issue-9 bench row
 # before/after the restructure (OLD_SRC: the earlier src/ tree, e.g. from `git archive 2255a5d src`), a
-# serving-engine smoke run, and profiles. Logs and JSON go to $OUT (or /tmp/gpu_check).
+# serving-engine smoke run, the engine on the real model (engine-real), and profiles. Logs and JSON go to $OUT
+# (or /tmp/gpu_check).
 set -uo pipefail
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_check}; mkdir -p "$out"
@@ -20,6 +21,10 @@ for s in "${stages[@]}"; do
     engine) stage python3 -m kvkeep bench-serve --arch llama-2-7b --methods full,h2o,keyformer,co2 \
               --budgets 0.5 --rows 8 --requests 16 --prompt-tokens 2048 --output-tokens 256 --memory-gib 76 \
               --json "$out/engine_rows8.json" ;;
+    # Issue 19 item 13: the real SmolLM2 (KVKEEP_DATA for SummEval): 100 requests batched, then 20 alone on the
+    # same engine and 3 on fresh ones, against the compacting path; fails on any request that differs.
+    engine-real) stage python3 scripts/engine_check.py --policies co2,h2o,keyformer,window,full --variants graph \
+                   --json "$out/engine_check.json" ;;
     profile) for p in window keyformer; do stage python3 scripts/profile_decode.py --policy $p; done ;;
   esac
 done

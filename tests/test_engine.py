@@ -35,10 +35,13 @@ def prompts() -> list[list[int]]:
 
 @pytest.mark.parametrize("policy", list(HALF))
 def test_sixteen_concurrent_greedy_requests_get_the_tokens_they_get_alone(policy):
-    batched = engine(policy).run([Request(p, 12) for p in prompts()])  # 16 requests through 6 rows
+    served = engine(policy)
+    batched = served.run([Request(p, 12) for p in prompts()])  # 16 requests through 6 rows
     for request, prompt in zip(batched, prompts(), strict=True):
         alone = engine(policy).run([Request(prompt, 12)])[0]
         assert request.output_ids == alone.output_ids, f"batching changed the tokens of a {len(prompt)}-token prompt"
+        again = served.run([Request(prompt, 12)])[0]  # alone on the engine that has served the others
+        assert again.output_ids == alone.output_ids, f"a used engine changed the tokens of a {len(prompt)}-token prompt"
         # ... and they are the tokens of kvkeep's reference (compacting) path
         cache = kvkeep.KVKeepCache(MODEL, policy, **HALF[policy])
         reference = kvkeep.generate(MODEL, torch.tensor([prompt]), cache=cache, max_new_tokens=12)

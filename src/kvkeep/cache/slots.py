@@ -37,7 +37,10 @@ class SlotLayer(KVKeepLayer):
         super().clear()
         self.free = None
         self.state: StepState | None = None
-        self.origin = (0, 0, 0, 0)  # (step, kept entries, evicted entries, widest row) when the buffers were filled
+        # (step, kept entries, evicted entries, widest row) when the buffers were filled with one generation's
+        # prompts (from_layer); None while rows are loaded and freed one by one (the engine, whose planner sizes
+        # every row for its request)
+        self.origin: tuple[int, int, int, int] | None = None
 
     @classmethod
     def allocate(
@@ -125,8 +128,10 @@ class SlotLayer(KVKeepLayer):
                 "a static KVKeepCache takes one token per sequence and step after the prompt (got "
                 f"{new} tokens for {rows} sequences, cache holds {self.keys.shape[0]}): {REUSE_HINT}"
             )
+        if self.budget is not None or self.origin is None:  # eviction, or rows the engine sized for each request
+            return
         start_step, _, _, width = self.origin
-        if self.budget is None and width + self.step - start_step >= self.keys.shape[2]:
+        if width + self.step - start_step >= self.keys.shape[2]:
             raise ValueError(
                 f"the static cache was sized for {self.keys.shape[2]} tokens per row and is full: "
                 "generate no more tokens than the max_new_tokens it was built for"
@@ -218,6 +223,8 @@ class SlotLayer(KVKeepLayer):
     # -- reporting ----------------------------------------------------------------------------------
     def evicted_entries(self) -> int:
         """Entries (token x KV head) evicted so far: every real token since the buffers filled is kept or gone."""
+        if self.origin is None:
+            raise ValueError("evicted entries are counted over one generation; an engine's rows come and go")
         start_step, start_kept, start_evicted, _ = self.origin
         rows, kv_heads = self.positions.shape[:2]
         kept = int((self.positions >= 0).sum())
