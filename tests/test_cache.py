@@ -6,6 +6,7 @@ import transformers as tf
 from conftest import greedy, left_pad, random_prompt, tiny_model
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from transformers.cache_utils import DynamicCache
 
 import kvkeep
 from kvkeep.hf import with_cache
@@ -234,6 +235,26 @@ def test_keyformer_in_model_generate_without_its_length_is_a_one_line_error():
     with pytest.raises(ValueError, match="max_new_tokens=N to KVKeepCache") as info:
         MODEL.generate(random_prompt(30), max_new_tokens=4, do_sample=False, pad_token_id=0, **with_cache(MODEL, cache))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers
+def test_outside_a_kvkeep_cache_a_padded_batch_gets_transformers_own_sdpa_logits(arch):
+    model, twin = tiny_model(arch), tiny_model(arch)  # twin: never switched to kvkeep
+    kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
+    assert model.config._attn_implementation == "kvkeep" and twin.config._attn_implementation == "sdpa"
+    ids = torch.cat([random_prompt(30, seed=1), random_prompt(30, seed=2)])
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+
+    @torch.no_grad()
+    def prompt_then_step(m):
+        cache = DynamicCache(config=m.config)
+        prompt = m(input_ids=ids, attention_mask=mask, **with_cache(m, cache)).logits
+        longer = torch.cat([mask, mask[:, -1:]], 1)
+        step = m(input_ids=ids[:, -1:], attention_mask=longer, **with_cache(m, cache)).logits
+        return prompt[mask.bool()], step
+
+    torch.testing.assert_close(prompt_then_step(model), prompt_then_step(twin), rtol=0, atol=1e-5)
 
 
 def test_model_outside_kvkeep_cache_still_computes_plain_attention():

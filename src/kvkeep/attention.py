@@ -3,8 +3,9 @@
 ``kvkeep_attention`` is registered in transformers' ``AttentionInterface`` under the name ``"kvkeep"``.
 When the keys it receives belong to a kvkeep cache layer (:func:`bind` marks them), that layer computes
 the attention over its kept tokens, scores them and evicts.  For any other cache (``DynamicCache``, or no
-cache) it computes plain causal attention with :func:`attend`, so a model switched to ``"kvkeep"`` behaves
-as before outside kvkeep.  Nothing is kept between calls: an error leaves no state behind.
+cache) it computes plain causal attention through PyTorch's SDPA (:func:`plain_attention`; :func:`attend`
+with soft-capping, ALiBi or a probe), so a model switched to ``"kvkeep"`` behaves, and runs as fast, as
+before outside kvkeep.  Nothing is kept between calls: an error leaves no state behind.
 
 :func:`attend` builds the mask from the true position of every cached token (so evicted, padded and future
 tokens are never attended), works in chunks of query rows (no ``n x n`` tensor for a long prompt) and hands
@@ -200,6 +201,8 @@ def kvkeep_attention(
         key_cols = torch.where(attention_mask[:, None, -kv_len:].bool(), key_cols, -1)
     query_cols = torch.arange(total - q_len, total, device=key.device).expand(batch, q_len)
     callback = getattr(_local, "probe", None)
+    if callback is None and softcap is None and alibi_slopes is None:
+        return plain_attention(query, key, value, key_cols, query_cols, scaling, sliding_window), None
     scorer = None
     if callback is not None:
         q_heads, group = query.shape[1], query.shape[1] // key.shape[1]
@@ -227,6 +230,36 @@ def kvkeep_attention(
     if callback is not None:
         callback(probs, allowed_all)
     return out, None
+
+
+def plain_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention for a cache that is not kvkeep's, through PyTorch's fused SDPA kernels: a model switched to
+    kvkeep runs as fast as with transformers' ``sdpa`` outside a kvkeep cache.
+
+    Shapes and masking as :func:`attend` (``key_positions [batch, 1, slots]``); returns ``[batch, rows, q_heads,
+    head_dim]``.  A row with no key to attend (left padding) attends to every key, so it stays finite.
+    """
+    gqa = query.shape[1] != keys.shape[1]
+    rows, slots = query.shape[2], keys.shape[2]
+    window = sliding_window is not None and sliding_window < slots
+    if rows == slots and not window and bool((key_positions >= 0).all()):  # a fresh prompt without padding
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    kp, qp = key_positions[:, :, None, :], query_positions.to(key_positions.device)[:, None, :, None]
+    allowed = (kp >= 0) & (kp <= qp)  # [B, 1, rows, slots]
+    if window:
+        allowed = allowed & (kp > qp - sliding_window)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)
 
 
 def kvkeep_mask(
