@@ -448,7 +448,7 @@ def short_context_dir(tiny_dir: str, tmp_path: Path, context: int) -> str:
 @pytest.mark.parametrize(
     "config, argv, fragment",
     [
-        (tf.BloomConfig(n_layer=1, n_head=2, hidden_size=32), [], "kvkeep does not support model type 'bloom'"),
+        (tf.BloomConfig(n_layer=1, n_head=2, hidden_size=32), [], "kvkeep cannot run model type 'bloom'"),
         (tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8), ["--static"], "--static does not support"),
     ],
 )
@@ -470,6 +470,36 @@ def test_serve_refuses_a_sliding_window_model_before_the_weights_load(capsys, no
     tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8).save_pretrained(folder)
     assert_error(capsys, "kvkeep serve does not support models with sliding-window layers yet (gemma3_text)",
                  argv=["serve", "--model", str(folder), "--port", "0"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--prompt", "hello"],
+        ["serve", "--port", "0"],
+        ["sweep", "--data", "passkey", "--policies", "h2o", "--budgets", "0.5", "--limit", "1"],
+        ["budget-search", "--data", "passkey", "--policies", "h2o", "--limit", "1"],
+        ["tune", "--policies", "co2", "--budgets", "0.5", "--data", "passkey", "--param", "alpha=0.1,0.2"],
+        ["bench-serve", "--requests", "2"],
+        ["analyze", "sparsity", "--prompt", "hello"],
+    ],
+)
+def test_every_command_refuses_a_model_kvkeep_cannot_run_before_its_weights_load(
+    capsys, monkeypatch, tiny_dir, tmp_path, command
+) -> None:
+    from kvkeep import models
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", _loaded)
+    monkeypatch.setattr(models, "_convert_gguf", _loaded)
+    folder = tmp_path / "config-only"  # the tokenizer and a config, no weights
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    tf.BloomConfig(n_layer=1, n_head=2, hidden_size=32).save_pretrained(folder)
+    out = ["--out", str(tmp_path / "out")] if command[0] in ("sweep", "budget-search", "tune", "analyze") else []
+    if command[0] == "serve":
+        pytest.importorskip("uvicorn")
+    assert_error(capsys, "kvkeep cannot run model type 'bloom': BloomForCausalLM computes attention in its own",
+                 argv=[*command, "--model", str(folder), *out])  # fmt: skip
 
 
 def test_prompt_beyond_the_context_fails_before_loading_unless_asked(capsys, monkeypatch, tiny_dir, tmp_path) -> None:

@@ -133,6 +133,13 @@ def assert_one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
         assert needle in message
 
 
+def test_the_config_of_a_new_gguf_comes_from_its_metadata_without_converting(tiny, cache_root: Path) -> None:
+    path, _ = tiny
+    config = models.load_config(str(path))  # what kvkeep checks before it loads (refusals come from here)
+    assert config.model_type == "llama" and config.num_hidden_layers == 2
+    assert converted(cache_root) == []
+
+
 def test_a_file_that_is_not_gguf_is_refused_before_anything_is_converted(cache_root: Path, tmp_path: Path) -> None:
     fake = tmp_path / "model.gguf"
     fake.write_text("this is not a model")

@@ -215,8 +215,11 @@ def test_completion_logprobs_and_echo_are_the_models_own(server):
     import kvkeep
 
     text = prompt(9)
-    out = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
-        "model": MODEL, "prompt": text, "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True}).json()
+    out = httpx.post(
+        f"{server.url}/v1/completions",
+        timeout=60,
+        json={"model": MODEL, "prompt": text, "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True},
+    ).json()
     choice = out["choices"][0]
     logprobs, n = choice["logprobs"], out["usage"]["prompt_tokens"]
     assert choice["text"].startswith(text) and "".join(logprobs["tokens"]) == choice["text"]
@@ -292,6 +295,7 @@ def test_lm_eval_scores_a_loglikelihood_task_through_the_server(server, tmp_path
 
 def test_n_choices_are_the_requests_alone_with_seeds_seed_plus_index(server):
     text = prompt(7)
+
     def sampled(**extra):
         return server.client.completions.create(model=MODEL, prompt=text, max_tokens=6, temperature=0.9, **extra)
 

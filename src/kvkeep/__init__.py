@@ -21,7 +21,7 @@ _EXPORTS = {
     "Generation": "generation",
     "generate": "generation",
     "stop_token_ids": "generation",
-    "SUPPORTED": "hf",
+    "unsupported_reason": "hf",
     "install": "hf",
     "with_cache": "hf",
     "load_model": "models",

@@ -160,7 +160,7 @@ def prompt_attention(
         allowed = causal & real_keys[:, :, None, :]  # [B, 1, n, n]
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).contiguous()
 
 
 def kvkeep_attention(
@@ -190,7 +190,8 @@ def kvkeep_attention(
         scaling = query.shape[-1] ** -0.5
     layer = bound_layer(key)
     if layer is not None:
-        return layer.attend(query, attention_mask, scaling, softcap=softcap, alibi_slopes=alibi_slopes), None
+        out = layer.attend(query, attention_mask, scaling, softcap=softcap, alibi_slopes=alibi_slopes)
+        return out.contiguous(), None  # as transformers' own entries: some models view() it
 
     # Any other cache (or none): the keys are the last kv_len columns of the sequence.
     batch, kv_len, q_len = key.shape[0], key.shape[2], query.shape[2]
@@ -229,7 +230,7 @@ def kvkeep_attention(
     )
     if callback is not None:
         callback(probs, allowed_all)
-    return out, None
+    return out.contiguous(), None
 
 
 def plain_attention(
@@ -252,7 +253,7 @@ def plain_attention(
     window = sliding_window is not None and sliding_window < slots
     if rows == slots and not window and bool((key_positions >= 0).all()):  # a fresh prompt without padding
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).contiguous()
     kp, qp = key_positions[:, :, None, :], query_positions.to(key_positions.device)[:, None, :, None]
     allowed = (kp >= 0) & (kp <= qp)  # [B, 1, rows, slots]
     if window:

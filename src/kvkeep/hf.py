@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from types import SimpleNamespace
 
 import torch
 from transformers import AttentionInterface
@@ -167,26 +166,74 @@ def _adapt_gptj(model: torch.nn.Module) -> None:
             module.__class__ = GPTJKVKeepAttention
 
 
-#: model_type -> family name, for the architectures that call attention through ``AttentionInterface``.
-INTERFACE_MODELS = {
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
-    "phi3": "Phi-3",
-    "gemma3_text": "Gemma 3",
-    "gpt2": "GPT-2 / Cerebras-GPT",
-    "opt": "OPT",
-    "gpt_neox": "GPT-NeoX / Pythia",
-}
-#: model_type -> (family name, adapter) for those that compute attention in their own module.
+#: model_type -> (family name, adapter) for the models that compute attention in their own module.
 ADAPTED_MODELS = {"mpt": ("MPT", _adapt_mpt)}
 if hasattr(GPTJAttention, "_attn"):  # transformers < 5.24; from 5.24 GPT-J calls the AttentionInterface
     ADAPTED_MODELS["gptj"] = ("GPT-J", _adapt_gptj)
-else:
-    INTERFACE_MODELS["gptj"] = "GPT-J"
 
-SUPPORTED = {**INTERFACE_MODELS, **{k: name for k, (name, _) in ADAPTED_MODELS.items()}}
+#: Config fields that mark a cache kvkeep cannot hold, and why.
+_REFUSED_FIELDS = {
+    "kv_lora_rank": "multi-head latent attention caches one compressed latent per token, not per-head K/V",
+    "num_kv_shared_layers": "layers share one KV cache (Gemma 3n)",
+    "add_cross_attention": "cross-attention keys come from an encoder, not from the generated sequence",
+}
+
+
+#: Model types that pass the rules above but fail kvkeep's checks (tests/family_matrix.py), and why.
+_REFUSED_TYPES = {
+    "diffllama": "differential attention subtracts two attention maps, which kvkeep's one softmax cannot score",
+    "doge": "dynamic mask attention adds a learned mask that kvkeep's attention does not apply",
+    "jetmoe": "its mixture-of-attention experts do not call attention through transformers' AttentionInterface",
+    "moshi": "its generation differs from transformers under kvkeep's full policy (not yet understood)",
+    **dict.fromkeys(
+        ("gpt_oss", "flint", "granite_swa", "granitemoe_swa"), "learned attention sinks (s_aux) are not yet supported"
+    ),
+}
+
+
+def causal_lm_class(config) -> type | None:
+    """The causal-LM class transformers registers for ``config.model_type`` (None: none)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return None if name is None else getattr(transformers, name, None)
+
+
+def unsupported_reason(config) -> str | None:
+    """Why kvkeep cannot run the model of ``config`` (from the config and transformers' model classes alone,
+    no weights), or None.
+
+    A model runs when its attention goes through transformers' ``AttentionInterface`` (the model class says so
+    with ``_supports_attention_backend``) over plain per-layer K/V, or when kvkeep has an adapter for it.
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported (kvkeep compresses a decoder's own K/V)"
+    text = config.get_text_config(decoder=True)
+    if text.model_type in _REFUSED_TYPES:
+        return _REFUSED_TYPES[text.model_type]
+    try:
+        for field, why in _REFUSED_FIELDS.items():
+            if getattr(text, field, None):
+                return why
+        head_dim = getattr(text, "head_dim", None)
+    except Exception:  # transformers raises for an attribute that differs from layer to layer
+        return "its layers differ in attention shape (a per-layer config)"
+    if getattr(text, "v_head_dim", None) not in (None, head_dim):
+        return "its keys and values differ in head size"
+    if text.model_type not in ADAPTED_MODELS:
+        cls = causal_lm_class(config)
+        if cls is None:
+            return "transformers registers no causal-LM class for it"
+        if not getattr(cls, "_supports_attention_backend", False):
+            return f"{cls.__name__} computes attention in its own module, not through transformers' AttentionInterface"
+    try:
+        layer_types(text)
+    except ValueError as err:
+        return str(err)
+    except AttributeError:
+        return "its config does not state its decoder layers (num_hidden_layers)"
+    return None
 
 
 @functools.cache
@@ -195,19 +242,23 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, kvkeep_mask)
 
 
+def check_config(config) -> str:
+    """The config's ``model_type``; a one-line ``ValueError`` saying why kvkeep cannot run it otherwise."""
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ValueError(f"kvkeep cannot run model type '{getattr(config, 'model_type', None)}': {reason}")
+    return config.model_type
+
+
 def check_supported(model: torch.nn.Module) -> str:
-    """Return the model's ``model_type``; raise a one-line error naming the supported families otherwise."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED:
-        families = ", ".join(sorted(set(SUPPORTED.values())))
-        raise ValueError(f"kvkeep does not support model type '{model_type}': supported families are {families}")
-    return model_type
+    """:func:`check_config` of the model's config."""
+    return check_config(model.config)
 
 
 def config_layer_types(config) -> list[str]:
     """From a model's config alone (no weights): its layer types (:func:`layer_types`), once kvkeep is known
-    to support its family (a one-line error otherwise)."""
-    check_supported(SimpleNamespace(config=config))
+    to run it (a one-line error otherwise)."""
+    check_config(config)
     return layer_types(config.get_text_config(decoder=True))
 
 

@@ -39,6 +39,7 @@ def __getattr__(name: str):
         return getattr(transformers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "MODELS",
     "ModelSpec",
@@ -84,14 +85,9 @@ _STALE_TMP_SECONDS = 3600
 GGUF_MAGIC = b"GGUF"
 
 _DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    **dict.fromkeys(("float32", "fp32", "float"), torch.float32),
+    **dict.fromkeys(("bfloat16", "bf16"), torch.bfloat16),
+    **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
 }
 
 
@@ -343,18 +339,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 def _local_copy(source: Source) -> str:
     """The folder or hub id transformers reads ``source`` from (converting a GGUF the first time)."""
-    if source.kind == "registry":
-        target = model_cache_dir(source.location)
-        if not target.is_dir():
-            _convert_gguf(find_gguf(MODELS[source.location]), target)
-        return str(target)
-    if source.kind == "gguf":
-        path = Path(source.location)
-        target = cache_root() / "models" / f"gguf-{_content_key(path)}"
-        if not target.is_dir():
-            _convert_gguf(path, target)
-        return str(target)
-    return source.location
+    gguf, target = _converted(source)
+    if target is None:
+        return source.location
+    if not target.is_dir():
+        _convert_gguf(gguf, target)
+    return str(target)
 
 
 def _one_line(source: Source, err: Exception) -> ValueError:
@@ -381,16 +371,35 @@ def load_tokenizer(name_or_path: str | Source) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _converted(source: Source) -> tuple[Path | None, Path | None]:
+    """A GGUF source's file and the folder it is (or will be) converted to; ``(None, None)`` for other sources."""
+    if source.kind == "registry":
+        target = model_cache_dir(source.location)
+        return (None if target.is_dir() else find_gguf(MODELS[source.location])), target
+    if source.kind == "gguf":
+        path = Path(source.location)
+        return path, cache_root() / "models" / f"gguf-{_content_key(path)}"
+    return None, None
+
+
 def load_config(name_or_path: str | Source):
-    """The model's config (no weights are read, except to convert a GGUF file seen for the first time)."""
+    """The model's config; no weights are read (a GGUF file not yet converted: from its metadata)."""
     source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
-    location = _local_copy(source)
+    gguf, target = _converted(source)
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(location)
+        if target is not None and target.is_dir():
+            return AutoConfig.from_pretrained(str(target))
+        if gguf is None:
+            return AutoConfig.from_pretrained(source.location)
     except (OSError, ValueError) as err:
         raise _one_line(source, err) from None
+    _check_gguf(gguf)
+    try:
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as err:  # e.g. an architecture transformers cannot read from GGUF
+        raise ValueError(f"cannot read GGUF file {gguf}: {_first_line(err)}") from None
 
 
 def context_length(config) -> int | None:
@@ -424,6 +433,9 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source = name_or_path if isinstance(name_or_path, Source) else resolve_source(name_or_path)
+    from .hf import check_config
+
+    check_config(load_config(source))  # what kvkeep cannot run is refused before any weight is read
     location = _local_copy(source)
     from transformers import AutoModelForCausalLM, DistributedConfig
 

@@ -70,4 +70,3 @@ def sample(
     noisy = sorted_logits - torch.log(-torch.log(uniform(h)))
     chosen = order.gather(-1, noisy.argmax(-1, keepdim=True))[:, 0]
     return torch.where(temperature > 0, chosen, greedy)
-

@@ -22,7 +22,8 @@ from statistics import mean
 import transformers
 from tqdm import tqdm
 
-from ..models import load_model
+from ..hf import check_config
+from ..models import load_config, load_model
 from ..policies import POLICIES, make_policy
 from ..runinfo import run_metadata
 from .data import Sample, load_dataset
@@ -196,6 +197,8 @@ class Runner:
         todo = sum(self.key(s.id, c) not in self.done for s in samples for c in configs)
         size = self.run_options.batch_size if self.task.batched else 1
         rows = []
+        if todo and self._ctx is None:  # a model kvkeep cannot run is refused before the bar, from its config
+            check_config(load_config(self.run_options.model))
         self.out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=todo, desc=desc or f"{self.task.name} {self.dataset.name}", unit="run", disable=not todo)
         with bar, self.results.open("a", encoding="utf-8") as f:
