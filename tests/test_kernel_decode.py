@@ -159,7 +159,7 @@ def test_decode_attention_matches_reference(c: dict) -> None:
     elif c["mode"] in ("gumbel", "tempered"):  # tempered: Keyformer's schedule without its noise
         noise = c["mode"] == "gumbel"
         policy = KeyformerPolicy(budget=0.5, head_reduce=c["reduce"], tau_init=1.0, tau_end=2.0, seed=seed, noise=noise)
-        tau = torch.tensor([policy.tau(STEP, TOTAL)] * c["batch"], dtype=torch.float32, device=DEVICE)
+        tau = policy.temperature(torch.full((c["batch"],), STEP), TOTAL).to(DEVICE)
         kwargs.update(tau=tau, query_pos=x["query_pos"])
     ref_out, ref_scores = _reference(c, x, policy, scaling)
 

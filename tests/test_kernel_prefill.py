@@ -142,7 +142,7 @@ def test_prefill_scores_match_reference(c: dict) -> None:
         kwargs: dict = {}
     else:
         policy = KeyformerPolicy(budget=0.5, head_reduce=c["reduce"], tau_init=c["tau"], tau_end=3.0, seed=seed)
-        kwargs = dict(tau=policy.tau(0, None))
+        kwargs = dict(tau=float(policy.temperature(torch.tensor(0), None)))
         if not c["no_pad"]:
             kwargs["padding"] = x["padding"]
     ref = _reference(c, x, policy, scaling)

@@ -150,10 +150,10 @@ def test_head_reduction_of_gqa_scores(gqa_model, eager_rows, reduce):
 
 def test_temperature_schedule():
     policy = kvkeep.make_policy("keyformer", budget=0.5, floor=0, tau_init=1.0, tau_end=2.0)
-    assert policy.tau(0, 100) == 1.0
-    assert policy.tau(50, 100) == pytest.approx(1.5)
-    assert policy.tau(100, 100) == pytest.approx(2.0)
-    assert policy.tau(150, 100) == pytest.approx(2.0)  # clamped past the end
+    assert float(policy.temperature(torch.tensor(0), 100)) == 1.0
+    assert float(policy.temperature(torch.tensor(50), 100)) == pytest.approx(1.5)
+    assert float(policy.temperature(torch.tensor(100), 100)) == pytest.approx(2.0)
+    assert float(policy.temperature(torch.tensor(150), 100)) == pytest.approx(2.0)  # clamped past the end
 
 
 def test_fp16_and_bf16_scores_are_finite():

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .policies.base import reduce_heads
+from .policies.base import masked_softmax, reduce_heads
 
 ATTN_NAME = "kvkeep"
 #: Float32 elements per logits chunk (64 MiB): bounds prompt-phase memory whatever the prompt length.
@@ -125,7 +125,7 @@ def attend(
             logits = logits - slopes * (qc - kp).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        probs = torch.softmax(logits.masked_fill(~allowed, torch.finfo(torch.float32).min), dim=-1) * allowed
+        probs = masked_softmax(logits, allowed)
         out[:, :, :, chunk] = torch.matmul(probs.view(batch, kv_heads, group * n, slots), v).view(
             batch, kv_heads, group, n, -1
         )
@@ -211,7 +211,7 @@ def kvkeep_attention(
         allowed_all = torch.empty(batch, q_len, kv_len, dtype=torch.bool, device=query.device)
 
         def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
-            masked = torch.softmax(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min), -1) * allowed
+            masked = masked_softmax(logits, allowed)
             probs[:, :, rows] = masked.reshape(batch, q_heads, -1, kv_len)
             allowed_all[:, rows] = allowed[:, 0, 0]
             return logits.new_zeros(batch, key.shape[1], group, 1, kv_len)

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import hf
+from .shapes import AttentionShape
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class TensorParallel:
             )
         return self.rank * local_heads
 
+    def local_kv_heads(self) -> int:
+        """The KV heads one rank holds when the model's heads split evenly over the group (else all of them)."""
+        return self.kv_heads // self.size if self.kv_heads % self.size == 0 else self.kv_heads
+
     def sum(self, values: list[int]) -> list[int]:
         """``values`` summed element-wise over the group's ranks (a collective: every rank must call it)."""
         return self._reduce(values, dist.ReduceOp.SUM)
@@ -94,9 +99,8 @@ def tensor_parallel(model: torch.nn.Module) -> TensorParallel | None:
     mesh = hf.tp_mesh(model)
     if mesh is None or mesh.size() == 1:
         return None
-    config = model.config.get_text_config(decoder=True)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return TensorParallel(mesh.get_local_rank(), mesh.size(), mesh.get_group(), int(kv_heads))
+    kv_heads = AttentionShape.of(model).known().kv_heads
+    return TensorParallel(mesh.get_local_rank(), mesh.size(), mesh.get_group(), kv_heads)
 
 
 # -- a torchrun launch of the command line -------------------------------------------------------------

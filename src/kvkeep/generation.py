@@ -21,8 +21,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import KVKeepCache
-from .hf import is_count, model_devices, tp_mesh, with_cache
+from .hf import model_devices, tp_mesh, with_cache
 from .models import context_length
+from .policies.base import check_count
 from .sampling import GREEDY, Sampling, sample
 
 #: ``on_step(index, logits [B, vocab], tokens [B])`` after each token is chosen (index 0: from the prompt).
@@ -250,8 +251,7 @@ def _check_inputs(
     beyond_context: bool = False,
 ) -> None:
     """The entry checks of :func:`generate`: a one-line ``ValueError`` naming the fix, before any forward."""
-    if not is_count(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_count("max_new_tokens", max_new_tokens)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, prompt], got shape {list(input_ids.shape)}: add a batch dimension")
     if 0 in input_ids.shape:

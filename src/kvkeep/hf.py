@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 
 import torch
 from transformers import AttentionInterface
@@ -74,11 +73,6 @@ class ReuseGuard:
 
 
 # -- model facts ---------------------------------------------------------------------------------------
-def is_count(value) -> bool:
-    """An integer (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (its input embedding, where inputs go)."""
     return next(model.parameters()).device

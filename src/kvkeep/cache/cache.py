@@ -22,6 +22,8 @@ from transformers.cache_utils import Cache
 from .. import hf
 from ..distributed import tensor_parallel
 from ..policies import FullPolicy, Policy, make_policy
+from ..policies.base import check_count
+from ..shapes import AttentionShape
 from .compacting import CompactingLayer
 from .layer import NO_LIMIT, Observer
 from .slots import SlotLayer
@@ -52,17 +54,6 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return "triton"
 
 
-def _kv_shape(config) -> tuple[int | None, int | None]:
-    """``(kv_heads, head_dim)`` the config's attention layers produce, None where the config does not say."""
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None)
-    hidden = getattr(config, "hidden_size", None)
-    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
-        head_dim = hidden // heads
-    return kv_heads, head_dim
-
-
 class KVKeepCache(hf.ReuseGuard, Cache):
     """A KV cache that keeps, per layer and KV head, only the tokens a policy chooses.
 
@@ -87,6 +78,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             (as transformers' ``StaticCache`` takes ``max_cache_len``): Keyformer's temperature schedule and a
             static ``"full"`` cache's capacity need it; :func:`kvkeep.generate` sets it itself.
         observer: ``observer(Eviction)`` after every eviction of the compacting path (the analyses).
+        rows: ``(layers, state)``, slot-mode layers and their started step counters to hold instead of a fresh
+            prompt's layers (the serving engine's :class:`~kvkeep.cache.rows.RowCache`; ``static`` must be True).
         **params: the policy's parameters (``sinks``, ``recent_ratio``, ``tau_init``, ``alpha``, ...).
 
     On models that mix sliding-window and global layers (Gemma 3), sliding layers keep their native
@@ -109,6 +102,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         kernel: str = "auto",
         max_new_tokens: int | None = None,
         observer: Observer | None = None,
+        rows: tuple[list, StepState] | None = None,
         **params,
     ):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -117,8 +111,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             )
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
-        if max_new_tokens is not None and (not hf.is_count(max_new_tokens) or max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if max_new_tokens is not None:
+            check_count("max_new_tokens", max_new_tokens)
         self.policy = make_policy(policy, budget, **params)
         # Every check before hf.install: a cache that cannot be built leaves the model as it was.
         hf.check_supported(model)
@@ -129,22 +123,27 @@ class KVKeepCache(hf.ReuseGuard, Cache):
                 f"static=True does not support models with sliding-window layers ({config.model_type}): "
                 "use static=False"
             )
+        if rows is not None:
+            self._check_rows(*rows, len(layer_types))
         self.static = bool(static)
         # Triton only where every layer computes on a GPU (weights offloaded by a device_map sit on "meta").
         devices = [d for d in hf.model_devices(model) if d.type != "meta"] or [torch.device("cpu")]
         self.kernel = resolve_kernel(kernel, next((d for d in devices if d.type != "cuda"), devices[0]))
         self.tp = tensor_parallel(model)
         hf.install(model)
-        self.kv_shape = _kv_shape(config)
+        self.shape = AttentionShape.of(config)
         self.state = StepState(None if max_new_tokens is None else int(max_new_tokens))
         self.model_type = config.model_type
         hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types
         window = getattr(config, "sliding_window", None)
-        layers = []
-        for idx, kind in enumerate(layer_types):
-            sliding = window if kind == "sliding_attention" else None
-            layer_policy = FullPolicy() if (hybrid and sliding is not None) else self.policy
-            layers.append(CompactingLayer(layer_policy, idx, sliding, self.kernel, observer))
+        if rows is not None:  # the engine's slot rows, already built and their step counters started
+            layers, self.state = rows
+        else:
+            layers = []
+            for idx, kind in enumerate(layer_types):
+                sliding = window if kind == "sliding_attention" else None
+                layer_policy = FullPolicy() if (hybrid and sliding is not None) else self.policy
+                layers.append(CompactingLayer(layer_policy, idx, sliding, self.kernel, observer, self.tp))
         super().__init__(layers=layers)
         self.hybrid_window = window if hybrid else None
         self._told_hybrid = False
@@ -165,7 +164,6 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompactingLayer) and not layer.is_initialized:
             self._check_fresh_prompt(layer_idx, key_states)
-            layer.head_offset = 0 if self.tp is None else self.tp.head_offset(key_states.shape[1])
         elif self.static and isinstance(layer, CompactingLayer) and layer.step >= layer.policy.evict_after():
             layer = self._to_slots(layer_idx)
         if layer_idx == 0 and layer.decodes_in_place:
@@ -176,33 +174,31 @@ class KVKeepCache(hf.ReuseGuard, Cache):
     def reset(self) -> None:
         """Empty the cache so it can serve a new, unrelated generation."""
         for idx, layer in enumerate(self.layers):
-            self.layers[idx] = CompactingLayer(layer.policy, idx, layer.sliding_window, self.kernel, layer.observer)
+            self.layers[idx] = CompactingLayer(
+                layer.policy, idx, layer.sliding_window, self.kernel, layer.observer, self.tp
+            )
         self.state.reset()
 
-    @classmethod
-    def of_layers(cls, model: torch.nn.Module, policy: Policy, layers: list, state: StepState) -> KVKeepCache:
-        """A static cache over ready-made slot-mode ``layers`` and their started ``state`` (the serving engine's)."""
-        cache = cls(model, policy, static=True, kernel=layers[0].kernel)
-        if len(layers) != len(cache.layers):
-            raise ValueError(f"the model has {len(cache.layers)} layers, not {len(layers)}")
-        cache.layers[:] = layers
-        cache.state = state
-        return cache
+    @staticmethod
+    def _check_rows(layers: list, state: StepState, expected: int) -> None:
+        if len(layers) != expected:
+            raise ValueError(f"the model has {expected} layers, not {len(layers)}")
+        if not all(layer.decodes_in_place for layer in layers) or not state.started:
+            raise ValueError("rows= takes slot-mode layers and their started step state (the engine's RowCache)")
 
     # -- the generation's length ---------------------------------------------------------------------
     def set_generation_length(self, max_new_tokens: int) -> None:
         """Tokens the next generation produces (Keyformer's schedule, a static ``full`` cache's capacity)."""
-        if not hf.is_count(max_new_tokens) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        self.state.max_new_tokens = int(max_new_tokens)
+        self.state.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
 
     def _check_fresh_prompt(self, layer_idx: int, key_states: torch.Tensor) -> None:
         """Checks of a layer's first update: the model's shape, a non-empty prompt, a static ``full`` cache's length."""
         _, kv_heads, columns, head_dim = key_states.shape
-        expected_heads, expected_dim = self.kv_shape
+        expected_heads, expected_dim = self.shape.kv_heads, self.shape.head_dim
         if self.tp is not None and kv_heads * self.tp.size == expected_heads:  # this rank's share of the heads
             expected_heads = kv_heads
-        if (expected_heads, expected_dim) != (kv_heads, head_dim) and None not in self.kv_shape:
+        known = None not in (expected_heads, expected_dim)
+        if known and (expected_heads, expected_dim) != (kv_heads, head_dim):
             raise ValueError(
                 f"this KVKeepCache was built for a {self.model_type} model with {expected_heads} KV heads of "
                 f"dimension {expected_dim}, but layer {layer_idx} of the model using it has {kv_heads} of "
@@ -261,9 +257,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             )
         else:
             capacity = max(width, int(layer.budget.amax()) + 1)
-        slots = SlotLayer.from_layer(layer, capacity, self.kernel)
-        if never_evicts:  # nothing to evict, so nothing to score; a full row's check guards a longer generation
-            slots.budget = slots.recent = slots.scores = slots.spec = None
+        # never_evicts: nothing to evict, so nothing to score; a full row's check guards a longer generation
+        slots = SlotLayer.from_layer(layer, capacity, self.kernel, evicts=not never_evicts)
         self.layers[layer_idx] = slots
         if layer_idx == 0:
             if self._tempered():  # fails now, in one line, if the schedule has no length

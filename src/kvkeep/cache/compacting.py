@@ -25,9 +25,27 @@ class CompactingLayer(KVKeepLayer):
         kernel: ``"triton"`` scores a fresh prompt with the Triton prefill kernel, ``"torch"`` with :func:`attend`.
     """
 
-    def __init__(self, policy, layer_idx, sliding_window, kernel: str = "torch", observer=None):
+    def __init__(self, policy, layer_idx, sliding_window, kernel: str = "torch", observer=None, tp=None):
         self.kernel = kernel
-        super().__init__(policy, layer_idx, sliding_window, observer)
+        super().__init__(policy, layer_idx, sliding_window, observer, tp)
+
+    @classmethod
+    def holding(cls, policy, layer_idx: int, kernel: str, head_offset: int, keys, values, positions, scores,
+                budget: int, recent: torch.Tensor, newest: int, step: int) -> CompactingLayer:  # fmt: skip
+        """A one-sequence layer over tokens already held (a measurement row's, in position order), at generation
+        ``step`` with ``newest`` its newest position, to evict down to ``budget``: keys, values ``[1, kv_heads,
+        n, head_dim]``, positions ``[1, kv_heads, n]`` int64, scores ``[1, kv_heads, n]`` or None, recent ``[1]``.
+        Its peak is what it holds now."""
+        layer = cls(policy, layer_idx, None, kernel)
+        layer.lazy_initialization(keys, values)
+        layer.head_offset = head_offset
+        layer.keys, layer.values, layer.positions, layer.scores = keys, values, positions, scores
+        layer.budget = torch.tensor([budget], device=keys.device)
+        layer.recent = recent
+        layer.padding = torch.zeros(1, dtype=torch.long, device=keys.device)
+        layer.seen, layer.step = newest + 1, step
+        layer._track_peak()
+        return layer
 
     def clear(self) -> None:
         super().clear()

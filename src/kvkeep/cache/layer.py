@@ -60,7 +60,8 @@ class KVKeepLayer(CacheLayerMixin):
         seen: columns processed (the padded sequence length transformers counts in).
         step: generation step (0 while the prompt is processed).
         head_offset: the model's index of this layer's KV head 0 (under tensor parallelism a rank holds
-            heads ``[head_offset, head_offset + kv_heads)``; the cache sets it from its first K/V).
+            heads ``[head_offset, head_offset + kv_heads)``; read from its first K/V with ``tp``, the model's
+            :class:`~kvkeep.distributed.TensorParallel` group).
     """
 
     is_compileable = False
@@ -68,8 +69,11 @@ class KVKeepLayer(CacheLayerMixin):
     #: True for layers whose decode step writes into fixed buffers (the cache advances the step state first).
     decodes_in_place = False
 
-    def __init__(self, policy: Policy, layer_idx: int, sliding_window: int | None, observer: Observer | None = None):
+    def __init__(
+        self, policy: Policy, layer_idx: int, sliding_window: int | None, observer: Observer | None = None, tp=None
+    ):
         super().__init__()
+        self.tp = tp
         self.policy = policy
         self.spec: ScoreSpec | None = policy.score_spec()
         self.layer_idx = layer_idx
@@ -91,6 +95,8 @@ class KVKeepLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.tp is not None:  # the first K/V tell which of the model's heads this rank holds
+            self.head_offset = self.tp.head_offset(key_states.shape[1])
         self.is_initialized = True
 
     # -- transformers' layer contract ---------------------------------------------------------------

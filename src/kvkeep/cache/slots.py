@@ -15,7 +15,8 @@ import torch
 from ..attention import attend, bind
 from ..hf import REUSE_HINT
 from ..policies import Policy, StepInfo, protected
-from .layer import KVKeepLayer
+from .compacting import CompactingLayer
+from .layer import NO_LIMIT, KVKeepLayer
 from .step import StepState
 
 
@@ -53,11 +54,15 @@ class SlotLayer(KVKeepLayer):
         kernel: str,
         observer=None,
         head_offset: int = 0,
+        evicts: bool = True,
     ) -> SlotLayer:
         """Empty buffers ``[rows, kv_heads, capacity, head_dim]``, typed and placed like ``like``
-        ``[*, kv_heads, *, D]``, whose KV head 0 is the model's head ``head_offset``."""
+        ``[*, kv_heads, *, D]``, whose KV head 0 is the model's head ``head_offset``.  ``evicts=False``: rows
+        sized to hold every token they will see, so they keep no budget and no score."""
         layer = cls(policy, layer_idx, kernel, observer)
         layer.head_offset = head_offset
+        if not evicts:
+            layer.spec = None
         _, kv_heads, _, head_dim = like.shape
         layer.lazy_initialization(like, like)
         layer.keys = bind(like.new_zeros(rows, kv_heads, capacity, head_dim), layer)
@@ -68,27 +73,29 @@ class SlotLayer(KVKeepLayer):
         layer.free = torch.zeros(rows, kv_heads, dtype=torch.long, device=like.device)
         layer.padding = torch.zeros(rows, dtype=torch.long, device=like.device)
         layer.peak = torch.zeros(rows, dtype=torch.long, device=like.device)
-        if not policy.keeps_all:
+        if evicts and not policy.keeps_all:
             layer.budget = torch.zeros(rows, dtype=torch.long, device=like.device)
             layer.recent = torch.zeros(rows, dtype=torch.long, device=like.device)
         return layer
 
     @classmethod
-    def from_layer(cls, source: KVKeepLayer, capacity: int, kernel: str) -> SlotLayer:
-        """The tokens ``source`` keeps, moved into ``capacity`` slots per row (the rest empty)."""
+    def from_layer(cls, source: KVKeepLayer, capacity: int, kernel: str, evicts: bool = True) -> SlotLayer:
+        """The tokens ``source`` keeps, moved into ``capacity`` slots per row (the rest empty); ``evicts``: as
+        :meth:`allocate`'s."""
         batch, _, width, _ = source.keys.shape
         if width > capacity:
             raise ValueError(f"layer {source.layer_idx} keeps {width} tokens, more than the {capacity} slots")
         layer = cls.allocate(
-            source.policy, source.layer_idx, source.keys, batch, capacity, kernel, source.observer, source.head_offset
-        )
+            source.policy, source.layer_idx, source.keys, batch, capacity, kernel, source.observer,
+            source.head_offset, evicts,
+        )  # fmt: skip
         layer.keys[:, :, :width] = source.keys
         layer.values[:, :, :width] = source.values
         layer.positions[:, :, :width] = source.positions
         if layer.scores is not None:
             layer.scores[:, :, :width] = source.scores
         for name in ("budget", "recent", "padding", "peak"):
-            if getattr(source, name) is not None:
+            if getattr(source, name) is not None and getattr(layer, name) is not None:
                 getattr(layer, name).copy_(getattr(source, name))
         layer.prompt_tokens = source.prompt_tokens
         layer.seen, layer.step, layer.evicted = source.seen, source.step, source.evicted
@@ -96,8 +103,9 @@ class SlotLayer(KVKeepLayer):
         layer.free.copy_((layer.positions < 0).to(torch.int8).argmax(-1))
         return layer
 
-    def load_row(self, row: int, source: KVKeepLayer, source_row: int = 0) -> None:
-        """Put the tokens ``source`` keeps for its sequence ``source_row`` into ``row`` (a new request)."""
+    def load_row(self, row: int, source: KVKeepLayer, source_row: int = 0, budget: int | None = None) -> None:
+        """Put the tokens ``source`` keeps for its sequence ``source_row`` into ``row`` (a new request);
+        ``budget``: the row's budget instead of the source's (a measurement row's: no limit until its cut)."""
         width = source.keys.shape[2]
         if width > self.keys.shape[2]:
             raise ValueError(f"a request keeps {width} tokens in layer {self.layer_idx}, more than its row's slots")
@@ -110,8 +118,31 @@ class SlotLayer(KVKeepLayer):
             self.scores[row, :, :width] = source.scores[source_row]
         if self.budget is not None:
             self.budget[row], self.recent[row] = source.budget[source_row], source.recent[source_row]
+            if budget is not None:
+                self.budget[row] = budget
         self.peak[row] = (source.positions[source_row] >= 0).sum() if source.peak is None else source.peak[source_row]
         self.free[row] = (self.positions[row] < 0).to(torch.int8).argmax(-1)
+
+    def cut_row(self, row: int, budget: int, newest: int, step: int) -> CompactingLayer:
+        """The tokens of ``row`` (a measurement row, which holds the same tokens in every KV head) as a
+        one-sequence compacting layer at ``step`` whose newest token is ``newest``, cut to ``budget`` by the
+        compacting path's own eviction rule; its peak is what the row held before the cut."""
+        held = self.positions[row, 0] >= 0
+        order = self.positions[row, 0].masked_fill(~held, NO_LIMIT).argsort()[: int(held.sum())]
+        one = slice(row, row + 1)
+        compact = CompactingLayer.holding(
+            self.policy, self.layer_idx, self.kernel, self.head_offset, self.keys[one, :, order],
+            self.values[one, :, order], self.positions[one, :, order],
+            None if self.scores is None else self.scores[one, :, order], budget, self.recent[one], newest, step,
+        )  # fmt: skip
+        compact.evict()
+        return compact
+
+    def row_bytes(self, row: int) -> tuple[int, int]:
+        """Bytes of K and V the filled slots of ``row`` hold now, and the most they held since it was loaded."""
+        per_slot = self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
+        filled = int((self.positions[row] >= 0).sum())
+        return filled * per_slot, max(filled, int(self.peak[row])) * per_slot
 
     def clear_row(self, row: int) -> None:
         """Empty ``row`` (a finished request's): no slot holds a token."""

@@ -53,6 +53,11 @@ class StepState:
         """Point ``row`` at a new request whose last processed token sits at ``position`` (its prompt's end)."""
         self.position[row], self.step[row], self.length[row] = position, step, length
 
+    def copy_row(self, source: int, row: int) -> None:
+        """Point ``row`` where ``source`` stands (a request moving between rows)."""
+        for tensor in (self.position, self.step, self.length, self.tau):
+            tensor[row] = tensor[source]
+
     def advance(self, policy: Policy, tempered: bool) -> None:
         """Every row moves to its next token, in place (a captured graph replays this)."""
         self.position += 1

@@ -17,6 +17,7 @@ import torch
 
 from ..distributed import tensor_parallel
 from ..policies import Policy
+from ..shapes import AttentionShape, text_config
 
 GIB = 1 << 30
 #: Prompt tokens prefilled per engine iteration (between two decode steps), at most.
@@ -41,19 +42,16 @@ class ModelFacts:
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFacts:
         """The facts of ``model``; under tensor parallelism, of this rank's share (its KV heads, its weights)."""
-        config = model.config.get_text_config(decoder=True)
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        config = text_config(model)
+        shape = AttentionShape.of(config).known()
         tp = tensor_parallel(model)
-        if tp is not None and kv_heads % tp.size == 0:
-            kv_heads //= tp.size
+        kv_heads = shape.kv_heads if tp is None else tp.local_kv_heads()
         local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
         weights = sum(p.numel() * p.element_size() for p in local)
         return cls(
-            layers=config.num_hidden_layers,
+            layers=shape.layers,
             kv_heads=kv_heads,
-            head_dim=head_dim,
+            head_dim=shape.head_dim,
             dtype_bytes=next(model.parameters()).element_size(),
             weight_bytes=weights,
             hidden=config.hidden_size,

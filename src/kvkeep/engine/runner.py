@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..cache import KVKeepCache
+from ..cache.rows import RowCache
 from ..hf import with_cache
 from ..policies import Policy
 from ..sampling import Sampling, sample
 from .planner import Plan
-from .rows import RowCache
 
 
 class ModelRunner:

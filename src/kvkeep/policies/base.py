@@ -19,6 +19,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from .noise import gumbel_noise
+
 HEAD_REDUCTIONS = ("mean", "sum", "max")
 #: Defaults of the prompt-scoring options (measured in RESULTS.md, "Keeping what the question needs").
 DEFAULT_FLOOR = 256
@@ -90,6 +92,13 @@ def is_real(value) -> bool:
 def is_integer(value) -> bool:
     """An integer (Python or NumPy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_count(name: str, value) -> int:
+    """``value`` as an int, or a one-line ``ValueError`` unless it is an integer >= 1."""
+    if not is_integer(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
 
 
 def protected(positions: torch.Tensor, newest: torch.Tensor, recent: torch.Tensor, sinks: int) -> torch.Tensor:
@@ -325,7 +334,23 @@ class ScoringPolicy(Policy):
         )  # fmt: skip
 
     def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """The score the :meth:`score_spec` describes, in torch (the kernels compute the same from the spec)."""
+        spec = self.score_spec()
+        if spec.tempered:
+            if spec.noise_seed is not None:
+                _, kv_heads, group, _, _ = logits.shape
+                logits = logits + gumbel_noise(
+                    spec.noise_seed, info.layer_idx, info.query_positions, info.key_positions, kv_heads, group,
+                    info.head_offset,
+                )  # fmt: skip
+            tau = self.temperature(torch.as_tensor(info.step), info.total_steps).to(logits.device)
+            logits = logits / (tau.view(-1, 1, 1, 1, 1) if tau.dim() == 1 else tau)
         return masked_softmax(logits, allowed)
+
+    def accumulate(self, running: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The running score after a step, by the spec's ``decay`` (0: a plain sum)."""
+        decay = self.score_spec().decay
+        return running + step if decay == 0 else (1.0 - decay) * running + decay * step
 
     def validate(self) -> None:
         super().validate()

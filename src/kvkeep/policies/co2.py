@@ -3,8 +3,6 @@
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-import torch
-
 from .base import ScoreSpec, ScoringPolicy, check_share, is_integer, is_real, register
 
 
@@ -46,8 +44,3 @@ class CO2Policy(ScoringPolicy):
 
     def score_spec(self) -> ScoreSpec:
         return replace(super().score_spec(), decay=float(self.alpha))
-
-    def accumulate(self, running: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        if self.alpha == 0:
-            return running + step
-        return (1.0 - self.alpha) * running + self.alpha * step

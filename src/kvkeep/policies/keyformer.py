@@ -5,8 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import ScoreSpec, ScoringPolicy, StepInfo, check_share, is_integer, is_real, masked_softmax, register
-from .noise import gumbel_noise
+from .base import ScoreSpec, ScoringPolicy, check_share, is_integer, is_real, register
 
 
 @register
@@ -73,19 +72,3 @@ class KeyformerPolicy(ScoringPolicy):
         total = torch.as_tensor(total_steps, device=step.device).clamp(min=1)
         sweep = torch.minimum(step, total).to(torch.float32) * (self.tau_end - self.tau_init) / total
         return sweep + self.tau_init
-
-    def tau(self, step: int, total_steps: int | None) -> float:
-        """:meth:`temperature` of one step, as a float."""
-        return float(self.temperature(step, total_steps))
-
-    def step_scores(self, logits: torch.Tensor, allowed: torch.Tensor, info: StepInfo) -> torch.Tensor:
-        tau = self.temperature(info.step, info.total_steps).to(logits.device)
-        if tau.dim() == 1:
-            tau = tau.view(-1, 1, 1, 1, 1)
-        if self.noise:
-            _, kv_heads, group, _, _ = logits.shape
-            noise = gumbel_noise(
-                self.seed, info.layer_idx, info.query_positions, info.key_positions, kv_heads, group, info.head_offset
-            )
-            logits = logits + noise
-        return masked_softmax(logits / tau, allowed)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import torch
 
 from ..attention import bind
-from ..cache import CompactingLayer, KVKeepCache, KVKeepLayer, SlotLayer, StepState
-from ..cache.layer import NO_LIMIT
 from ..distributed import tensor_parallel
 from ..policies import Policy
-from .planner import ModelFacts
+from ..shapes import AttentionShape
+from .cache import KVKeepCache
+from .layer import NO_LIMIT, KVKeepLayer
+from .slots import SlotLayer
+from .step import StepState
 
 
 class RowGroups(KVKeepLayer):
@@ -74,32 +76,25 @@ class RowCache:
     def __init__(self, model, policy: Policy, rows: int, capacity: int, wide_rows: int, wide_capacity: int, kernel):
         self.policy = policy
         self.rows, self.wide_rows = rows, wide_rows
-        config = model.config.get_text_config(decoder=True)
-        like = self._like(model)
-        device = like.device
-        self.state = StepState()
-        total = rows + wide_rows
-        zeros = torch.zeros(total, dtype=torch.long, device=device)
-        self.state.start(zeros - 1, zeros)
+        shape = AttentionShape.of(model).known()
         tp = tensor_parallel(model)
-        offset = 0 if tp is None else tp.head_offset(like.shape[1])  # the model's index of this rank's KV head 0
+        param = next(model.parameters())
+        kv_heads = shape.kv_heads if tp is None else tp.local_kv_heads()  # this rank's KV heads
+        like = torch.empty(1, kv_heads, 1, shape.head_dim, dtype=param.dtype, device=param.device)
+        offset = 0 if tp is None else tp.head_offset(kv_heads)  # the model's index of this rank's KV head 0
+        self.state = StepState()
+        zeros = torch.zeros(rows + wide_rows, dtype=torch.long, device=param.device)
+        self.state.start(zeros - 1, zeros)
         layers = []
-        for idx in range(config.num_hidden_layers):
+        for idx in range(shape.layers):
             narrow = SlotLayer.allocate(policy, idx, like, rows, capacity, kernel, head_offset=offset)
             if wide_rows:
                 wide = SlotLayer.allocate(policy, idx, like, wide_rows, wide_capacity, kernel, head_offset=offset)
                 layers.append(RowGroups(narrow, wide, self.state))
             else:
                 layers.append(narrow)
-        self.cache = KVKeepCache.of_layers(model, policy, layers, self.state)
+        self.cache = KVKeepCache(model, policy, static=True, kernel=kernel, rows=(layers, self.state))
         self.measured_budget: dict[int, int] = {}  # a measurement row's real budget, applied when it is cut
-
-    @staticmethod
-    def _like(model) -> torch.Tensor:
-        """A ``[1, kv_heads, 1, head_dim]`` tensor of the model's K/V dtype and device (this rank's KV heads)."""
-        facts = ModelFacts.of(model)
-        param = next(model.parameters())
-        return torch.empty(1, facts.kv_heads, 1, facts.head_dim, dtype=param.dtype, device=param.device)
 
     @property
     def total_rows(self) -> int:
@@ -110,12 +105,12 @@ class RowCache:
 
     def load(self, row: int, prompt: KVKeepCache, length: int) -> None:
         """Put the compressed prompt of a one-sequence cache into ``row``; its next token is its step 1."""
+        measuring = row >= self.rows  # a measurement row: nothing is evicted until it is cut
+        if measuring:
+            self.measured_budget[row] = int(prompt.layers[0].budget[0])
         for layer, source in zip(self.cache.layers, prompt.layers, strict=True):
             slots, index = self._slots(layer, row)
-            slots.load_row(index, source)
-            if row >= self.rows:  # a measurement row: nothing is evicted until it is cut
-                self.measured_budget[row] = int(source.budget[0])
-                slots.budget[index] = NO_LIMIT
+            slots.load_row(index, source, budget=NO_LIMIT if measuring else None)
         newest = prompt.layers[0].seen - 1
         self.state.set_row(row, newest, 0, length)
 
@@ -125,10 +120,8 @@ class RowCache:
         held = peak = 0
         for layer in self.cache.layers:
             slots, index = self._slots(layer, row)
-            per_slot = 2 * slots.keys.shape[-1] * slots.keys.element_size()
-            filled = int((slots.positions[index] >= 0).sum())
-            held += filled * per_slot
-            peak += max(filled, int(slots.peak[index])) * per_slot
+            now, most = slots.row_bytes(index)
+            held, peak = held + now, peak + most
         return held, peak
 
     def clear(self, row: int) -> None:
@@ -138,33 +131,14 @@ class RowCache:
             slots.clear_row(index)
 
     def cut(self, wide_row: int, row: int) -> None:
-        """Move a request from its measurement row into ordinary ``row``, cut to its budget (CO2 after N steps).
-
-        The cut is the compacting layer's own eviction over the row's tokens in position order, so it keeps
-        what the compacting path keeps.
-        """
+        """Move a request from its measurement row into ordinary ``row``, cut to its budget (CO2 after N steps):
+        the compacting layer's own eviction over the row's tokens, so it keeps what the compacting path keeps."""
         step = int(self.state.step[wide_row])
         newest = int(self.state.position[wide_row])
         budget = self.measured_budget.pop(wide_row)
         for layer in self.cache.layers:
             wide, index = self._slots(layer, wide_row)
-            held = wide.positions[index, 0] >= 0  # a measurement row holds the same tokens in every head
-            order = wide.positions[index, 0].masked_fill(~held, NO_LIMIT).argsort()[: int(held.sum())]
-            compact = CompactingLayer(self.policy, layer.layer_idx, None, wide.kernel)
-            compact.head_offset = wide.head_offset
-            compact.keys = wide.keys[index : index + 1, :, order]
-            compact.values = wide.values[index : index + 1, :, order]
-            compact.positions = wide.positions[index : index + 1, :, order]
-            compact.scores = None if wide.scores is None else wide.scores[index : index + 1, :, order]
-            compact.budget = torch.tensor([budget], device=wide.keys.device)
-            compact.recent = wide.recent[index : index + 1]
-            compact.padding = torch.zeros(1, dtype=torch.long, device=wide.keys.device)
-            compact.seen, compact.step = newest + 1, step
-            compact._track_peak()  # the measurement row's peak: everything it held before the cut
-            compact.evict()
             narrow, target = self._slots(layer, row)
-            narrow.load_row(target, compact)
+            narrow.load_row(target, wide.cut_row(index, budget, newest, step))
             wide.clear_row(index)
-        for name in ("position", "step", "length", "tau"):
-            tensor = getattr(self.state, name)
-            tensor[row] = tensor[wide_row]
+        self.state.copy_row(wide_row, row)
