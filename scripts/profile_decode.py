@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kvkeep
 from kvkeep.bench.speed import copy_bandwidth, kv_bytes_per_token, random_model, weight_bytes
-from kvkeep.generation import capture_step
+from kvkeep.decode import DecodeStep
 from kvkeep.hf import with_cache
 
 
@@ -63,8 +63,9 @@ def main() -> None:
             return statistics.median(times)
 
         eager = timed(lambda: step(token))
-        graph, _, _ = capture_step(model, cache, token, position)
-        replay = timed(graph.replay)
+        decode = DecodeStep(model, cache, token.clone(), lambda logits: logits.argmax(-1), positions=position.clone())
+        decode.capture()
+        replay = timed(decode.graph.replay)
     slots = cache.layers[0].keys.shape[2]
     floor = (weight_bytes(model) + slots * args.batch * kv_bytes_per_token(cache)) / copy_bandwidth(
         torch.device("cuda")

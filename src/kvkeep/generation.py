@@ -3,7 +3,8 @@
 ``model.generate`` runs every decode step through Python: hundreds of small kernel launches per token,
 which on a GPU cost more than the step's arithmetic.  Once a ``KVKeepCache(..., static=True)`` has every
 layer in slot mode, a decode step has fixed shapes and addresses and touches no host value, so
-:func:`generate` captures one step in a CUDA graph and replays it for the rest of the generation.
+:func:`generate` captures its step (:class:`kvkeep.decode.DecodeStep`, the serving engine's step too) in a
+CUDA graph and replays it for the rest of the generation.
 
 The same loop serves the command line (greedy or sampled), the perplexity task (``forced`` tokens, logits
 through ``on_step``) and the analyses (an observer on the cache); :func:`stop_token_ids` and
@@ -21,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from .cache import KVKeepCache
+from .decode import DecodeStep
 from .hf import model_devices, tp_mesh, with_cache
 from .models import context_length
 from .policies.base import check_count
@@ -162,16 +164,65 @@ def generate(
         :class:`Generation` with the tokens and the prefill/decode times (device events on CUDA).
     """
     _check_inputs(model, input_ids, attention_mask, max_new_tokens, beyond_context)
-    max_new_tokens = int(max_new_tokens)
-    batch = input_ids.shape[0]
+    max_new_tokens, batch, device = int(max_new_tokens), input_ids.shape[0], input_ids.device
     if forced is not None and tuple(forced.shape) != (batch, max_new_tokens):
         raise ValueError(f"forced must be [batch, max_new_tokens] = [{batch}, {max_new_tokens}]")
     cache = DynamicCache(config=model.config) if cache is None else cache
-    static = isinstance(cache, KVKeepCache) and cache.static
+    use_graph = _graph_wanted(model, cache, input_ids, cuda_graph)
     if isinstance(cache, KVKeepCache):
         if cache.get_seq_length() > 0:
             raise ValueError("this KVKeepCache already holds an earlier generation: call cache.reset() first")
         cache.set_generation_length(max_new_tokens)
+    chooser = _Chooser(batch, device, sampling, None if forced is None else forced.to(device))
+    stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
+    clock = _Clock(device)
+    clock.mark()
+    logits = _prefill(model, cache, input_ids, attention_mask)
+    counter = torch.zeros(1, dtype=torch.long, device=device)  # the index of the token being chosen
+    tokens = [chooser(logits, counter)]
+    clock.mark()
+    if on_step is not None:
+        on_step(0, logits, tokens[0][:, 0])
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        counter.add_(1)
+        return chooser(logits, counter)[:, 0]
+
+    mask = attention_mask
+    fed = (mask.sum(-1, keepdim=True) if mask is not None else torch.full((batch, 1), input_ids.shape[1])).to(device)
+    step = DecodeStep(model, cache, tokens[0].clone(), choose, positions=fed.long())
+    finished = torch.isin(tokens[0][:, 0], stops)
+    graph_steps = 0
+    from tqdm import tqdm
+
+    with tqdm(total=max_new_tokens, initial=1, unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
+        for index in range(1, max_new_tokens):
+            if stops.numel() and bool(finished.all()):
+                break
+            if step.graph is None and use_graph and cache.ready_for_graph():
+                step.capture()
+            if mask is not None and step.graph is None:
+                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            slot_mode = isinstance(cache, KVKeepCache) and cache.ready_for_graph()  # ignores the padding mask
+            graph_steps += step.graph is not None
+            logits = step(None if slot_mode else mask)
+            tokens.append(step.tokens.clone())
+            clock.mark()
+            if on_step is not None:
+                on_step(index, logits, tokens[-1][:, 0])
+            finished |= torch.isin(tokens[-1][:, 0], stops)
+            bar.update()
+    prefill_s, *step_s = clock.seconds()
+    out = torch.cat(tokens, dim=-1)
+    stopped = torch.isin(out, stops)
+    first = torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, out.shape[1])
+    return Generation(out, first.tolist(), prefill_s, step_s, graph_steps)
+
+
+def _graph_wanted(model, cache, input_ids: torch.Tensor, cuda_graph: bool | None) -> bool:
+    """Whether to replay decode steps from a CUDA graph (``cuda_graph`` None: whenever it can); a one-line
+    ``ValueError`` when ``cuda_graph=True`` cannot be honoured."""
+    static = isinstance(cache, KVKeepCache) and cache.static
     devices = model_devices(model)
     if cuda_graph and len(devices) > 1:
         raise ValueError(
@@ -181,66 +232,16 @@ def generate(
     if cuda_graph and not (static and input_ids.is_cuda):
         raise ValueError("cuda_graph=True needs a KVKeepCache(..., static=True) on a CUDA model")
     graphable = static and input_ids.is_cuda and len(devices) == 1 and tp_mesh(model) is None
-    use_graph = graphable if cuda_graph is None else cuda_graph
-    device = input_ids.device
-    choose = _Chooser(batch, device, sampling, None if forced is None else forced.to(device))
-    stops = torch.tensor(sorted(set(stop_ids or ())), dtype=torch.long, device=device)
+    return graphable if cuda_graph is None else cuda_graph
 
-    mask = attention_mask
-    position = (mask.sum(-1, keepdim=True) if mask is not None else torch.full((batch, 1), input_ids.shape[1])).to(
-        device=device, dtype=torch.long
-    )
-    step = torch.zeros(1, dtype=torch.long, device=device)
-    clock = _Clock(device)
-    clock.mark()
-    prompt_positions = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=prompt_positions, use_cache=True, logits_to_keep=1,
-        **with_cache(model, cache),
+
+def _prefill(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The prompt's forward (which compresses a kvkeep cache); the last position's logits ``[batch, vocab]``."""
+    positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+        logits_to_keep=1, **with_cache(model, cache),
     ).logits[:, -1]  # fmt: skip
-    token = choose(logits, step)
-    tokens = [token.clone()]
-    clock.mark()
-    if on_step is not None:
-        on_step(0, logits, token[:, 0])
-    finished = torch.isin(token[:, 0], stops)
-    graph = None
-    graph_steps = 0
-    from tqdm import tqdm
-
-    with tqdm(total=max_new_tokens, initial=1, unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
-        for index in range(1, max_new_tokens):
-            if stops.numel() and bool(finished.all()):
-                break
-            if graph is None and use_graph and cache.ready_for_graph():
-                graph, logits_out, token = capture_step(model, cache, token, position, step, choose)
-            if graph is not None:
-                graph.replay()
-                cache.replayed_step()
-                logits = logits_out
-                graph_steps += 1
-            else:
-                step += 1
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-                slot_mode = static and cache.ready_for_graph()  # a slot-mode step ignores the padding mask
-                logits = model(
-                    input_ids=token, position_ids=position, attention_mask=None if slot_mode else mask,
-                    use_cache=True, logits_to_keep=1, **with_cache(model, cache),
-                ).logits[:, -1]  # fmt: skip
-                position = position + 1
-                token = choose(logits, step)
-            tokens.append(token.clone())
-            clock.mark()
-            if on_step is not None:
-                on_step(index, logits, token[:, 0])
-            finished |= torch.isin(token[:, 0], stops)
-            bar.update()
-    prefill_s, *step_s = clock.seconds()
-    out = torch.cat(tokens, dim=-1)
-    stopped = torch.isin(out, stops)
-    first = torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, out.shape[1])
-    return Generation(out, first.tolist(), prefill_s, step_s, graph_steps)
 
 
 def _check_inputs(
@@ -274,24 +275,3 @@ def _check_inputs(
             f"{context}-token context of this {model.config.model_type} model: shorten the prompt or lower "
             "max_new_tokens (or pass beyond_context=True to run past it anyway)"
         )
-
-
-def capture_step(model, cache: KVKeepCache, token: torch.Tensor, position: torch.Tensor, step=None, choose=None):
-    """Capture one decode step that reads ``token``/``position``/``step`` and leaves the next ones in place
-    (``choose``: how the next token is picked, greedy by default).
-
-    Returns ``(graph, logits [B, vocab], token [B, 1])``, the graph's static output tensors.  Host counters the
-    capture advanced are rolled back (:meth:`KVKeepCache.capture`); :meth:`KVKeepCache.replayed_step`
-    advances them after every replay.
-    """
-    step = torch.zeros(1, dtype=torch.long, device=token.device) if step is None else step
-    choose = choose or _Chooser(token.shape[0], token.device, None, None)
-    graph = torch.cuda.CUDAGraph()
-    with cache.capture(), torch.cuda.graph(graph):  # recorded, not run: the replay runs it
-        step.add_(1)
-        logits = model(
-            input_ids=token, position_ids=position, use_cache=True, logits_to_keep=1, **with_cache(model, cache)
-        ).logits[:, -1]
-        token.copy_(choose(logits, step))
-        position.add_(1)
-    return graph, logits, token

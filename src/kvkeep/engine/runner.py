@@ -12,6 +12,7 @@ import torch
 
 from ..cache import KVKeepCache
 from ..cache.rows import RowCache
+from ..decode import DecodeStep
 from ..hf import with_cache
 from ..policies import Policy
 from ..sampling import Sampling, sample
@@ -35,22 +36,18 @@ class ModelRunner:
         self.temperature = torch.zeros(total, dtype=torch.float32, device=device)
         self.top_p = torch.ones(total, dtype=torch.float32, device=device)
         self.seed = torch.zeros(total, dtype=torch.long, device=device)
-        self.use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.step_logits: torch.Tensor | None = None  # [total rows, vocab]: the last decode step's
         self.prefill_logits: torch.Tensor | None = None  # [vocab]: the last prefill's, for its first token
-        if self.use_graph:
-            for greedy in (True, False):
-                self._capture(greedy)
-
-    @torch.inference_mode()
-    def _capture(self, greedy: bool) -> None:
-        """Capture the decode step while every row is free (a first eager step compiles the kernels)."""
-        self._step(greedy)
-        graph = torch.cuda.CUDAGraph()
-        with self.rows.cache.capture(), torch.cuda.graph(graph):
-            tokens, logits = self._step(greedy)
-        self.graphs[greedy] = (graph, tokens, logits)
+        cache = self.rows.cache
+        self.steps = {  # greedy or not -> the step (every row greedy skips the sampler)
+            True: DecodeStep(model, cache, self.tokens, lambda logits: logits.argmax(-1)),
+            False: DecodeStep(model, cache, self.tokens, lambda logits: self._choose(logits, slice(None), None)),
+        }
+        if device.type == "cuda" if cuda_graph is None else cuda_graph:
+            with torch.inference_mode():
+                for step in self.steps.values():
+                    step.run()  # a first eager step compiles the kernels, while every row is free
+                    step.capture()
 
     # -- a new request --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -88,22 +85,10 @@ class ModelRunner:
         self.rows.clear(row)
 
     # -- the decode step ------------------------------------------------------------------------------
-    def _choose(self, logits: torch.Tensor, rows: slice, step: torch.Tensor) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, rows: slice, step: torch.Tensor | None) -> torch.Tensor:
+        """Each row's token by its own sampling settings; ``step`` (None: the rows' own step counters)."""
+        step = self.rows.state.step if step is None else step
         return sample(logits, self.temperature[rows], self.top_p[rows], self.seed[rows], step)
-
-    def _step(self, greedy: bool) -> torch.Tensor:
-        state = self.rows.state
-        logits = self.model(
-            input_ids=self.tokens, position_ids=(state.position + 1)[:, None], use_cache=True, logits_to_keep=1,
-            **with_cache(self.model, self.rows.cache),
-        ).logits[:, -1]  # fmt: skip
-        if greedy:
-            chosen = logits.argmax(-1)
-        else:
-            chosen = self._choose(logits, slice(None), state.step)  # the counters advanced inside the forward
-        self.tokens.copy_(chosen[:, None])
-        self.step_logits = logits
-        return chosen, logits
 
     @torch.inference_mode()
     def decode(self, greedy: bool = False) -> list[int]:
@@ -111,11 +96,8 @@ class ModelRunner:
 
         ``greedy``: every row with a request decodes greedily, so the step skips the sampler.
         """
-        if not self.graphs:
-            return self._step(greedy)[0].tolist()
-        graph, tokens, self.step_logits = self.graphs[greedy]
-        graph.replay()
-        return tokens.tolist()
+        self.step_logits = self.steps[greedy]()
+        return self.tokens[:, 0].tolist()
 
     @torch.inference_mode()
     def logprobs(self, rows: list[int] | None, tokens: list[int], top: int) -> list[tuple[float, list]]:
