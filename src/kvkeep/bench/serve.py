@@ -341,58 +341,28 @@ def run_methods(
     report=print,
 ) -> tuple[list[dict], dict]:
     """Serve the same workload with every method (``hf-static`` and policies x budgets) in the same memory."""
-    import torch
-
-    from ..engine import build
-    from ..models import load_model, resolve_device, resolve_dtype
-    from ..policies import POLICIES, make_policy
+    from ..models import resolve_device, resolve_dtype
+    from ..policies import POLICIES
     from ..runinfo import run_metadata
-    from .speed import random_model
 
     unknown = [m for m in methods if m != "hf-static" and m not in POLICIES]
     if unknown:
         raise ValueError(f"unknown method {', '.join(unknown)}: choose hf-static or {', '.join(POLICIES)}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    configs = []  # validated before the model is built
-    for method in methods:
-        if method == "hf-static":
-            configs.append((method, None, None))
-            continue
-        for budget in [None] if POLICIES[method].keeps_all else budgets:
-            configs.append((method, budget, make_policy(method, budget, **params.get(method, {}))))
-    if arch is not None:
-        model, tokenizer = random_model(arch, str(torch_device), torch_dtype), None
-    else:
-        model, tokenizer = load_model(model_name, dtype=torch_dtype, device=torch_device)
+    configs = _configs(methods, budgets, params)
+    model, tokenizer = _model(model_name, arch, torch_device, torch_dtype)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     load = load or workload(requests, prompt_tokens, output_tokens, vocab, seed)
-    max_prompt, max_tokens = max(len(p) for p in load.prompts), max(load.outputs)
     if memory_gib is None and torch_device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(torch_device)
-        memory_gib = (free + torch.cuda.memory_allocated(torch_device)) / 2**30 - 2
+        memory_gib = _usable_gib(torch_device)
     out = []
     for method, budget, policy in configs:
         if policy is None:
             summary = static_anchor(model, load, memory_gib)
         else:
-            engine = build(model, tokenizer or _NoText(), policy, max_prompt=max_prompt, max_tokens=max_tokens,
-                           memory_gib=memory_gib, rows=rows)  # fmt: skip
-            if torch_device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(torch_device)
-            engine.start()
-            try:
-                records, makespan = drive_engine(engine, load, concurrency=concurrency, rate=rate, seed=seed)
-            finally:
-                engine.stop()
-            stats = engine.stats()
-            keep = ("rows", "peak_rows_in_use", "rows_used_mean", "step_ms_mean", "cache_gib", "peak_gib")
-            steady = steady_rate(records, engine.plan.rows)
-            summary = summarize(records, makespan, **{k: stats[k] for k in keep}, plan=engine.plan.as_dict(),
-                                steady_tok_s=steady)  # fmt: skip
-            del engine
-            if torch_device.type == "cuda":
-                torch.cuda.empty_cache()
+            drive = {"concurrency": concurrency, "rate": rate, "seed": seed}
+            summary = _serve_engine(model, tokenizer, policy, load, torch_device, memory_gib, rows, drive)
         row = as_row(method, summary, budget=budget)
         out.append(row)
         report(
@@ -402,6 +372,69 @@ def run_methods(
     meta = {"model": arch or model_name, "weights": "random" if arch else "pretrained", "memory_gib": memory_gib,
             "workload": load.description, "concurrency": concurrency, "rate": rate, **run_metadata(model)}  # fmt: skip
     return out, meta
+
+
+def _configs(methods: list[str], budgets: list[float], params: dict[str, dict]) -> list[tuple]:
+    """``(method, budget, policy or None for hf-static)`` of every run, checked before the model is built."""
+    from ..policies import POLICIES, make_policy
+
+    configs = []
+    for method in methods:
+        if method == "hf-static":
+            configs.append((method, None, None))
+            continue
+        for budget in [None] if POLICIES[method].keeps_all else budgets:
+            configs.append((method, budget, make_policy(method, budget, **params.get(method, {}))))
+    return configs
+
+
+def _model(model_name: str, arch: str | None, device, dtype) -> tuple:
+    """The model and its tokenizer: random weights of ``arch`` (no tokenizer), or the pretrained ``model_name``."""
+    from ..models import load_model
+    from .speed import random_model
+
+    if arch is not None:
+        return random_model(arch, str(device), dtype), None
+    return load_model(model_name, dtype=dtype, device=device)
+
+
+def _usable_gib(device) -> float:
+    """GiB of ``device`` this process may fill: what is free and what it holds already, less 2 GiB."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return (free + torch.cuda.memory_allocated(device)) / 2**30 - 2
+
+
+#: The engine's stats a policy's row shows.
+ENGINE_STATS = ("rows", "peak_rows_in_use", "rows_used_mean", "step_ms_mean", "cache_gib", "peak_gib")
+
+
+def _serve_engine(model, tokenizer, policy, load: Workload, device, memory_gib, rows, drive: dict) -> dict:
+    """Serve ``load`` with a kvkeep engine of ``policy`` in ``memory_gib`` (``drive``: the keywords of
+    :func:`drive_engine`); the summary, with the engine's stats, plan and steady rate."""
+    import torch
+
+    from ..engine import build
+
+    max_prompt, max_tokens = max(len(p) for p in load.prompts), max(load.outputs)
+    text = tokenizer or _NoText()
+    engine = build(model, text, policy, max_prompt=max_prompt, max_tokens=max_tokens, memory_gib=memory_gib, rows=rows)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.start()
+    try:
+        records, makespan = drive_engine(engine, load, **drive)
+    finally:
+        engine.stop()
+    stats = engine.stats()
+    keep = {k: stats[k] for k in ENGINE_STATS}
+    steady = steady_rate(records, engine.plan.rows)
+    summary = summarize(records, makespan, **keep, plan=engine.plan.as_dict(), steady_tok_s=steady)
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return summary
 
 
 class _NoText:

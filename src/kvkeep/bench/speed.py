@@ -274,6 +274,34 @@ def bench(
     ``params``: per method, policy parameters (``{"co2": {"N": 20}}``).  ``fit_from``: rows of earlier runs
     whose peaks size batch ``max``.  ``tp``: ranks the model is split over (every rank calls this).
     """
+    torch_device, torch_dtype = _check_grid(methods, batches, device, dtype, tp)
+    params = params or {}
+    _check_params(params)
+    model = random_model(arch, str(torch_device), torch_dtype, tp=tp)
+    torch_device = hf.model_device(model)  # under tensor parallelism, this rank's GPU
+    bandwidth = copy_bandwidth(torch_device, nbytes=1 << 30 if torch_device.type == "cuda" else 1 << 26)
+    if memory_gib is None and torch_device.type == "cuda":
+        memory_gib = torch.cuda.get_device_properties(torch_device).total_memory / 2**30 - 2
+    runner = _Runner(model, bandwidth, params, tp, report)
+    for case in matrix(methods, budgets, prompts, gens, batches):
+        if case.batch == 0:
+            runner.size_max_batch(case, list(fit_from), memory_gib)
+        runner.measure(case)
+    meta = {
+        "command": command,
+        "arch": arch,
+        "weights": "random",
+        "tp": tp,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "memory_gib": memory_gib,
+        "weight_gib": weight_bytes(model) / 2**30,
+        **run_metadata(model),
+    }
+    return runner.rows, meta
+
+
+def _check_grid(methods, batches, device: str | None, dtype: str | None, tp: int) -> tuple[torch.device, torch.dtype]:
+    """Refuse unknown methods and a batch ``max`` that cannot be measured; the device and dtype to run on."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
@@ -286,54 +314,56 @@ def bench(
             "batch 'max' is not measured under --tp (a rank that runs out of memory would leave the others "
             "waiting): pass numeric --batches"
         )
-    params = params or {}
-    for method, values in params.items():  # one-line errors now, not after the model is built
+    return torch_device, torch_dtype
+
+
+def _check_params(params: dict[str, dict]) -> None:
+    """One-line errors for bad policy parameters now, not after the model is built."""
+    for method, values in params.items():
         if method not in POLICIES:
             raise ValueError(f"--param {method}.*: {method} is not a policy ({', '.join(POLICIES)})")
         make_policy(method, None if POLICIES[method].keeps_all else 0.5, **values)
-    model = random_model(arch, str(torch_device), torch_dtype, tp=tp)
-    torch_device = hf.model_device(model)  # under tensor parallelism, this rank's GPU
-    bandwidth = copy_bandwidth(torch_device, nbytes=1 << 30 if torch_device.type == "cuda" else 1 << 26)
-    if memory_gib is None and torch_device.type == "cuda":
-        memory_gib = torch.cuda.get_device_properties(torch_device).total_memory / 2**30 - 2
-    rows: list[dict] = []
-    warmed = set()
 
-    def measure(case: Case, probe: bool = False) -> dict:
-        if (case.method, case.budget, case.prompt) not in warmed:  # compile kernels outside the timings
-            keeps_all = case.method in HF_METHODS or POLICIES[case.method].keeps_all
-            policy = None if case.method in HF_METHODS else make_policy(
-                case.method, None if keeps_all else case.budget, **params.get(case.method, {})
-            )  # fmt: skip
-            warm = 4 + (policy.evict_after() if policy is not None else 0)  # CO2 reaches slot mode after N steps
-            run_case(model, Case(case.method, case.budget, case.prompt, gen=warm, batch=1), bandwidth, params)
-            warmed.add((case.method, case.budget, case.prompt))
+
+class _Runner:
+    """Runs the cases of :func:`bench` on one model, each (method, budget, prompt) warmed up once, and keeps
+    their ``rows``."""
+
+    def __init__(self, model, bandwidth: float, params: dict[str, dict], tp: int, report) -> None:
+        self.model, self.bandwidth, self.params, self.tp, self.report = model, bandwidth, params, tp, report
+        self.rows: list[dict] = []
+        self.warmed: set[tuple] = set()
+
+    def measure(self, case: Case, probe: bool = False) -> dict:
+        """Run ``case`` (warming it up first), report its row and keep it."""
+        if (case.method, case.budget, case.prompt) not in self.warmed:
+            self.warm_up(case)
         # Under --tp a rank that retries after running out of memory would leave the others in a collective.
-        row = _run_fitting(model, case, bandwidth, params, tries=4 if case.batch > 8 and tp == 1 else 1)
+        tries = 4 if case.batch > 8 and self.tp == 1 else 1
+        row = _run_fitting(self.model, case, self.bandwidth, self.params, tries=tries)
         row["probe"] = probe
-        rows.append(row)
-        report(_row_line(row))
+        self.rows.append(row)
+        self.report(_row_line(row))
         return row
 
-    for case in matrix(methods, budgets, prompts, gens, batches):
-        if case.batch == 0:
-            known = {b for b, _ in _peaks(list(fit_from) + rows, case)}
-            for probe in PROBE_BATCHES if len(known) < 2 else ():
-                if probe not in known:
-                    measure(Case(case.method, case.budget, case.prompt, case.gen, probe), probe=True)
-            case.batch = largest_batch(list(fit_from) + rows, case, memory_gib)
-        measure(case)
-    meta = {
-        "command": command,
-        "arch": arch,
-        "weights": "random",
-        "tp": tp,
-        "bandwidth_gb_s": bandwidth / 1e9,
-        "memory_gib": memory_gib,
-        "weight_gib": weight_bytes(model) / 2**30,
-        **run_metadata(model),
-    }
-    return rows, meta
+    def warm_up(self, case: Case) -> None:
+        """Compile the kernels of ``case``'s method outside the timings: a short run of one sequence."""
+        policy = None
+        if case.method not in HF_METHODS:
+            budget = None if POLICIES[case.method].keeps_all else case.budget
+            policy = make_policy(case.method, budget, **self.params.get(case.method, {}))
+        warm = 4 + (policy.evict_after() if policy is not None else 0)  # CO2 reaches slot mode after N steps
+        short = Case(case.method, case.budget, case.prompt, gen=warm, batch=1)
+        run_case(self.model, short, self.bandwidth, self.params)
+        self.warmed.add((case.method, case.budget, case.prompt))
+
+    def size_max_batch(self, case: Case, fit_from: list[dict], memory_gib: float) -> None:
+        """Set a batch ``max`` case's batch from measured peaks, measuring two probe batches first if needed."""
+        known = {b for b, _ in _peaks(fit_from + self.rows, case)}
+        for probe in PROBE_BATCHES if len(known) < 2 else ():
+            if probe not in known:
+                self.measure(Case(case.method, case.budget, case.prompt, case.gen, probe), probe=True)
+        case.batch = largest_batch(fit_from + self.rows, case, memory_gib)
 
 
 def write(rows: list[dict], meta: dict, json_path: str | None, markdown_path: str | None) -> str:

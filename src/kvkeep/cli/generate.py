@@ -92,47 +92,22 @@ def check_model(config, prompt_tokens: int, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     prompt, policy, sampling, device, dtype, source = check_args(args)
 
-    import torch
     import transformers
 
     from .. import distributed
     from ..cache import KVKeepCache
-    from ..generation import generate, stop_token_ids
     from ..models import load_config, load_model, load_tokenizer
     from ..runinfo import run_metadata
 
     distributed.start(args.tp, device)
     transformers.utils.logging.disable_progress_bar()
     tokenizer = load_tokenizer(source)
-    if args.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"--chat: model {args.model!r} has no chat template; drop --chat")
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat, verbose=False)["input_ids"]
-    prompt_tokens = ids.shape[1]
-    if prompt_tokens == 0:
-        raise ValueError("the prompt is empty after tokenisation: give some text")
-    check_model(load_config(source), prompt_tokens, args)
+    ids = _prompt_ids(tokenizer, prompt, args)
+    check_model(load_config(source), ids.shape[1], args)
     model, _ = load_model(source, dtype=dtype, device=device, tp_plan="auto" if args.tp > 1 else None)
     cache = KVKeepCache(model, policy, static=args.static)
-    progress = (sys.stderr.isatty() if args.progress is None else args.progress) and distributed.is_main()
-    cuda = model.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(model.device)
-    start = time.perf_counter()
-    run = generate(
-        model, ids.to(model.device), cache=cache, max_new_tokens=args.max_new_tokens, sampling=sampling,
-        stop_ids=stop_token_ids(model, tokenizer), progress=progress, beyond_context=args.beyond_context,
-    )  # fmt: skip
-    if cuda:
-        torch.cuda.synchronize(model.device)
-    seconds = time.perf_counter() - start
-    new_ids = run.row(0)
-
-    kv_bytes, kv_full = cache.nbytes(), cache.full_nbytes()  # every rank: under --tp, collectives
-    (kv_peak,) = cache.peak_sequence_bytes()
+    new_ids, seconds = _timed_generate(model, tokenizer, ids, cache, sampling, args)
+    kv = _kv_bytes(cache)  # every rank: under --tp, collectives
     if not distributed.is_main():
         return 0
     result = {
@@ -141,16 +116,12 @@ def run(args: argparse.Namespace) -> int:
         "policy": policy.name,
         "params": policy.params(),
         "budget": args.budget,
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": ids.shape[1],
         "new_tokens": len(new_ids),
         "max_new_tokens": args.max_new_tokens,
         "chat": args.chat,
         "do_sample": args.sample,
-        "kv_bytes": kv_bytes,
-        "kv_bytes_peak": kv_peak,
-        "kv_bytes_full": kv_full,
-        "kv_ratio": kv_bytes / kv_full if kv_full else None,
-        "kv_peak_ratio": kv_peak / kv_full if kv_full else None,
+        **kv,
         "floored": cache.floored()[0],
         "seconds": seconds,
         "tokens_per_second": len(new_ids) / seconds if seconds > 0 else None,
@@ -163,6 +134,55 @@ def run(args: argparse.Namespace) -> int:
         print(result["text"])
         print(summary(result), file=sys.stderr)
     return 0
+
+
+def _prompt_ids(tokenizer, prompt: str, args: argparse.Namespace):
+    """``[1, n]`` token ids of ``prompt`` (in the chat template with ``--chat``); an empty one is refused."""
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--chat: model {args.model!r} has no chat template; drop --chat")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not args.chat, verbose=False)["input_ids"]
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty after tokenisation: give some text")
+    return ids
+
+
+def _timed_generate(model, tokenizer, ids, cache, sampling, args: argparse.Namespace) -> tuple[list[int], float]:
+    """Generate from ``ids [1, n]`` through ``cache``: the new token ids and the seconds it took."""
+    import torch
+
+    from .. import distributed
+    from ..generation import generate, stop_token_ids
+
+    progress = (sys.stderr.isatty() if args.progress is None else args.progress) and distributed.is_main()
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(model.device)
+    start = time.perf_counter()
+    run = generate(
+        model, ids.to(model.device), cache=cache, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        stop_ids=stop_token_ids(model, tokenizer), progress=progress, beyond_context=args.beyond_context,
+    )  # fmt: skip
+    if cuda:
+        torch.cuda.synchronize(model.device)
+    seconds = time.perf_counter() - start
+    return run.row(0), seconds
+
+
+def _kv_bytes(cache) -> dict:
+    """The K/V bytes ``cache`` keeps now, at its peak and with every token kept, and their ratios."""
+    kv_bytes, kv_full = cache.nbytes(), cache.full_nbytes()
+    (kv_peak,) = cache.peak_sequence_bytes()
+    return {
+        "kv_bytes": kv_bytes,
+        "kv_bytes_peak": kv_peak,
+        "kv_bytes_full": kv_full,
+        "kv_ratio": kv_bytes / kv_full if kv_full else None,
+        "kv_peak_ratio": kv_peak / kv_full if kv_full else None,
+    }
 
 
 def summary(result: dict) -> str:

@@ -3,7 +3,7 @@ full-attention probabilities (through :func:`kvkeep.attention.probe`) and model 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +92,25 @@ class PolicyRun:
         generated = run.row(0)
         full = torch.cat([ids, torch.tensor([generated], dtype=ids.dtype, device=ids.device)], dim=1)
         return Generation(full, ids.shape[1], len(generated), cache)
+
+    def require_decode_step(self, kind: str) -> None:
+        """Refuse a generation too short for ``kind`` to see one decode step."""
+        if self.max_new_tokens < 2:
+            raise ValueError(f"{kind} needs --max-new-tokens >= 2 (one decode step at least)")
+
+
+def decode_eviction(event: Eviction, policy: str, layers: Container[int]) -> bool:
+    """Whether ``event`` is a decode-step eviction (not the prompt's) by ``policy`` on one of ``layers``."""
+    return event.step >= 1 and event.layer_idx in layers and event.policy == policy
+
+
+def dropped(event: Eviction) -> torch.Tensor:
+    """``[kv_heads, slots]`` bool: the slots of ``event.before`` holding a token this eviction dropped."""
+    before, after = event.before, event.after
+    gone = torch.zeros_like(before, dtype=torch.bool)
+    for h in range(before.shape[0]):
+        gone[h] = (before[h] >= 0) & ~torch.isin(before[h], after[h][after[h] >= 0])
+    return gone
 
 
 # -- model facts --------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ def analyze_heatmap(
     gen = run.generate(model, input_ids)
     maps: dict[tuple[int, int], torch.Tensor] = {}
     stats: list[dict] = []
-    prompt = gen.prompt_tokens
 
     def on_layer(layer: int, probs: torch.Tensor, allowed: torch.Tensor) -> None:
         if layer not in layers:
@@ -46,20 +45,8 @@ def analyze_heatmap(
         cols = torch.arange(n, device=probs.device)
         near = allowed & (cols[None, :] > cols[:, None] - local)
         for head in heads:
-            p = probs[head]
-            maps[layer, head] = torch.where(allowed, p, torch.nan).cpu()
-            gen_rows = p[prompt:, :prompt]
-            stats.append(
-                {
-                    "layer": layer,
-                    "head": head,
-                    "first_token_mass": float(p[:, 0].mean()),
-                    "self_mass": float(p.diagonal().mean()),
-                    "local_mass": float((p * near).sum(-1).mean()),
-                    "generation_prompt_mass": float(gen_rows.sum(-1).mean()) if gen_rows.numel() else None,
-                    "max": float(p.max()),
-                }
-            )
+            maps[layer, head] = torch.where(allowed, probs[head], torch.nan).cpu()
+            stats.append({"layer": layer, "head": head, **_map_stats(probs[head], near, gen.prompt_tokens)})
 
     full_attention(model, gen.ids, on_layer)
     stats.sort(key=lambda s: (layers.index(s["layer"]), heads.index(s["head"])))
@@ -72,35 +59,56 @@ def analyze_heatmap(
         "local": local,
         "maps": stats,
     }
+    return write_result(Path(out), "heatmap", result, lambda path: _draw(path, result, maps))
 
-    def draw(path: Path) -> None:
-        from matplotlib import colormaps
-        from matplotlib.colors import LogNorm
 
-        rows, cols = len(layers), len(heads)
-        figure, axes = new_figure(rows, cols, size=(0.6 + 3.2 * cols, 0.9 + 3.0 * rows))
-        positive = [float(m[m > 0].min()) for m in maps.values() if bool((m > 0).any())]
-        norm = LogNorm(vmin=max(1e-6, min(positive, default=1e-6)), vmax=1.0)
-        cmap = colormaps["viridis"].with_extremes(bad="white")
-        image = None
-        for i, layer in enumerate(layers):
-            for j, head in enumerate(heads):
-                ax = axes[i, j]
-                m = maps[layer, head]
-                image = ax.imshow(m.clamp(min=norm.vmin).numpy(), norm=norm, cmap=cmap, interpolation="nearest")
-                for line in (ax.axvline, ax.axhline):
-                    line(prompt - 0.5, color="white", linewidth=0.7, linestyle="--")
-                ax.set_title(f"layer {layer}, head {head}", fontsize=9)
-                ax.tick_params(labelsize=7)
-                if i == rows - 1:
-                    ax.set_xlabel("key token", fontsize=8)
-                if j == 0:
-                    ax.set_ylabel("query token", fontsize=8)
-        figure.colorbar(image, ax=axes, shrink=min(0.8, 0.35 * rows), label="attention probability (log)")
-        figure.suptitle(title(result, "Attention maps (dashed: end of prompt)"), fontsize=10)
-        save_png(figure, path)
+def _map_stats(p: torch.Tensor, near: torch.Tensor, prompt: int) -> dict:
+    """The masses of one map ``p [n, n]`` (query rows, key columns), ``near [n, n]`` marking the local keys."""
+    gen_rows = p[prompt:, :prompt]
+    return {
+        "first_token_mass": float(p[:, 0].mean()),
+        "self_mass": float(p.diagonal().mean()),
+        "local_mass": float((p * near).sum(-1).mean()),
+        "generation_prompt_mass": float(gen_rows.sum(-1).mean()) if gen_rows.numel() else None,
+        "max": float(p.max()),
+    }
 
-    return write_result(Path(out), "heatmap", result, draw)
+
+# -- the figure ---------------------------------------------------------------------------------------------
+def _draw(path: Path, result: dict, maps: dict[tuple[int, int], torch.Tensor]) -> None:
+    """A grid of ``maps`` (``[n, n]``, NaN where a query may not attend): a row a layer, a column a head."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
+
+    layers, heads = result["layers"], result["heads"]
+    rows, cols = len(layers), len(heads)
+    figure, axes = new_figure(rows, cols, size=(0.6 + 3.2 * cols, 0.9 + 3.0 * rows))
+    positive = [float(m[m > 0].min()) for m in maps.values() if bool((m > 0).any())]
+    norm = LogNorm(vmin=max(1e-6, min(positive, default=1e-6)), vmax=1.0)
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    image = None
+    for i, layer in enumerate(layers):
+        for j, head in enumerate(heads):
+            ax = axes[i, j]
+            image = ax.imshow(
+                maps[layer, head].clamp(min=norm.vmin).numpy(), norm=norm, cmap=cmap, interpolation="nearest"
+            )
+            _label_map(ax, result["prompt_tokens"], layer, head, bottom=i == rows - 1, left=j == 0)
+    figure.colorbar(image, ax=axes, shrink=min(0.8, 0.35 * rows), label="attention probability (log)")
+    figure.suptitle(title(result, "Attention maps (dashed: end of prompt)"), fontsize=10)
+    save_png(figure, path)
+
+
+def _label_map(ax, prompt: int, layer: int, head: int, *, bottom: bool, left: bool) -> None:
+    """One map's end-of-prompt lines, title and (on the grid's edges) axis labels."""
+    for line in (ax.axvline, ax.axhline):
+        line(prompt - 0.5, color="white", linewidth=0.7, linestyle="--")
+    ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+    ax.tick_params(labelsize=7)
+    if bottom:
+        ax.set_xlabel("key token", fontsize=8)
+    if left:
+        ax.set_ylabel("query token", fontsize=8)
 
 
 def headline(result: dict) -> str:

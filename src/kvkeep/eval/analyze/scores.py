@@ -10,7 +10,7 @@ import torch
 
 from ...cache import Eviction
 from ...policies import POLICIES, ScoringPolicy
-from .common import PolicyRun, num_layers, pick
+from .common import PolicyRun, decode_eviction, dropped, num_layers, pick
 from .output import describe, new_figure, save_png, title, write_result
 
 SCORE_BINS = 40
@@ -56,103 +56,121 @@ def analyze_scores(
         raise ValueError(f"policy '{run.policy}' keeps no scores: use one of {', '.join(scoring)}")
     n_layers = num_layers(model)
     chosen = set(pick(layers, n_layers, "layer", range(n_layers)))
-    total_steps = run.max_new_tokens - 1
-    if total_steps < 1:
-        raise ValueError("scores needs --max-new-tokens >= 2 (one decode step at least)")
-    wanted = sorted(set(steps)) if steps else sorted({max(1, round(total_steps * i / 4)) for i in range(1, 5)})
-    if any(s < 1 for s in wanted):
-        raise ValueError(f"steps are decode steps >= 1, got {wanted}")
-    snaps: dict[int, list[torch.Tensor]] = {s: [] for s in wanted}
-    evicted_scores: list[torch.Tensor] = []
-    kept_scores: list[torch.Tensor] = []
-    per_step: dict[int, list[torch.Tensor]] = {}
-
-    def on_evict(event: Eviction) -> None:
-        before, scores, after = event.before, event.scores, event.after
-        if event.step < 1 or event.layer_idx not in chosen or scores is None or event.policy != run.policy:
-            return
-        if event.step in snaps:
-            snaps[event.step].append(scores[before >= 0].float().cpu())
-        if not event.evicted:
-            return
-        candidate = event.candidates
-        gone = torch.zeros_like(candidate)
-        for h in range(before.shape[0]):
-            gone[h] = candidate[h] & ~torch.isin(before[h], after[h][after[h] >= 0])
-        ev, kp = scores[gone].float().cpu(), scores[candidate & ~gone].float().cpu()
-        evicted_scores.append(ev)
-        kept_scores.append(kp)
-        step = per_step.setdefault(event.step, [torch.zeros(0), torch.zeros(0)])
-        step[0], step[1] = torch.cat([step[0], ev]), torch.cat([step[1], kp])
-
-    gen = run.generate(model, input_ids, on_evict)
-    snapshots = {s: torch.cat(v) for s, v in snaps.items() if v}
-    evicted = torch.cat(evicted_scores) if evicted_scores else torch.zeros(0)
-    kept = torch.cat(kept_scores) if kept_scores else torch.zeros(0)
-    everything = torch.cat([evicted, kept, *snapshots.values()])
-    positive = everything[everything > 0]
-    if positive.numel():
-        low, high = float(positive.min()), float(positive.max())
-        high = high * 1.0001 if high > low else low * 10
-        edges = torch.logspace(math.log10(low), math.log10(high), bins + 1, dtype=torch.float64)
-    else:
-        edges = torch.logspace(-6, 0, bins + 1, dtype=torch.float64)
-
-    def histogram(values: torch.Tensor) -> list[int]:
-        values = values[values > 0].double()
-        if not values.numel():
-            return [0] * bins
-        return torch.histogram(values.clamp(float(edges[0]), float(edges[-1])), bins=edges).hist.long().tolist()
-
+    run.require_decode_step("scores")
+    seen = _Scores(run.policy, chosen, _snapshot_steps(steps, run.max_new_tokens - 1))
+    gen = run.generate(model, input_ids, seen.record)
+    snapshots = {s: torch.cat(v) for s, v in seen.snapshots.items() if v}
+    evicted = torch.cat(seen.evicted) if seen.evicted else torch.zeros(0)
+    kept = torch.cat(seen.kept) if seen.kept else torch.zeros(0)
+    edges = _log_edges(torch.cat([evicted, kept, *snapshots.values()]), bins)
     result = {
         "kind": "scores",
         **describe(model, tok, gen, run),
         "layers": sorted(chosen),
         "bin_edges": edges.tolist(),
-        "snapshots": [{"step": s, **_summary(v), "hist": histogram(v)} for s, v in sorted(snapshots.items())],
-        "evicted": {**_summary(evicted), "hist": histogram(evicted)},
-        "kept": {**_summary(kept), "hist": histogram(kept)},
+        "snapshots": [{"step": s, **_distribution(v, edges)} for s, v in sorted(snapshots.items())],
+        "evicted": _distribution(evicted, edges),
+        "kept": _distribution(kept, edges),
         "evicted_below_kept_median": (
             float((evicted < kept.median()).float().mean()) if evicted.numel() and kept.numel() else None
         ),
-        "per_step": [
-            {
-                "step": s,
-                "evicted": int(ev.numel()),
-                "evicted_mean": float(ev.mean()) if ev.numel() else None,
-                "kept_mean": float(kp.mean()) if kp.numel() else None,
-            }
-            for s, (ev, kp) in sorted(per_step.items())
-        ],
+        "per_step": [_step_row(s, ev, kp) for s, (ev, kp) in sorted(seen.per_step.items())],
+    }
+    return write_result(Path(out), "scores", result, lambda path: _draw(path, result))
+
+
+def _snapshot_steps(steps: Sequence[int] | None, total_steps: int) -> list[int]:
+    """The decode steps to snapshot: ``steps`` sorted, or four evenly spaced up to ``total_steps``."""
+    wanted = sorted(set(steps)) if steps else sorted({max(1, round(total_steps * i / 4)) for i in range(1, 5)})
+    if any(s < 1 for s in wanted):
+        raise ValueError(f"steps are decode steps >= 1, got {wanted}")
+    return wanted
+
+
+class _Scores:
+    """The scores :func:`analyze_scores` collects: an eviction observer.
+
+    ``snapshots``: per wanted step, the ``[cached]`` scores of each chosen layer; ``evicted`` / ``kept``: per
+    eviction, the scores of the candidates dropped and kept; ``per_step``: per step, both concatenated.
+    """
+
+    def __init__(self, policy: str, layers: set[int], steps: list[int]) -> None:
+        self.policy, self.layers = policy, layers
+        self.snapshots: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+        self.evicted: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.per_step: dict[int, list[torch.Tensor]] = {}
+
+    def record(self, event: Eviction) -> None:
+        scores = event.scores
+        if not decode_eviction(event, self.policy, self.layers) or scores is None:
+            return
+        if event.step in self.snapshots:
+            self.snapshots[event.step].append(scores[event.before >= 0].float().cpu())
+        if not event.evicted:
+            return
+        candidate = event.candidates
+        gone = candidate & dropped(event)
+        ev, kp = scores[gone].float().cpu(), scores[candidate & ~gone].float().cpu()
+        self.evicted.append(ev)
+        self.kept.append(kp)
+        step = self.per_step.setdefault(event.step, [torch.zeros(0), torch.zeros(0)])
+        step[0], step[1] = torch.cat([step[0], ev]), torch.cat([step[1], kp])
+
+
+def _log_edges(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """``[bins + 1]`` float64 log-spaced edges over the positive ``values`` (1e-6 to 1 when there are none)."""
+    positive = values[values > 0]
+    if not positive.numel():
+        return torch.logspace(-6, 0, bins + 1, dtype=torch.float64)
+    low, high = float(positive.min()), float(positive.max())
+    high = high * 1.0001 if high > low else low * 10
+    return torch.logspace(math.log10(low), math.log10(high), bins + 1, dtype=torch.float64)
+
+
+def _distribution(values: torch.Tensor, edges: torch.Tensor) -> dict:
+    """:func:`_summary` of ``values [count]`` and their histogram ``hist`` over ``edges``."""
+    return {**_summary(values), "hist": _histogram(values, edges)}
+
+
+def _histogram(values: torch.Tensor, edges: torch.Tensor) -> list[int]:
+    """Counts of the positive ``values`` in the bins of ``edges`` (values outside counted at the ends)."""
+    bins = edges.numel() - 1
+    values = values[values > 0].double()
+    if not values.numel():
+        return [0] * bins
+    return torch.histogram(values.clamp(float(edges[0]), float(edges[-1])), bins=edges).hist.long().tolist()
+
+
+def _step_row(step: int, evicted: torch.Tensor, kept: torch.Tensor) -> dict:
+    return {
+        "step": step,
+        "evicted": int(evicted.numel()),
+        "evicted_mean": float(evicted.mean()) if evicted.numel() else None,
+        "kept_mean": float(kept.mean()) if kept.numel() else None,
     }
 
-    def draw(path: Path) -> None:
-        figure, axes = new_figure(1, 2, size=(13, 4.8))
-        edge_list = edges.tolist()
-        ax = axes[0, 0]
-        for snap in result["snapshots"]:
-            total = max(1, sum(snap["hist"]))
-            ax.stairs([c / total for c in snap["hist"]], edge_list, label=f"step {snap['step']} (n={snap['count']})")
-        _log_panel(ax, "accumulated score", "share of cached tokens", "Scores of the cached tokens at decode steps")
-        ax = axes[0, 1]
-        for name, color in (("kept", "#1f77b4"), ("evicted", "#d62728")):
-            part = result[name]
-            total = max(1, sum(part["hist"]))
-            label = f"{'evicted' if name == 'evicted' else 'kept candidates'} (n={part['count']})"
-            ax.stairs(
-                [c / total for c in part["hist"]],
-                edge_list,
-                label=label,
-                color=color,
-                fill=name == "evicted",
-                alpha=0.6,
-            )
-        what = "Evicted tokens vs candidates kept at the same evictions"
-        _log_panel(ax, "accumulated score at eviction time", "share", what)
-        figure.suptitle(title(result, "Score distributions"), fontsize=10)
-        save_png(figure, path)
 
-    return write_result(Path(out), "scores", result, draw)
+# -- the figure ---------------------------------------------------------------------------------------------
+def _draw(path: Path, result: dict) -> None:
+    """The snapshots' distributions (left) and the evicted against the kept candidates (right)."""
+    figure, axes = new_figure(1, 2, size=(13, 4.8))
+    edges = result["bin_edges"]
+    ax = axes[0, 0]
+    for snap in result["snapshots"]:
+        total = max(1, sum(snap["hist"]))
+        ax.stairs([c / total for c in snap["hist"]], edges, label=f"step {snap['step']} (n={snap['count']})")
+    _log_panel(ax, "accumulated score", "share of cached tokens", "Scores of the cached tokens at decode steps")
+    ax = axes[0, 1]
+    for name, color in (("kept", "#1f77b4"), ("evicted", "#d62728")):
+        part = result[name]
+        total = max(1, sum(part["hist"]))
+        label = f"{'evicted' if name == 'evicted' else 'kept candidates'} (n={part['count']})"
+        ax.stairs([c / total for c in part["hist"]], edges, label=label, color=color, fill=name == "evicted", alpha=0.6)
+    what = "Evicted tokens vs candidates kept at the same evictions"
+    _log_panel(ax, "accumulated score at eviction time", "share", what)
+    figure.suptitle(title(result, "Score distributions"), fontsize=10)
+    save_png(figure, path)
 
 
 def _log_panel(ax, xlabel: str, ylabel: str, what: str) -> None:

@@ -38,15 +38,7 @@ def analyze_sparsity(
     per_layer: list[dict] = []
 
     def on_layer(layer: int, probs: torch.Tensor, allowed: torch.Tensor) -> None:
-        row_max = probs.amax(-1, keepdim=True)
-        row_len = allowed.sum(-1).clamp(min=1).float()  # [n]
-        share, pooled = [], []
-        for t in thresholds:
-            below = (probs < t * row_max) & allowed  # [H, n, n]
-            counts = below.sum(-1).float()  # [H, n]
-            share.append(float((counts / row_len).mean()))
-            pooled.append(float(counts.sum() / (row_len.sum() * probs.shape[0])))
-        per_layer.append({"layer": layer, "share_below": share, "pooled_below": pooled})
+        per_layer.append({"layer": layer, **_below(probs, allowed, thresholds)})
 
     full_attention(model, gen.ids, on_layer)
     result = {
@@ -60,25 +52,38 @@ def analyze_sparsity(
             sum(r["share_below"][i] for r in per_layer) / len(per_layer) for i in range(len(thresholds))
         ],
     }
+    return write_result(Path(out), "sparsity", result, lambda path: _draw(path, result))
 
-    def draw(path: Path) -> None:
-        figure, axes = new_figure()
-        ax = axes[0, 0]
-        layers = [r["layer"] for r in per_layer]
-        for i, t in enumerate(thresholds):
-            ax.plot(
-                layers, [100 * r["share_below"][i] for r in per_layer], marker="o", markersize=3, label=f"< {pct(t)}"
-            )
-        integer_ticks(ax)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("attention scores below threshold (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(title(result, "Share of attention scores below p% of the row maximum"), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", title="p (of row max)", title_fontsize="small")
-        save_png(figure, path)
 
-    return write_result(Path(out), "sparsity", result, draw)
+def _below(probs: torch.Tensor, allowed: torch.Tensor, thresholds: list[float]) -> dict:
+    """One layer's ``share_below`` and ``pooled_below`` at each threshold (``probs [H, n, n]``, ``allowed [n, n]``)."""
+    row_max = probs.amax(-1, keepdim=True)
+    row_len = allowed.sum(-1).clamp(min=1).float()  # [n]
+    share, pooled = [], []
+    for t in thresholds:
+        below = (probs < t * row_max) & allowed  # [H, n, n]
+        counts = below.sum(-1).float()  # [H, n]
+        share.append(float((counts / row_len).mean()))
+        pooled.append(float(counts.sum() / (row_len.sum() * probs.shape[0])))
+    return {"share_below": share, "pooled_below": pooled}
+
+
+def _draw(path: Path, result: dict) -> None:
+    """The share below each threshold, per layer: a line a threshold."""
+    figure, axes = new_figure()
+    ax = axes[0, 0]
+    per_layer = result["per_layer"]
+    layers = [r["layer"] for r in per_layer]
+    for i, t in enumerate(result["thresholds"]):
+        ax.plot(layers, [100 * r["share_below"][i] for r in per_layer], marker="o", markersize=3, label=f"< {pct(t)}")
+    integer_ticks(ax)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("attention scores below threshold (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title(result, "Share of attention scores below p% of the row maximum"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", title="p (of row max)", title_fontsize="small")
+    save_png(figure, path)
 
 
 def headline(result: dict) -> str:

@@ -189,28 +189,8 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
     ``seconds`` (mean). Sorted by task, dataset, model, options,
     policy (``full`` first), budget and parameters.
     """
-    rows, _ = dedupe(rows)
-    varying, settings = varying_params(rows), varying_options(rows)
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    shown: dict[tuple, tuple[dict, dict]] = {}
-    for row in rows:
-        key = row_slice(row)
-        params = row.get("params") or {}
-        names = varying.get(key, ())
-        options = setting(row, settings)
-        group = (
-            *key,
-            row_budget(row),
-            tuple((name, norm(params.get(name))) for name in names),
-            tuple((name, norm(value)) for name, value in options.items()),
-        )
-        groups[group].append(row)
-        shown.setdefault(group, ({name: params.get(name) for name in names}, options))
-
     summaries = []
-    for group, members in groups.items():
-        task, dataset, model, policy, budget, _, _ = group
-        params, options = shown[group]
+    for (task, dataset, model, policy, budget, _, _), (members, params, options) in _groups(rows).items():
         summaries.append(
             {
                 "task": task,
@@ -223,15 +203,41 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
                 **_means(members),
             }
         )
-    summaries.sort(
-        key=lambda s: (
-            s["task"],
-            s["dataset"],
-            s["model"],
-            tuple(value_key(norm(v)) for v in s["options"].values()),
-            policy_key(s["policy"]),
-            budget_key(s["budget"]),
-            tuple(value_key(norm(v)) for v in s["params"].values()),
-        )
-    )
+    summaries.sort(key=_summary_key)
     return summaries
+
+
+def _groups(rows: Iterable[dict]) -> dict[tuple, tuple[list[dict], dict, dict]]:
+    """The rows (repeats dropped) by (task, dataset, model, policy, budget, varying params, varying options):
+    each group's rows, and the params and the options it shows."""
+    rows, _ = dedupe(rows)
+    varying, settings = varying_params(rows), varying_options(rows)
+    groups: dict[tuple, tuple[list[dict], dict, dict]] = {}
+    for row in rows:
+        key = row_slice(row)
+        params = row.get("params") or {}
+        names = varying.get(key, ())
+        options = setting(row, settings)
+        group = (
+            *key,
+            row_budget(row),
+            tuple((name, norm(params.get(name))) for name in names),
+            tuple((name, norm(value)) for name, value in options.items()),
+        )
+        if group not in groups:
+            groups[group] = ([], {name: params.get(name) for name in names}, options)
+        groups[group][0].append(row)
+    return groups
+
+
+def _summary_key(summary: dict) -> tuple:
+    """Task, dataset, model, options, policy (``full`` first), budget and parameters."""
+    return (
+        summary["task"],
+        summary["dataset"],
+        summary["model"],
+        tuple(value_key(norm(v)) for v in summary["options"].values()),
+        policy_key(summary["policy"]),
+        budget_key(summary["budget"]),
+        tuple(value_key(norm(v)) for v in summary["params"].values()),
+    )
