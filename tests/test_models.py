@@ -125,9 +125,11 @@ def test_load_local_folder(tiny_folder: Path) -> None:
     assert logits.shape == (2, 3, 6)
 
 
-def test_load_local_folder_dtype_string(tiny_folder: Path) -> None:
-    model, _ = load_model(str(tiny_folder), dtype="bfloat16", device="cpu")
-    assert model.dtype == torch.bfloat16
+@pytest.mark.parametrize("name, dtype", [("bf16", torch.bfloat16), ("torch.Float16", torch.float16)])
+def test_load_model_resolves_kvkeeps_dtype_names(tiny_folder: Path, name: str, dtype: torch.dtype) -> None:
+    """Names transformers refuses (it takes "bfloat16", not "bf16" or "torch.float16") load by kvkeep's rules."""
+    model, _ = load_model(str(tiny_folder), dtype=name, device="cpu")
+    assert model.dtype == dtype
 
 
 @pytest.fixture(scope="session")
@@ -166,16 +168,6 @@ def test_smollm2_shape_and_tokenizer(smollm2) -> None:
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.pad_token_id == model.config.pad_token_id == 2
     assert tokenizer.chat_template
-
-
-def test_smollm2_generates(smollm2) -> None:
-    model, tokenizer, _ = smollm2
-    inputs = tokenizer("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
-    text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert text.strip()
 
 
 # -- no network ---------------------------------------------------------------------------------------------

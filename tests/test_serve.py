@@ -38,7 +38,7 @@ class Server:
 
     def __init__(
         self, policy: str, budget=None, rows: int = 8, queue_limit: int = 64, start_engine: bool = True,
-        max_body_bytes: int = 8 << 20, **params,
+        max_body_bytes: int = 8 << 20, max_tokens: int = 32, **params,
     ):  # fmt: skip
         import uvicorn
 
@@ -51,7 +51,7 @@ class Server:
         model, self.tokenizer = kvkeep.load_model(MODEL, device="cpu")
         policy = make_policy(policy, budget, **params)
         self.engine = build(
-            model, self.tokenizer, policy, max_prompt=384, max_tokens=32, rows=rows, queue_limit=queue_limit
+            model, self.tokenizer, policy, max_prompt=384, max_tokens=max_tokens, rows=rows, queue_limit=queue_limit
         )
         app = create_app(
             self.engine, self.tokenizer, MODEL, stop_token_ids(model, self.tokenizer), max_body_bytes=max_body_bytes
@@ -384,20 +384,27 @@ def test_a_non_streaming_request_whose_client_gives_up_is_cancelled():
         server.close()
 
 
-def test_a_cancelled_stream_frees_its_row(server):
-    cancelled = server.engine.stats()["cancelled"]
-    with httpx.stream(
-        "POST", f"{server.url}/v1/completions", timeout=60,
-        json={"model": MODEL, "prompt": prompt(20), "max_tokens": 32, "temperature": 0, "stream": True},
-    ) as response:  # fmt: skip
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                break  # one token, then the client goes away
-    deadline = time.time() + 10
-    while server.engine.running and time.time() < deadline:
-        time.sleep(0.05)
-    assert not server.engine.running
-    assert server.engine.stats()["cancelled"] == cancelled + 1  # ended by the client, not by its 32 tokens
+def test_a_stream_whose_client_leaves_is_cancelled_long_before_max_tokens_and_frees_its_row():
+    """One row, a request for 1000 tokens (tens of seconds on a CPU) that cannot stop early (ignore_eos): the client
+    reads one event and leaves, and the request ends cancelled within seconds, a few tokens in; the next request
+    gets the row."""
+    server = Server("window", 0.5, rows=1, max_tokens=1000, floor=0)
+    try:
+        body = {"model": MODEL, "prompt": prompt(20), "max_tokens": 1000, "temperature": 0, "stream": True,
+                "kvkeep": {"ignore_eos": True}}  # fmt: skip
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            next(line for line in response.iter_lines() if line.startswith("data: "))  # one token, then away
+            [request] = list(server.engine.running.values())
+        deadline = time.monotonic() + 10
+        while not request.finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert request.finish_reason == "cancelled"
+        assert len(request.output_ids) < 250  # stopped by its client, a few tokens in
+        stats = server.engine.stats()
+        assert stats["cancelled"] == 1 and stats["rows_in_use"] == 0
+        assert greedy(server.client, prompt(4), max_tokens=2).usage.completion_tokens == 2  # the one row is free
+    finally:
+        server.close()
 
 
 def test_two_hundred_short_requests_leave_rows_memory_and_tasks_where_they_started(server):

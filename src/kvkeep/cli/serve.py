@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..policies import make_policy
 
     policy = make_policy(args.policy, args.budget, **dict(args.params))
-    from ..models import context_length, load_config, resolve_device, resolve_dtype, resolve_source
+    from ..models import load_config, resolve_device, resolve_dtype, resolve_source
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -101,6 +101,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("kvkeep serve needs fastapi and uvicorn: pip install 'kvkeep[serve]'") from None
     config = load_config(source)
     check_model(config)
+    max_prompt, rows = engine_limits(args, config, device)
+    from .. import distributed
+
+    # Before loading: a port in use is known at once.  Under --tp only rank 0 serves HTTP.
+    sock = listen(args.host, args.port) if distributed.is_main() else None
+    app, engine = start_app(args, source, dtype, device, policy, max_prompt, rows)
+    if app is None:  # under --tp, a rank other than 0: run rank 0's iterations until it stops
+        engine.follow()
+        return 0
+    host, port = sock.getsockname()[:2]
+    print(f"[kvkeep] serving http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+    engine.start()
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
+    finally:
+        engine.stop()
+    return 0
+
+
+def engine_limits(args: argparse.Namespace, config, device) -> tuple[int, int | None]:
+    """The longest prompt and the rows (None: as many as the memory holds), checked against the context."""
+    from ..models import context_length
+
     context = context_length(config) or 2048
     cpu = device.type == "cpu"  # the torch path attends every slot of every row: keep a CPU server small
     max_prompt = args.max_prompt_tokens or max(1, min(context - args.max_tokens, 2048 if cpu else context))
@@ -109,13 +132,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--max-prompt-tokens {max_prompt} + --max-tokens {args.max_tokens} exceed the {context}-token context"
         )
-    from .. import distributed
+    return max_prompt, rows
 
-    # Before loading: a port in use is known at once.  Under --tp only rank 0 serves HTTP.
-    sock = listen(args.host, args.port) if distributed.is_main() else None
 
+def start_app(args: argparse.Namespace, source, dtype, device, policy, max_prompt: int, rows: int | None):
+    """Load the model and build its engine; on rank 0, the app serving it (``None`` on the other ranks)."""
     import transformers
 
+    from .. import distributed
     from ..engine import build
     from ..generation import stop_token_ids
     from ..models import load_model
@@ -128,22 +152,13 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, policy, max_prompt=max_prompt, max_tokens=args.max_tokens, memory_gib=args.memory_gib,
         rows=rows, prefill_tokens=args.prefill_tokens, queue_limit=args.queue_limit,
     )  # fmt: skip
-    if not distributed.is_main():  # under --tp: run rank 0's iterations until it stops
-        engine.follow()
-        return 0
+    if not distributed.is_main():
+        return None, engine
     name = args.served_model_name or args.model
     budget = "" if policy.keeps_all else f" budget {policy.budget}"
     split = f"; tensor-parallel over {args.tp} ranks (rows per rank)" if args.tp > 1 else ""
-    body_bytes = int(args.max_body_mib * 2**20)
     print(f"[kvkeep] {name}: {policy.name}{budget}{split}; {engine.plan.describe()}", file=sys.stderr)
     print(f"[kvkeep] limits: prompts up to {max_prompt} tokens, outputs up to {args.max_tokens}, "
           f"bodies up to {args.max_body_mib:g} MiB, {args.queue_limit} waiting requests", file=sys.stderr)  # fmt: skip
-    app = create_app(engine, tokenizer, name, stop_token_ids(model, tokenizer), max_body_bytes=body_bytes)
-    host, port = sock.getsockname()[:2]
-    print(f"[kvkeep] serving http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
-    engine.start()
-    try:
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run(sockets=[sock])
-    finally:
-        engine.stop()
-    return 0
+    body_bytes = int(args.max_body_mib * 2**20)
+    return create_app(engine, tokenizer, name, stop_token_ids(model, tokenizer), max_body_bytes=body_bytes), engine

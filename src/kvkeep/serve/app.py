@@ -13,7 +13,7 @@ import asyncio
 import json
 import random
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -36,56 +36,71 @@ def create_app(engine: Engine, tokenizer, model_name: str, stop_ids: set[int], *
     """The app serving ``engine`` under ``model_name`` (the engine's thread must be running)."""
     service = Service(engine, Prompts(tokenizer, engine.facts.vocab, engine.max_prompt), model_name, stop_ids)
     app = FastAPI(title="kvkeep", description="OpenAI-compatible server with KV-cache eviction")
+    app.state.service = service
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.add_exception_handler(APIError, _api_error)
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(HTTPException, _http)
-    app.add_exception_handler(Exception, _fault)
-    app.get("/health")(service.health)
-    app.get("/v1/models")(service.models)
-    app.post("/v1/completions")(service.completions)
-    app.post("/v1/chat/completions")(service.chat)
+    for error, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(error, handler)
+    app.include_router(router)
     app.router.on_shutdown.append(service.prompts.close)
     return app
 
 
+router = APIRouter()
+
+
+def service_of(http: HTTPRequest) -> Service:
+    """The :class:`Service` of the app that ``http`` came to."""
+    return http.app.state.service
+
+
+@router.get("/health")
+async def health(http: HTTPRequest):
+    stats = service_of(http).engine.stats()
+    if stats["failure"]:
+        return JSONResponse({"status": "error", **stats}, status_code=503)
+    return {"status": "ok", **stats}
+
+
+@router.get("/v1/models")
+async def models(http: HTTPRequest):
+    card = {"id": service_of(http).model_name, "object": "model", "created": wire.now(), "owned_by": "kvkeep"}
+    return {"object": "list", "data": [card]}
+
+
+@router.post("/v1/completions")
+async def completions(body: wire.CompletionRequest, http: HTTPRequest):
+    service = service_of(http)
+    service.check(body)
+    ids = await service.prompts.completion(body.prompt)
+    text = ""  # the prompt's text, echoed: as sent, or decoded from token ids
+    if body.echo:
+        first = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
+        text = first if isinstance(first, str) else service.prompts.tokenizer.decode(ids)
+    logprobs = {"logprobs": body.logprobs, "echo": body.echo, "prompt_text": text}
+    return await service.serve(body, ids, body.max_tokens or 16, chat=False, http=http, **logprobs)
+
+
+@router.post("/v1/chat/completions")
+async def chat(body: wire.ChatCompletionRequest, http: HTTPRequest):
+    service = service_of(http)
+    service.check(body)
+    if not getattr(service.prompts.tokenizer, "chat_template", None):
+        raise APIError(400, f"model {service.model_name} has no chat template: use /v1/completions")
+    ids = await service.prompts.chat([m.template_message() for m in body.messages])
+    limit = body.max_completion_tokens or body.max_tokens or service.engine.max_tokens
+    try:
+        top = body.top
+    except ValueError as err:
+        raise APIError(400, str(err), param="top_logprobs") from None
+    return await service.serve(body, ids, limit, chat=True, http=http, logprobs=top)
+
+
 class Service:
-    """The routes' work: a request body to an engine request, and the engine's events to a response."""
+    """What the routes share (kept on ``app.state.service``): a request body to engine requests, and the
+    engine's events to a response."""
 
     def __init__(self, engine: Engine, prompts: Prompts, model_name: str, stop_ids: set[int]):
         self.engine, self.prompts, self.model_name, self.stop_ids = engine, prompts, model_name, stop_ids
-
-    async def health(self):
-        stats = self.engine.stats()
-        if stats["failure"]:
-            return JSONResponse({"status": "error", **stats}, status_code=503)
-        return {"status": "ok", **stats}
-
-    async def models(self):
-        card = {"id": self.model_name, "object": "model", "created": wire.now(), "owned_by": "kvkeep"}
-        return {"object": "list", "data": [card]}
-
-    async def completions(self, body: wire.CompletionRequest, http: HTTPRequest):
-        self.check(body)
-        ids = await self.prompts.completion(body.prompt)
-        text = ""  # the prompt's text, echoed: as sent, or decoded from token ids
-        if body.echo:
-            first = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
-            text = first if isinstance(first, str) else self.prompts.tokenizer.decode(ids)
-        logprobs = {"logprobs": body.logprobs, "echo": body.echo, "prompt_text": text}
-        return await self.serve(body, ids, body.max_tokens or 16, chat=False, http=http, **logprobs)
-
-    async def chat(self, body: wire.ChatCompletionRequest, http: HTTPRequest):
-        self.check(body)
-        if not getattr(self.prompts.tokenizer, "chat_template", None):
-            raise APIError(400, f"model {self.model_name} has no chat template: use /v1/completions")
-        ids = await self.prompts.chat([m.template_message() for m in body.messages])
-        limit = body.max_completion_tokens or body.max_tokens or self.engine.max_tokens
-        try:
-            top = body.top
-        except ValueError as err:
-            raise APIError(400, str(err), param="top_logprobs") from None
-        return await self.serve(body, ids, limit, chat=True, http=http, logprobs=top)
 
     def check(self, body) -> None:
         """A 404 for another model's name, a 400 naming a field kvkeep does not do."""
@@ -217,6 +232,10 @@ async def _http(_, err: HTTPException):
 
 async def _fault(_, err: Exception):
     return JSONResponse(wire.error_body(f"internal error: {type(err).__name__}: {err}", "server_error"), 500)
+
+
+#: Every error, as an OpenAI-style JSON body.
+ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, HTTPException: _http, Exception: _fault}
 
 
 async def _stream(engine, request, events, rid, created, model, chat: bool, include_usage: bool):
