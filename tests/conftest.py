@@ -14,6 +14,15 @@ import transformers as tf  # noqa: E402
 
 from kvkeep.hf import with_cache  # noqa: E402
 
+#: Triton's interpreter takes the kernels' per-program loop bounds (tensors) from 3.9 on; compiled, 3.6 does.
+TRITON_INTERPRETER_MIN = "3.9"
+
+
+def require_triton() -> None:
+    """Skip unless triton can run the kernels here: compiled on CUDA, else its interpreter (recent enough)."""
+    pytest.importorskip("triton", minversion=None if torch.cuda.is_available() else TRITON_INTERPRETER_MIN)
+
+
 # One entry per architecture: the config class and the keyword arguments of a tiny model.  Weights use a
 # large init range so greedy decoding has clear margins (ties would make token comparisons flaky).
 _COMMON = dict(vocab_size=96, initializer_range=0.3)

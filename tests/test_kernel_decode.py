@@ -12,11 +12,12 @@ import zlib
 
 import pytest
 import torch
+from conftest import require_triton
 
 CUDA = torch.cuda.is_available()
 
 
-pytest.importorskip("triton")
+require_triton()
 
 from kvkeep.attention import attend  # noqa: E402
 from kvkeep.kernels.decode import decode_attention, noise_probe  # noqa: E402

@@ -11,10 +11,11 @@ import zlib
 
 import pytest
 import torch
+from conftest import require_triton
 
 CUDA = torch.cuda.is_available()
 
-pytest.importorskip("triton")
+require_triton()
 
 from kvkeep.attention import attend  # noqa: E402
 from kvkeep.kernels.prefill import prefill_scores  # noqa: E402

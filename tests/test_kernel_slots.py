@@ -1,11 +1,11 @@
 """The slot-bookkeeping kernels against the torch ops of ``SlotLayer`` (in Triton's interpreter on CPU)."""
 
-import pytest
 import torch
+from conftest import require_triton
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("triton")
+require_triton()
 
 import kvkeep  # noqa: E402
 from kvkeep.cache import SlotLayer  # noqa: E402

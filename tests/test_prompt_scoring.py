@@ -5,7 +5,7 @@ References are computed by hand from eager attention probabilities of the same t
 
 import pytest
 import torch
-from conftest import eager_attention, greedy, left_pad, random_prompt, tiny_model
+from conftest import eager_attention, greedy, left_pad, random_prompt, require_triton, tiny_model
 
 import kvkeep
 from kvkeep.policies import make_policy
@@ -118,7 +118,7 @@ def test_the_window_changes_what_is_kept(model):
 @pytest.mark.parametrize("policy", SCORING)
 def test_triton_prefill_with_window_and_pool_equals_torch(policy, every_query):
     """The fused prefill (on a GPU, or Triton's interpreter on a CPU) keeps what the torch path keeps."""
-    pytest.importorskip("triton")
+    require_triton()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model("llama").to(device)
     ids, mask = (t.to(device) for t in left_pad([random_prompt(45, seed=12)[0], random_prompt(38, seed=13)[0]]))

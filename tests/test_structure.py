@@ -74,3 +74,27 @@ def test_no_module_over_450_lines():
         if (n := len(f.read_text(encoding="utf-8").splitlines())) > 450
     }
     assert set(long) <= LONG_ALLOWED, long
+
+
+#: Lines of code a function may span, its docstring excluded (a Triton kernel may run longer: its arguments are
+#: spelled one per line and it cannot call out to ordinary Python).
+MAX_FUNCTION_LINES = 60
+
+
+def _is_triton_kernel(node: ast.FunctionDef) -> bool:
+    return any("triton" in ast.unparse(d) for d in node.decorator_list)
+
+
+def test_no_function_over_60_lines():
+    long = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or _is_triton_kernel(node):
+                continue
+            lines = node.end_lineno - node.lineno + 1
+            doc = node.body[0]
+            if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+                lines -= doc.end_lineno - doc.lineno + 1
+            if lines > MAX_FUNCTION_LINES:
+                long[f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}"] = lines
+    assert not long, long

@@ -188,35 +188,51 @@ def generate(
         counter.add_(1)
         return chooser(logits, counter)[:, 0]
 
-    mask = attention_mask
-    fed = (mask.sum(-1, keepdim=True) if mask is not None else torch.full((batch, 1), input_ids.shape[1])).to(device)
-    step = DecodeStep(model, cache, tokens[0].clone(), choose, positions=fed.long())
-    finished = torch.isin(tokens[0][:, 0], stops)
-    graph_steps = 0
+    prompt = input_ids.shape[1]
+    fed = attention_mask.sum(-1, keepdim=True) if attention_mask is not None else torch.full((batch, 1), prompt)
+    step = DecodeStep(model, cache, tokens[0].clone(), choose, positions=fed.to(device).long())
+    loop = _Loop(step, attention_mask, stops, use_graph, clock, on_step)
     from tqdm import tqdm
 
     with tqdm(total=max_new_tokens, initial=1, unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
-        for index in range(1, max_new_tokens):
-            if stops.numel() and bool(finished.all()):
-                break
-            if step.graph is None and use_graph and cache.ready_for_graph():
-                step.capture()
-            if mask is not None and step.graph is None:
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-            slot_mode = isinstance(cache, KVKeepCache) and cache.ready_for_graph()  # ignores the padding mask
-            graph_steps += step.graph is not None
-            logits = step(None if slot_mode else mask)
-            tokens.append(step.tokens.clone())
-            clock.mark()
-            if on_step is not None:
-                on_step(index, logits, tokens[-1][:, 0])
-            finished |= torch.isin(tokens[-1][:, 0], stops)
-            bar.update()
+        loop.run(tokens, max_new_tokens, bar)
     prefill_s, *step_s = clock.seconds()
     out = torch.cat(tokens, dim=-1)
     stopped = torch.isin(out, stops)
     first = torch.where(stopped.any(-1), stopped.int().argmax(-1) + 1, out.shape[1])
-    return Generation(out, first.tolist(), prefill_s, step_s, graph_steps)
+    return Generation(out, first.tolist(), prefill_s, step_s, loop.graph_steps)
+
+
+class _Loop:
+    """The decode steps after the prompt: until ``max_new_tokens`` or every row has stopped, capturing the step
+    as a CUDA graph once the cache allows it (``use_graph``)."""
+
+    def __init__(self, step: DecodeStep, mask, stops: torch.Tensor, use_graph: bool, clock: _Clock, on_step):
+        self.step, self.mask, self.stops, self.use_graph = step, mask, stops, use_graph
+        self.clock, self.on_step = clock, on_step
+        self.graph_steps = 0
+
+    def run(self, tokens: list[torch.Tensor], max_new_tokens: int, bar) -> None:
+        """Append each step's ``[batch, 1]`` tokens to ``tokens`` (which holds the prompt's choice)."""
+        step, cache = self.step, self.step.cache
+        kvkeep_cache = isinstance(cache, KVKeepCache)
+        finished = torch.isin(tokens[0][:, 0], self.stops)
+        for index in range(1, max_new_tokens):
+            if self.stops.numel() and bool(finished.all()):
+                break
+            if step.graph is None and self.use_graph and cache.ready_for_graph():
+                step.capture()
+            if self.mask is not None and step.graph is None:
+                self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
+            slot_mode = kvkeep_cache and cache.ready_for_graph()  # a slot-mode step ignores the padding mask
+            self.graph_steps += step.graph is not None
+            logits = step(None if slot_mode else self.mask)
+            tokens.append(step.tokens.clone())
+            self.clock.mark()
+            if self.on_step is not None:
+                self.on_step(index, logits, tokens[-1][:, 0])
+            finished |= torch.isin(tokens[-1][:, 0], self.stops)
+            bar.update()
 
 
 def _graph_wanted(model, cache, input_ids: torch.Tensor, cuda_graph: bool | None) -> bool:

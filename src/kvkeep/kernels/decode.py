@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -220,72 +221,12 @@ def _split_kernel(
 
     start = split * split_size
     stop = tl.minimum(start + split_size, slots)
-    if INTERPRET:  # the interpreter cannot take tensor loop bounds (NumPy >= 2.3): same body, while loop
-        n0 = start
-        while n0 < stop:
-            m_i, l_i, acc, m2, l2 = _attend_block(
-                q,
-                n0,
-                stop,
-                k_base,
-                v_base,
-                p_base,
-                stride_kc,
-                stride_vc,
-                stride_pc,
-                offs_d,
-                d_ok,
-                scaling,
-                m_i,
-                l_i,
-                acc,
-                m2,
-                l2,
-                row_hash,
-                inv_tau,
-                s_rows,
-                row_ok,
-                SCORES,
-                TEMPERED,
-                NOISE,
-                ONE_ROW,
-                INTERPRET,
-                DOT_PRECISION,
-                BLOCK_N,
-            )
-            n0 += BLOCK_N
-    else:
-        for n0 in range(start, stop, BLOCK_N):
-            m_i, l_i, acc, m2, l2 = _attend_block(
-                q,
-                n0,
-                stop,
-                k_base,
-                v_base,
-                p_base,
-                stride_kc,
-                stride_vc,
-                stride_pc,
-                offs_d,
-                d_ok,
-                scaling,
-                m_i,
-                l_i,
-                acc,
-                m2,
-                l2,
-                row_hash,
-                inv_tau,
-                s_rows,
-                row_ok,
-                SCORES,
-                TEMPERED,
-                NOISE,
-                ONE_ROW,
-                INTERPRET,
-                DOT_PRECISION,
-                BLOCK_N,
-            )
+    for n0 in range(start, stop, BLOCK_N):
+        m_i, l_i, acc, m2, l2 = _attend_block(
+            q, n0, stop, k_base, v_base, p_base, stride_kc, stride_vc, stride_pc, offs_d, d_ok, scaling, m_i, l_i,
+            acc, m2, l2, row_hash, inv_tau, s_rows, row_ok, SCORES, TEMPERED, NOISE, ONE_ROW, INTERPRET,
+            DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
 
     part = head_rows * num_splits + split
     if ONE_SPLIT:
@@ -453,8 +394,100 @@ def decode_attention(
     Returns:
         ``[B, Hq, D]`` attention output in ``query.dtype`` (zeros for a sequence without any filled slot).
     """
+    _check_inputs(query, keys, values, positions, scores, spec, tau, query_pos)
     batch, q_heads, head_dim = query.shape
     _, kv_heads, slots, _ = keys.shape
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    device = query.device
+    group = q_heads // kv_heads
+    want_scores = scores is not None and spec is not None
+    tempered = want_scores and spec.tempered
+    noise = tempered and spec.noise_seed is not None
+
+    block_n = _block_n or BLOCK_N
+    splits = _num_splits or num_splits_for(batch, kv_heads, slots, block_n, _sm_count(device))
+    splits, split_size = _split_size(slots, block_n, splits)
+    one_split = splits == 1
+    buffer = workspace(device, _poison)
+    out = buffer(batch, q_heads, head_dim, dtype=query.dtype)
+    parts = _Partials.allocate(buffer, out, splits, slots, want_scores, tempered)
+    group_pad = max(16, next_pow2(group))
+    block_d = max(16, next_pow2(head_dim))
+    _split_kernel[(batch * kv_heads, splits)](
+        query, keys, values, positions, query_pos if noise else positions, tau if tempered else out, parts.scratch,
+        parts.m, parts.l, parts.m2, parts.l2, parts.acc, out, float(scaling),
+        int32_key(spec.noise_seed if noise else None, layer_idx), int(head_offset), slots, group, kv_heads, q_heads,
+        head_dim, splits, split_size, query.stride(0), query.stride(1), *keys.stride()[:3], *values.stride()[:3],
+        *positions.stride(), SCORES=want_scores, TEMPERED=tempered, NOISE=noise, ONE_SPLIT=one_split,
+        INTERPRET=INTERPRET, DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None, GROUP_PAD=group_pad,
+        BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, ONE_ROW=group == 1,
+        num_warps=_num_warps or NUM_WARPS, num_stages=_num_stages or NUM_STAGES,
+    )  # fmt: skip
+    if one_split and not want_scores:
+        return out
+    _combine(parts, out, positions, scores if want_scores else None, spec, group, splits, group_pad, block_d)
+    return out
+
+
+@dataclass
+class _Partials:
+    """The split kernel's per-split partials of each (sequence x query head) row, read by the combine kernel:
+    running max and sum ``m, l`` ``[B * Hq, splits]`` (and the tempered score's ``m2, l2``), the weighted values
+    ``acc`` ``[B * Hq, splits, D]``, and the score's logits ``scratch`` ``[B, Hq, C]``.  One not needed is the
+    output tensor itself (never read)."""
+
+    m: torch.Tensor
+    l: torch.Tensor  # noqa: E741
+    acc: torch.Tensor
+    m2: torch.Tensor
+    l2: torch.Tensor
+    scratch: torch.Tensor
+
+    @classmethod
+    def allocate(cls, buffer, out: torch.Tensor, splits: int, slots: int, scores: bool, tempered: bool) -> _Partials:
+        batch, q_heads, head_dim = out.shape
+        rows, parts = batch * q_heads, scores or splits > 1
+        return cls(
+            buffer(rows, splits) if parts else out,
+            buffer(rows, splits) if parts else out,
+            buffer(rows, splits, head_dim) if splits > 1 else out,
+            buffer(rows, splits) if tempered else out,
+            buffer(rows, splits) if tempered else out,
+            buffer(batch, q_heads, slots) if scores else out,
+        )
+
+
+def _combine(parts: _Partials, out, positions, scores, spec, group: int, splits: int, group_pad: int, block_d: int):
+    """The combine kernel: the splits' partials into ``out`` (more than one split) and, with ``scores``
+    ``[B, Hkv, C]``, the step's score folded into it in place."""
+    batch, q_heads, head_dim = out.shape
+    _, kv_heads, slots = positions.shape
+    want_scores = scores is not None
+    score_blocks = max(1, math.ceil(slots / BLOCK_C)) if want_scores else 1
+    sc = scores if want_scores else out
+    decay = spec.decay if want_scores else 0.0
+    _combine_kernel[(batch * kv_heads, score_blocks)](
+        parts.m, parts.l, parts.m2, parts.l2, parts.acc, out, parts.scratch, positions, sc, 1.0 - float(decay),
+        float(decay), slots, group, kv_heads, q_heads, head_dim, splits, *positions.stride(), sc.stride(0),
+        sc.stride(1), sc.stride(2) if want_scores else 0, WRITE_OUT=splits > 1, SCORES=want_scores,
+        TEMPERED=want_scores and spec.tempered, REDUCE=REDUCE_CODES[spec.head_reduce] if want_scores else 0,
+        EWMA=decay > 0, INTERPRET=INTERPRET, GROUP_PAD=group_pad, S_PAD=max(2, next_pow2(splits)), BLOCK_C=BLOCK_C,
+        BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+
+
+def _split_size(slots: int, block_n: int, splits: int) -> tuple[int, int]:
+    """``(splits, split_size)``: the programs that share one row's ``slots`` (at most ``splits``, none empty) and
+    the slots each covers, a multiple of ``block_n``."""
+    blocks = max(1, math.ceil(slots / block_n))
+    split_size = math.ceil(blocks / max(1, min(splits, blocks))) * block_n
+    return max(1, math.ceil(slots / split_size)), split_size
+
+
+def _check_inputs(query, keys, values, positions, scores, spec, tau, query_pos) -> None:
+    """:func:`decode_attention`'s argument checks, each a one-line ``ValueError``."""
+    q_heads, kv_heads = query.shape[1], keys.shape[1]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
@@ -464,132 +497,13 @@ def decode_attention(
             f"shapes disagree: keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions "
             f"{tuple(positions.shape)} (want keys == values == [B, Hkv, C, D], positions [B, Hkv, C])"
         )
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    device = query.device
-    group = q_heads // kv_heads
-    want_scores = scores is not None and spec is not None
-    tempered = want_scores and spec.tempered
-    noise = tempered and spec.noise_seed is not None
-    if want_scores:
-        check_spec(spec, tau)
-        if scores.shape != positions.shape or scores.dtype != torch.float32:
-            raise ValueError(
-                f"scores must be float32 {tuple(positions.shape)}, got {scores.dtype} {tuple(scores.shape)}"
-            )
-        if noise and query_pos is None:
-            raise ValueError("a noised score needs query_pos ([B] int64 true position of each query)")
-
-    block_n = _block_n or BLOCK_N
-    blocks = max(1, math.ceil(slots / block_n))
-    splits = _num_splits or num_splits_for(batch, kv_heads, slots, block_n, _sm_count(device))
-    split_size = math.ceil(blocks / max(1, min(splits, blocks))) * block_n
-    splits = max(1, math.ceil(slots / split_size))
-    one_split = splits == 1
-
-    buffer = workspace(device, _poison)
-    out = buffer(batch, q_heads, head_dim, dtype=query.dtype)
-    need_parts = want_scores or not one_split
-    part_m = buffer(batch * q_heads, splits) if need_parts else out
-    part_l = buffer(batch * q_heads, splits) if need_parts else out
-    part_acc = buffer(batch * q_heads, splits, head_dim) if not one_split else out
-    part_m2 = buffer(batch * q_heads, splits) if tempered else out
-    part_l2 = buffer(batch * q_heads, splits) if tempered else out
-    scratch = buffer(batch, q_heads, slots) if want_scores else out
-
-    group_pad = max(16, next_pow2(group))
-    block_d = max(16, next_pow2(head_dim))
-    _split_kernel[(batch * kv_heads, splits)](
-        query,
-        keys,
-        values,
-        positions,
-        query_pos if noise else positions,
-        tau if tempered else out,
-        scratch,
-        part_m,
-        part_l,
-        part_m2,
-        part_l2,
-        part_acc,
-        out,
-        float(scaling),
-        int32_key(spec.noise_seed if noise else None, layer_idx),
-        int(head_offset),
-        slots,
-        group,
-        kv_heads,
-        q_heads,
-        head_dim,
-        splits,
-        split_size,
-        query.stride(0),
-        query.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
-        positions.stride(0),
-        positions.stride(1),
-        positions.stride(2),
-        SCORES=want_scores,
-        TEMPERED=tempered,
-        NOISE=noise,
-        ONE_SPLIT=one_split,
-        INTERPRET=INTERPRET,
-        DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
-        GROUP_PAD=group_pad,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        EVEN_D=block_d == head_dim,
-        ONE_ROW=group == 1,
-        num_warps=_num_warps or NUM_WARPS,
-        num_stages=_num_stages or NUM_STAGES,
-    )
-    if one_split and not want_scores:
-        return out
-    score_blocks = max(1, math.ceil(slots / BLOCK_C)) if want_scores else 1
-    sc = scores if want_scores else out
-    decay = spec.decay if want_scores else 0.0
-    _combine_kernel[(batch * kv_heads, score_blocks)](
-        part_m,
-        part_l,
-        part_m2,
-        part_l2,
-        part_acc,
-        out,
-        scratch,
-        positions,
-        sc,
-        1.0 - float(decay),
-        float(decay),
-        slots,
-        group,
-        kv_heads,
-        q_heads,
-        head_dim,
-        splits,
-        positions.stride(0),
-        positions.stride(1),
-        positions.stride(2),
-        sc.stride(0),
-        sc.stride(1),
-        sc.stride(2) if want_scores else 0,
-        WRITE_OUT=not one_split,
-        SCORES=want_scores,
-        TEMPERED=tempered,
-        REDUCE=REDUCE_CODES[spec.head_reduce] if want_scores else 0,
-        EWMA=decay > 0,
-        INTERPRET=INTERPRET,
-        GROUP_PAD=group_pad,
-        S_PAD=max(2, next_pow2(splits)),
-        BLOCK_C=BLOCK_C,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
-    return out
+    if scores is None or spec is None:
+        return
+    check_spec(spec, tau)
+    if scores.shape != positions.shape or scores.dtype != torch.float32:
+        raise ValueError(f"scores must be float32 {tuple(positions.shape)}, got {scores.dtype} {tuple(scores.shape)}")
+    if spec.tempered and spec.noise_seed is not None and query_pos is None:
+        raise ValueError("a noised score needs query_pos ([B] int64 true position of each query)")
 
 
 def noise_probe(

@@ -169,29 +169,15 @@ def _lse_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     diag_end = tl.minimum(m0 + BLOCK_M, n)
-    if INTERPRET:  # the interpreter cannot take tensor loop bounds (NumPy >= 2.3): same bodies, while loops
-        n0 = 0
-        while n0 < m0:
-            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, False, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
-                                  BLOCK_N)  # fmt: skip
-            n0 += BLOCK_N
-        n0 = m0
-        while n0 < diag_end:
-            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, True, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
-                                  BLOCK_N)  # fmt: skip
-            n0 += BLOCK_N
-    else:
-        # Key blocks wholly left of the row block: key column j < m0 <= r, no causal mask needed.
-        for n0 in range(0, m0, BLOCK_N):
-            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, False, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
-                                  BLOCK_N)  # fmt: skip
-        for n0 in range(m0, diag_end, BLOCK_N):
-            m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
-                                  m_i, l_i, row_hash, shift, True, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
-                                  BLOCK_N)  # fmt: skip
+    # Key blocks wholly left of the row block: key column j < m0 <= r, no causal mask needed.
+    for n0 in range(0, m0, BLOCK_N):
+        m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
+                              m_i, l_i, row_hash, shift, False, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                              BLOCK_N)  # fmt: skip
+    for n0 in range(m0, diag_end, BLOCK_N):
+        m_i, l_i = _lse_block(q, n0, rows, k_base, c_base, stride_kn, stride_cn, n, offs_d, qk_scale, noise_scale,
+                              m_i, l_i, row_hash, shift, True, NOISE, EVEN_D, HEAD_DIM, INTERPRET, DOT_PRECISION,
+                              BLOCK_N)  # fmt: skip
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("inf"))  # +inf: no allowed key, p = 0
     tl.store(LSE + bh * n + rows, lse, mask=row_in)
 
@@ -318,29 +304,15 @@ def _colsum_kernel(
     acc = tl.zeros([BLOCK_N], tl.float32)
     diag_end = tl.minimum(n0 + BLOCK_N, n)
     first_m = (first_row // BLOCK_M) * BLOCK_M  # rows before first_row score nothing: their blocks are skipped
-    if INTERPRET:
-        m0 = tl.maximum(n0, first_m)
-        while m0 < diag_end:
-            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, noise_head, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D,
-                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
-            m0 += BLOCK_M
-        m0 = tl.maximum(n0 + BLOCK_N, first_m)
-        while m0 < n:
-            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, noise_head, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D,
-                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
-            m0 += BLOCK_M
-    else:
-        for m0 in range(tl.maximum(n0, first_m), diag_end, BLOCK_M):
-            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, noise_head, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D,
-                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
-        # Row blocks wholly below the key block: every key column j < n0 + BLOCK_N <= r, no causal mask needed.
-        for m0 in range(tl.maximum(n0 + BLOCK_N, first_m), n, BLOCK_M):
-            acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
-                                noise_scale, noise_key, noise_head, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D,
-                                HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+    for m0 in range(tl.maximum(n0, first_m), diag_end, BLOCK_M):
+        acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
+                            noise_scale, noise_key, noise_head, gi, shift, acc, True, NOISE, HAS_REAL, EVEN_D,
+                            HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
+    # Row blocks wholly below the key block: every key column j < n0 + BLOCK_N <= r, no causal mask needed.
+    for m0 in range(tl.maximum(n0 + BLOCK_N, first_m), n, BLOCK_M):
+        acc = _colsum_block(k, col, m0, q_base, lse_base, r_base, stride_qn, stride_rn, n, offs_d, qk_scale,
+                            noise_scale, noise_key, noise_head, gi, shift, acc, False, NOISE, HAS_REAL, EVEN_D,
+                            HEAD_DIM, INTERPRET, DOT_PRECISION, BLOCK_M)  # fmt: skip
     tl.store(OUT + bh * n + keys, tl.where(valid, acc, 0.0), mask=key_in)  # padding keys: 0 (NaN never leaks)
 
 
@@ -387,6 +359,64 @@ def prefill_scores(
     Returns:
         ``[B, Hkv, n]`` float32 (0 for padding keys).
     """
+    _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row)
+    batch, q_heads, n, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    key_cols = key_cols.long()  # itself when already int64
+    group = q_heads // kv_heads
+    noise = spec.tempered and spec.noise_seed is not None
+    buffer = workspace(query.device, _poison)
+    lse, colsum = buffer(batch, q_heads, n), buffer(batch, q_heads, n)  # [B, Hq, n] each
+    if n == 0:
+        return colsum.new_zeros(batch, kv_heads, 0)
+
+    big, small, num_warps, num_stages = _launch_config(keys.dtype, _blocks)
+    block_d = max(16, next_pow2(head_dim))
+    # Base-2 logits: x = (q.k * scaling + g) / tau * log2(e).
+    inv_tau = 1.0 / float(tau) if spec.tempered else 1.0
+    qk_scale = float(scaling) * inv_tau * _LOG2E
+    noise_scale = inv_tau * _LOG2E
+    if first_row == n:
+        return colsum.new_zeros(batch, kv_heads, n)
+    if first_row > 0:  # rows of the first scored block that lie before first_row: masked like padding rows
+        window = torch.arange(n, device=query.device) >= first_row
+        query_real = window.expand(batch, n) if query_real is None else query_real.bool() & window
+    real = query_real.view(torch.uint8) if query_real is not None and query_real.dtype == torch.bool else query_real
+    has_pad = noise and padding is not None
+    stride_ch = key_cols.stride(1) if key_cols.shape[1] == kv_heads else 0
+    args = (query, keys, key_cols, real if real is not None else key_cols, padding if has_pad else key_cols, lse)
+    scalars = (
+        qk_scale, noise_scale, int32_key(spec.noise_seed if noise else None, layer_idx), int(head_offset),
+        int(first_row), n, q_heads, group, *query.stride()[:3], *keys.stride()[:3], key_cols.stride(0), stride_ch,
+        key_cols.stride(2), *(real.stride() if real is not None else (0, 0)),
+    )  # fmt: skip
+    meta = dict(
+        NOISE=noise, HAS_REAL=real is not None, HAS_PAD=has_pad, EVEN_D=block_d == head_dim, HEAD_DIM=head_dim,
+        INTERPRET=INTERPRET, DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    row_blocks = math.ceil(n / big) - first_row // big  # the blocks from the one holding first_row
+    _lse_kernel[(row_blocks, batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
+    _colsum_kernel[(math.ceil(n / big), batch * q_heads)](*args, colsum, *scalars, BLOCK_M=small, BLOCK_N=big, **meta)
+    return reduce_heads(colsum.view(batch, kv_heads, group, n), spec.head_reduce)
+
+
+def _launch_config(dtype: torch.dtype, blocks: tuple[int, int] | None) -> tuple[int, int, int, int]:
+    """``(big block, small block, warps, stages)`` for keys of ``dtype`` (``blocks``: the tests' block sizes)."""
+    big, small, num_warps, num_stages = _CONFIG.get(dtype, _CONFIG_16)
+    if blocks is not None:
+        big, small = blocks
+    if big % small or min(big, small) < 16:
+        raise ValueError(f"blocks {(big, small)}: need small >= 16 dividing big")
+    return big, small, num_warps, num_stages
+
+
+def _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row) -> None:
+    """:func:`prefill_scores`' argument checks, each a one-line ``ValueError``."""
     if query.dim() != 4 or keys.dim() != 4:
         raise ValueError(f"query and keys must be 4-D [B, H, n, D], got {tuple(query.shape)}, {tuple(keys.shape)}")
     batch, q_heads, n, head_dim = query.shape
@@ -407,80 +437,3 @@ def prefill_scores(
     check_spec(spec, tau)
     if spec.tempered and not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
-    if key_cols.dtype != torch.int64:
-        key_cols = key_cols.long()
-    group = q_heads // kv_heads
-    noise = spec.tempered and spec.noise_seed is not None
-    buffer = workspace(query.device, _poison)
-    lse = buffer(batch, q_heads, n)
-    colsum = buffer(batch, q_heads, n)
-    if n == 0:
-        return colsum.new_zeros(batch, kv_heads, 0)
-
-    big, small, num_warps, num_stages = _CONFIG.get(keys.dtype, _CONFIG_16)
-    if _blocks is not None:
-        big, small = _blocks
-    if big % small or min(big, small) < 16:
-        raise ValueError(f"blocks {(big, small)}: need small >= 16 dividing big")
-    block_d = max(16, next_pow2(head_dim))
-    # Base-2 logits: x = (q.k * scaling + g) / tau * log2(e).
-    inv_tau = 1.0 / float(tau) if spec.tempered else 1.0
-    qk_scale = float(scaling) * inv_tau * _LOG2E
-    noise_scale = inv_tau * _LOG2E
-    if first_row > 0:  # rows of the first scored block that lie before first_row: masked like padding rows
-        window = torch.arange(n, device=query.device) >= first_row
-        query_real = window.expand(batch, n) if query_real is None else query_real.bool() & window
-        if first_row == n:
-            return colsum.new_zeros(batch, kv_heads, n)
-    real = query_real.view(torch.uint8) if query_real is not None and query_real.dtype == torch.bool else query_real
-    has_pad = noise and padding is not None
-    stride_ch = key_cols.stride(1) if key_cols.shape[1] == kv_heads else 0
-    args = (
-        query,
-        keys,
-        key_cols,
-        real if real is not None else key_cols,
-        padding if has_pad else key_cols,
-        lse,
-    )
-    scalars = (
-        qk_scale,
-        noise_scale,
-        int32_key(spec.noise_seed if noise else None, layer_idx),
-        int(head_offset),
-        int(first_row),
-        n,
-        q_heads,
-        group,
-        query.stride(0),
-        query.stride(1),
-        query.stride(2),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        key_cols.stride(0),
-        stride_ch,
-        key_cols.stride(2),
-        real.stride(0) if real is not None else 0,
-        real.stride(1) if real is not None else 0,
-    )
-    meta = dict(
-        NOISE=noise,
-        HAS_REAL=real is not None,
-        HAS_PAD=has_pad,
-        EVEN_D=block_d == head_dim,
-        HEAD_DIM=head_dim,
-        INTERPRET=INTERPRET,
-        DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    row_blocks = math.ceil(n / big) - first_row // big  # the blocks from the one holding first_row
-    _lse_kernel[(row_blocks, batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
-    _colsum_kernel[(math.ceil(n / big), batch * q_heads)](*args, colsum, *scalars, BLOCK_M=small, BLOCK_N=big, **meta)
-    return reduce_heads(colsum.view(batch, kv_heads, group, n), spec.head_reduce)
