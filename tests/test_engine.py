@@ -106,7 +106,7 @@ def test_cancelled_request_frees_its_row_at_the_next_step():
     assert len(served.running) == 2 and len(served.waiting) == 1
     served.cancel(requests[0])
     served.step()
-    assert requests[0].finish_reason == "cancelled" and requests[2].row is not None  # the row went to the next one
+    assert requests[0].finish_reason == "cancelled" and requests[2].seat is not None  # the row went to the next one
     while served.busy:
         served.step()
     assert [r.finish_reason for r in requests] == ["cancelled", "length", "length"]
@@ -116,7 +116,7 @@ def test_co2_measures_in_a_wide_row_then_moves_to_its_compressed_row():
     served = engine("co2", rows=3)
     assert served.plan.wide_rows >= 1 and served.plan.wide_capacity == 64 + 3 + 1
     requests = served.run([Request(p, 12) for p in prompts()[:8]])
-    assert not served.measuring and all(r.finish_reason == "length" for r in requests)
+    assert served.seats.measuring == 0 and all(r.finish_reason == "length" for r in requests)
     assert all(r.kv_bytes < r.kv_bytes_full for r in requests)
     # Its peak is what the measurement row held at the cut: the prompt and its first N tokens.
     facts = served.facts

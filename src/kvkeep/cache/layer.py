@@ -118,11 +118,7 @@ class KVKeepLayer(CacheLayerMixin):
         """Budget and recent window per sequence, from its real (unpadded) prompt length."""
         if self.policy.keeps_all:
             return
-        budgets = []
-        for n in prompt_tokens:
-            k = self.policy.budget_tokens(n)
-            self.policy.check_budget(k, n)
-            budgets.append(min(k, NO_LIMIT))
+        budgets = [min(self.policy.budget_for(n), NO_LIMIT) for n in prompt_tokens]
         self.budget = torch.tensor(budgets, dtype=torch.long, device=device)
         self.recent = torch.tensor([self.policy.recent_size(k) for k in budgets], dtype=torch.long, device=device)
 

@@ -2,8 +2,9 @@
 
 - :mod:`.request`: one request's state, its events, the incremental detokenizer (stop strings).
 - :mod:`.planner`: how many rows fit in the memory, how wide each is, the prefill piece.
-- :mod:`.rows`: the engine's cache (every layer's rows) and the moves of requests between rows.
-- :mod:`.runner`: a prompt's prefill into its row, and the decode step over every row (CUDA graph on a GPU).
+- :mod:`.seats`: which rows each request holds (a CO2 request's measurement row, then its own).
+- :mod:`.runner`: a prompt's prefill into its row, and the decode step over every row (CUDA graph on a GPU);
+  the rows themselves are :class:`kvkeep.cache.rows.RowCache`.
 - :mod:`.engine`: admission, the loop, finishing and cancelling.
 - :mod:`.lockstep`: the engine on one rank of a tensor-parallel group.
 - :mod:`.build`: the engine for a model and a memory budget.

@@ -21,6 +21,7 @@ from ..policies import Policy
 from .planner import ModelFacts, Plan
 from .request import Detokenizer, Event, Request
 from .runner import ModelRunner
+from .seats import Seat, Seats
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Engine:
         self.runner = ModelRunner(model, policy, plan, self.kernel, cuda_graph)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # ordinary row -> request
-        self.measuring: dict[int, int] = {}  # measurement row -> the ordinary row its request will move to
+        self.seats = Seats(plan.rows, plan.wide_rows)
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
@@ -83,20 +84,16 @@ class Engine:
             raise ValueError(f"max_tokens must be in [1, {self.max_tokens}], got {request.max_tokens}")
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}")
-        policy = self.request_policy(request)
+        changes = request.policy_changes()
+        policy = self.policy.replace(**changes) if changes else self.policy
         if policy is not self.policy:
-            kept = policy.budget_tokens(len(request.prompt_ids))
-            policy.check_budget(kept, len(request.prompt_ids))
+            kept = policy.budget_for(len(request.prompt_ids))
             if kept is not None and kept + 1 > self.plan.capacity:
                 raise ValueError(
                     f"a budget of {kept} tokens does not fit this server's rows ({self.plan.capacity - 1} tokens)"
                 )
+        request.policy = policy
         request.floored = policy.floored(len(request.prompt_ids))
-
-    def request_policy(self, request: Request) -> Policy:
-        """The policy ``request`` runs under: the engine's, with the request's own budget and options."""
-        changes = request.policy_changes()
-        return self.policy.replace(**changes) if changes else self.policy
 
     def submit(self, request: Request) -> Request:
         """Queue ``request`` (thread-safe); its events go to ``request.on_event``."""
@@ -123,9 +120,9 @@ class Engine:
 
     def step(self) -> None:
         """One iteration: drop cancelled requests, admit and prefill, one decode step, hand out tokens."""
-        for row, request in list(self.running.items()):
+        for request in list(self.running.values()):
             if request.cancelled:
-                self._finish(row, request, "cancelled")
+                self._finish(request, "cancelled")
         self._admit()
         if not self.running:
             return
@@ -135,15 +132,15 @@ class Engine:
         self.decode_s += time.perf_counter() - started
         self.steps += 1
         self.row_steps += len(self.running)
-        index = {row: self._step_row(row) for row in self.running}  # where each request's token is
-        self._record_logprobs([(r, index[row]) for row, r in self.running.items() if r.logprobs is not None], tokens)
-        for row, request in list(self.running.items()):
-            self._emit(row, request, tokens[index[row]])
-        for wide, row in list(self.measuring.items()):
-            request = self.running.get(row)
-            if request is not None and len(request.output_ids) == self.policy.evict_after() + 1:
-                self.runner.move(wide, row)
-                del self.measuring[wide]
+        asking = [(r, r.seat.decoding) for r in self.running.values() if r.logprobs is not None]
+        self._record_logprobs(asking, tokens)
+        for request in list(self.running.values()):
+            self._emit(request, tokens[request.seat.decoding])
+        for request in self.running.values():  # a measurement over: the request moves to its own row, cut
+            seat = request.seat
+            if seat.measuring is not None and len(request.output_ids) == request.policy.evict_after() + 1:
+                self.runner.move(seat.measuring, seat.row)
+                self.seats.moved(seat)
 
     def _record_logprobs(self, asking: list[tuple[Request, int]], tokens: list[int]) -> None:
         """Append each asking request's token log-probability (its row of the step: ``index``), in one pass."""
@@ -154,22 +151,10 @@ class Engine:
         for (request, _), (logprob, best) in zip(asking, scored, strict=True):
             request.output_logprobs.append((logprob, best[: request.logprobs]))
 
-    def _step_row(self, row: int) -> int:
-        """The row of the cache that decodes for the request of ``row`` (its measurement row, while it has one)."""
-        here = self._measuring_row(row)
-        return row if here is None else here
-
-    def _measuring_row(self, row: int) -> int | None:
-        return next((wide for wide, target in self.measuring.items() if target == row), None)
-
     def _admit(self) -> None:
         """Prefill waiting requests into free rows, up to ``plan.prefill_tokens`` prompt tokens."""
         budget = self.plan.prefill_tokens
-        while budget > 0:
-            row = self._free_row()
-            wide = self._free_wide_row() if self.plan.wide_rows else None
-            if row is None or (self.plan.wide_rows and wide is None):
-                return
+        while budget > 0 and self.seats.available:
             with self.lock:
                 if not self.waiting:
                     return
@@ -181,37 +166,27 @@ class Engine:
                     request.on_event(Event([], "", "cancelled", request))
                 continue
             budget -= len(request.prompt_ids)
-            self._start(request, row, wide)
+            self._start(request, self.seats.take())
 
-    def _free_row(self) -> int | None:
-        return next((row for row in range(self.plan.rows) if row not in self.running), None)
-
-    def _free_wide_row(self) -> int | None:
-        rows = range(self.plan.rows, self.plan.rows + self.plan.wide_rows)
-        return next((row for row in rows if row not in self.measuring), None)
-
-    def _start(self, request: Request, row: int, wide: int | None) -> None:
-        request.row = row
-        self.running[row] = request
+    def _start(self, request: Request, seat: Seat) -> None:
+        request.seat = seat
+        self.running[seat.row] = request
         self.peak_rows = max(self.peak_rows, len(self.running))
-        target = row if wide is None else wide
-        if wide is not None:
-            self.measuring[wide] = row
         scored = request.logprobs if request.echo else None
         try:
             first, request.prompt_logprobs = self.runner.prefill(
-                target, request.prompt_ids, request.sampling, request.max_tokens, self.request_policy(request), scored
+                seat.decoding, request.prompt_ids, request.sampling, request.max_tokens, request.policy, scored
             )
             if request.logprobs is not None:
                 request.output_logprobs += self.runner.logprobs(None, [first], request.logprobs)
         except Exception as err:  # a request that cannot run must not stop the others
             request.error = " ".join(str(err).split()) or type(err).__name__
-            self._finish(row, request, "error")
+            self._finish(request, "error")
             return
         request.first_token_at = time.perf_counter()
-        self._emit(row, request, first)
+        self._emit(request, first)
 
-    def _emit(self, row: int, request: Request, token: int) -> None:
+    def _emit(self, request: Request, token: int) -> None:
         request.output_ids.append(token)
         reason = None
         if token in request.stop_ids:
@@ -223,24 +198,22 @@ class Engine:
         if stopped:
             reason = "stop"
         if reason is not None:
-            self._finish(row, request, reason, [token], text)
+            self._finish(request, reason, [token], text)
         elif request.on_event:
             request.on_event(Event([token], text, None, request))
 
-    def _finish(self, row: int, request: Request, reason: str, tokens=(), text: str = "") -> None:
+    def _finish(self, request: Request, reason: str, tokens=(), text: str = "") -> None:
         request.finish_reason = reason
         self.cancelled += reason == "cancelled"
         request.finished_at = time.perf_counter()
         tokens_seen = len(request.prompt_ids) + len(request.output_ids) - 1  # the last token is never fed back
         request.kv_bytes_full = self.facts.kv_bytes(tokens_seen)
-        wide = self._measuring_row(row)
+        seat = request.seat
         if reason != "error":
-            request.kv_bytes, request.kv_bytes_peak = self.runner.rows.held_bytes(row if wide is None else wide)
-        if wide is not None:
-            del self.measuring[wide]
-            self.runner.release(wide)
-        self.runner.release(row)
-        del self.running[row]
+            request.kv_bytes, request.kv_bytes_peak = self.runner.rows.held_bytes(seat.decoding)
+        for row in self.seats.release(seat):
+            self.runner.release(row)
+        del self.running[seat.row]
         if request.on_event:
             request.on_event(Event(list(tokens), text, reason, request))
 
@@ -278,7 +251,6 @@ class Engine:
             with self.lock:
                 ended = [*self.running.values(), *self.waiting]
                 self.running.clear()
-                self.measuring.clear()
                 self.waiting.clear()
             for request in ended:
                 request.error, request.finish_reason, request.finished_at = self.failure, "error", time.perf_counter()

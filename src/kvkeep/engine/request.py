@@ -11,7 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..policies import Policy
 from ..sampling import GREEDY, Sampling
+from .seats import Seat
 
 _ids = itertools.count()
 
@@ -71,7 +73,8 @@ class Request:
         self.text = ""
         self.finish_reason: str | None = None
         self.error: str | None = None
-        self.row: int | None = None
+        self.seat: Seat | None = None  # its rows of the engine's cache, once admitted
+        self.policy: Policy | None = None  # the engine's policy with the request's own budget and options
         self.cancelled = False
         self.created = time.perf_counter()
         self.first_token_at: float | None = None

@@ -233,6 +233,14 @@ class Policy:
             return max(1, self.floor, math.floor(self.budget * prompt_len + 1e-9))
         return self.budget
 
+    def budget_for(self, prompt_len: int) -> int | None:
+        """:meth:`budget_tokens` of a ``prompt_len``-token prompt, checked (:meth:`check_budget`): the one check of
+        a budget against its prompt."""
+        kept = self.budget_tokens(prompt_len)
+        if kept is not None:
+            self.check_budget(kept, prompt_len)
+        return kept
+
     def floored(self, prompt_len: int) -> bool:
         """True when the floor, not the ratio, sets the budget of a ``prompt_len``-token prompt."""
         return (
