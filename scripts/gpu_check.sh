@@ -4,7 +4,7 @@
 # serving-engine smoke run, the engine on the real model (engine-real), and profiles. Logs and JSON go to $OUT
 # (or /tmp/gpu_check).
 set -uo pipefail
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src${EXTRA_PATH:+:$EXTRA_PATH} PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_check}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
@@ -25,6 +25,16 @@ for s in "${stages[@]}"; do
     # same engine and 3 on fresh ones, against the compacting path; fails on any request that differs.
     engine-real) stage python3 scripts/engine_check.py --policies co2,h2o,keyformer,window,full --variants graph \
                    --json "$out/engine_check.json" ;;
+    # The serving engine before (OLD_SRC) and after, on one machine: throughput and decode step of each method.
+    engine-compare) for tree in before after; do
+               src=$PWD/src; [ $tree = before ] && src=${OLD_SRC:-.carry/old/src}
+               stage env PYTHONPATH="$src" python3 -m kvkeep bench-serve --arch llama-2-7b --methods h2o,keyformer,co2 \
+                 --budgets 0.5 --rows 8 --requests 16 --prompt-tokens 2048 --output-tokens 256 --memory-gib 76 \
+                 --json "$out/engine_$tree.json"
+             done ;;
+    # The real SmolLM2's tokens before (OLD_SRC) and after, generate() and the engine, every policy.
+    tokens) stage env PYTHONPATH="${OLD_SRC:-.carry/old/src}${EXTRA_PATH:+:$EXTRA_PATH}" python3 scripts/same_tokens.py --json "$out/tokens_before.json"
+            stage python3 scripts/same_tokens.py --json "$out/tokens_after.json" --against "$out/tokens_before.json" ;;
     profile) for p in window keyformer; do stage python3 scripts/profile_decode.py --policy $p; done ;;
   esac
 done
