@@ -15,7 +15,7 @@ for s in "${stages[@]}"; do
   case $s in
     tests) stage python3 -m pytest -q -x -p no:cacheprovider tests/test_kernel_decode.py tests/test_kernel_prefill.py \
              tests/test_kernel_slots.py tests/test_gpu.py tests/test_static.py tests/test_engine.py ;;
-    compare) stage env PYTHONPATH="${OLD_SRC:-.carry/old/src}" python3 -m kvkeep.cli bench "${row8[@]}" \
+    compare) stage env PYTHONPATH="${OLD_SRC:-.carry/old/src}" python3 -m kvkeep bench "${row8[@]}" \
                --json "$out/bench_before.json"
              stage python3 -m kvkeep bench "${row8[@]}" --json "$out/bench_after.json" ;;
     engine) stage python3 -m kvkeep bench-serve --arch llama-2-7b --methods full,h2o,keyformer,co2 \

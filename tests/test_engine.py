@@ -215,3 +215,20 @@ def test_a_failing_step_ends_every_request_and_refuses_new_ones(monkeypatch):
     with pytest.raises(kvkeep.engine.EngineStopped, match="device lost"):
         server.submit(Request(prompts()[0], 4))
     server.stop()
+
+
+@pytest.mark.parametrize("policy", ["h2o", "co2"])
+def test_a_dropped_engine_frees_its_cache_at_once(policy):
+    """No reference cycle holds the rows (or, on a GPU, the graphs' memory) until the garbage collector runs."""
+    import gc
+    import weakref
+
+    served = engine(policy)
+    served.run([Request(p, 4) for p in prompts()[:2]])
+    runner, cache = weakref.ref(served.runner), weakref.ref(served.runner.rows.cache)
+    gc.disable()
+    try:
+        del served
+        assert runner() is None and cache() is None
+    finally:
+        gc.enable()

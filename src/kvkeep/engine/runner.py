@@ -33,15 +33,13 @@ class ModelRunner:
         total = self.rows.total_rows
         self.device = device
         self.tokens = torch.zeros(total, 1, dtype=torch.long, device=device)
-        self.temperature = torch.zeros(total, dtype=torch.float32, device=device)
-        self.top_p = torch.ones(total, dtype=torch.float32, device=device)
-        self.seed = torch.zeros(total, dtype=torch.long, device=device)
+        self.sampler = _Sampler(total, device, self.rows.state)
         self.step_logits: torch.Tensor | None = None  # [total rows, vocab]: the last decode step's
         self.prefill_logits: torch.Tensor | None = None  # [vocab]: the last prefill's, for its first token
         cache = self.rows.cache
         self.steps = {  # greedy or not -> the step (every row greedy skips the sampler)
             True: DecodeStep(model, cache, self.tokens, lambda logits: logits.argmax(-1)),
-            False: DecodeStep(model, cache, self.tokens, lambda logits: self._choose(logits, slice(None), None)),
+            False: DecodeStep(model, cache, self.tokens, self.sampler),  # no reference back: freed at once
         }
         if device.type == "cuda" if cuda_graph is None else cuda_graph:
             with torch.inference_mode():
@@ -70,26 +68,21 @@ class ModelRunner:
             scored = _logprobs(every[0, :-1], ids[0, 1:], prompt_logprobs)
         self.prefill_logits = logits[0]
         self.rows.load(row, cache, max_tokens)
-        self.temperature[row], self.top_p[row], self.seed[row] = sampling.temperature, sampling.top_p, sampling.seed
-        first = self._choose(logits, slice(row, row + 1), torch.zeros(1, dtype=torch.long, device=self.device))
+        self.sampler.set_row(row, sampling)
+        first = self.sampler(logits, slice(row, row + 1), torch.zeros(1, dtype=torch.long, device=self.device))
         self.tokens[row, 0] = first[0]
         return int(first[0]), scored
 
     def move(self, wide_row: int, row: int) -> None:
         """A CO2 request leaves its measurement row for an ordinary one, cut to its budget."""
         self.rows.cut(wide_row, row)
-        for tensor in (self.tokens, self.temperature, self.top_p, self.seed):
-            tensor[row] = tensor[wide_row]
+        self.tokens[row] = self.tokens[wide_row]
+        self.sampler.copy_row(wide_row, row)
 
     def release(self, row: int) -> None:
         self.rows.clear(row)
 
     # -- the decode step ------------------------------------------------------------------------------
-    def _choose(self, logits: torch.Tensor, rows: slice, step: torch.Tensor | None) -> torch.Tensor:
-        """Each row's token by its own sampling settings; ``step`` (None: the rows' own step counters)."""
-        step = self.rows.state.step if step is None else step
-        return sample(logits, self.temperature[rows], self.top_p[rows], self.seed[rows], step)
-
     @torch.inference_mode()
     def decode(self, greedy: bool = False) -> list[int]:
         """One decode step over every row; the next token of each row (rows without a request: ignore).
@@ -118,3 +111,26 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tupl
     best = logprobs.topk(top, -1)
     pairs = zip(best.indices.tolist(), best.values.tolist(), strict=True)
     return [(lp, list(zip(ids, values, strict=True))) for lp, (ids, values) in zip(chosen, pairs, strict=True)]
+
+
+class _Sampler:
+    """Each row's next token by its own sampling settings (``[rows]`` temperature, top-p and seed on the device)
+    and its own step counter (the cache's step state): ``logits [rows, vocab] -> [rows]``."""
+
+    def __init__(self, total: int, device: torch.device, state):
+        self.temperature = torch.zeros(total, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(total, dtype=torch.float32, device=device)
+        self.seed = torch.zeros(total, dtype=torch.long, device=device)
+        self.state = state
+
+    def set_row(self, row: int, sampling: Sampling) -> None:
+        self.temperature[row], self.top_p[row], self.seed[row] = sampling.temperature, sampling.top_p, sampling.seed
+
+    def copy_row(self, source: int, row: int) -> None:
+        for tensor in (self.temperature, self.top_p, self.seed):
+            tensor[row] = tensor[source]
+
+    def __call__(self, logits: torch.Tensor, rows: slice = slice(None), step: torch.Tensor | None = None):
+        """``step`` ``[1]`` or ``[rows]`` int64 (None: the rows' own counters, advanced inside the forward)."""
+        step = self.state.step[rows] if step is None else step
+        return sample(logits, self.temperature[rows], self.top_p[rows], self.seed[rows], step)
