@@ -273,18 +273,17 @@ class KVKeepCache(hf.ReuseGuard, Cache):
     @contextmanager
     def capture(self) -> Iterator[None]:
         """Around the capture of a decode step as a CUDA graph: the host counters it advances are rolled back."""
-        counters = [(layer.seen, layer.step) for layer in self.layers]
+        counters = [layer.host_counters() for layer in self.layers]
         try:
             yield
         finally:
-            for layer, (seen, step) in zip(self.layers, counters, strict=True):
-                layer.seen, layer.step = seen, step
+            for layer, saved in zip(self.layers, counters, strict=True):
+                layer.restore_host_counters(saved)
 
     def replayed_step(self) -> None:
         """A captured decode step was replayed: advance the host counters its Python did not run."""
         for layer in self.layers:
-            layer.seen += 1
-            layer.step += 1
+            layer.replayed_step()
 
     # -- reporting: over every KV head of the model (under tensor parallelism, collectives over its ranks) --
     def _sum(self, values: list[int]) -> list[int]:

@@ -113,6 +113,19 @@ class KVKeepLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a KVKeepCache cannot be cropped (evicted tokens are gone); use a new cache")
 
+    # -- host counters around a CUDA graph ------------------------------------------------------------
+    def host_counters(self) -> tuple[int, int]:
+        """``(seen, step)``, to restore after a decode step is captured (recorded, not run)."""
+        return self.seen, self.step
+
+    def restore_host_counters(self, counters: tuple[int, int]) -> None:
+        self.seen, self.step = counters
+
+    def replayed_step(self) -> None:
+        """A captured decode step was replayed: advance the counters its Python did not run."""
+        self.seen += 1
+        self.step += 1
+
     # -- budgets ------------------------------------------------------------------------------------
     def set_budgets(self, prompt_tokens: list[int], device: torch.device) -> None:
         """Budget and recent window per sequence, from its real (unpadded) prompt length."""

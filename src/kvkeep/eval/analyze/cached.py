@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from ...cache import Eviction
-from .common import Generation, PolicyRun, as_ids, full_attention, num_layers, pick
+from ...shapes import AttentionShape
+from .common import Generation, PolicyRun, as_ids, full_attention, pick
 from .output import describe, integer_ticks, new_figure, save_png, title, write_result
 
 #: ``cached`` categories, in the order of the counts and the colours.
@@ -51,7 +52,7 @@ def analyze_cached(
     if not 0 < gamma <= 1:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     run.require_decode_step("cached")
-    n_layers = num_layers(model)
+    n_layers = AttentionShape.of(model).known().layers
     view_layer = pick(None if layer is None else [layer], n_layers, "layer", [n_layers // 2])[0]
     kept = _KeptMasks(n_layers, as_ids(input_ids, model).shape[1] + run.max_new_tokens)
     gen = run.generate(model, input_ids, kept.record)

@@ -13,6 +13,7 @@ from ...cache import Eviction, KVKeepCache
 from ...generation import generate, stop_token_ids
 from ...hf import install
 from ...policies import POLICIES
+from ...shapes import AttentionShape
 
 DEFAULT_POLICY, DEFAULT_BUDGET = "co2", 0.5
 
@@ -28,7 +29,7 @@ def full_attention(model: torch.nn.Module, input_ids: torch.Tensor, callback: La
     (causal, and within the window on sliding layers). Only one layer's probabilities are held at a time.
     """
     install(model)
-    layers = num_layers(model)
+    layers = AttentionShape.of(model).known().layers
     ids = as_ids(input_ids, model)
     calls = []
 
@@ -122,27 +123,6 @@ def as_ids(input_ids, model: torch.nn.Module) -> torch.Tensor:
     if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
         raise ValueError(f"analyses take one prompt: input_ids of shape [1, n], got {list(ids.shape)}")
     return ids.to(model.device)
-
-
-def _text_config(model: torch.nn.Module):
-    return model.config.get_text_config(decoder=True)
-
-
-def num_layers(model: torch.nn.Module) -> int:
-    config = _text_config(model)
-    for key in ("num_hidden_layers", "n_layer", "n_layers"):
-        if getattr(config, key, None) is not None:
-            return int(getattr(config, key))
-    raise ValueError("cannot tell the number of decoder layers of this model")
-
-
-def kv_group(model: torch.nn.Module) -> tuple[int, int]:
-    """(query heads, query heads per KV head)."""
-    config = _text_config(model)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-    heads = heads or getattr(config, "n_heads", None)
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    return int(heads), int(heads) // int(kv)
 
 
 def pick(values: Sequence[int] | None, size: int, what: str, default: Sequence[int]) -> list[int]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .common import PolicyRun, full_attention, kv_group, num_layers, pick
+from ...shapes import AttentionShape
+from .common import PolicyRun, full_attention, pick
 from .output import describe, new_figure, save_png, title, write_result
 
 
@@ -29,8 +30,8 @@ def analyze_heatmap(
     (``first_token_mass``), on the query itself (``self_mass``), on the ``local`` newest tokens
     (``local_mass``), and for generated rows the mass on prompt tokens (``generation_prompt_mass``).
     """
-    n_layers = num_layers(model)
-    q_heads, _ = kv_group(model)
+    shape = AttentionShape.of(model).known()
+    n_layers, q_heads = shape.layers, shape.heads
     layers = pick(layers, n_layers, "layer", [0, n_layers // 2, n_layers - 1])
     heads = pick(heads, q_heads, "head", [0])
     run = PolicyRun("full", max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos)

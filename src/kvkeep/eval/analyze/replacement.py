@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ...cache import Eviction
-from .common import PolicyRun, decode_eviction, dropped, num_layers, pick
+from ...shapes import AttentionShape
+from .common import PolicyRun, decode_eviction, dropped, pick
 from .output import describe, new_figure, save_png, title, write_result
 
 REPLACEMENT_BINS = 20
@@ -48,7 +49,7 @@ def analyze_replacement(
     (``policy``, ``budget``, ``params``, ``max_new_tokens``, ``stop_at_eos``).
     """
     run = PolicyRun(**policy_run)
-    n_layers = num_layers(model)
+    n_layers = AttentionShape.of(model).known().layers
     chosen = pick(layers, n_layers, "layer", range(n_layers))
     seen = _Placements(run.policy, chosen)
     gen = run.generate(model, input_ids, seen.record)

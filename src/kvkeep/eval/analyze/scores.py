@@ -10,7 +10,8 @@ import torch
 
 from ...cache import Eviction
 from ...policies import POLICIES, ScoringPolicy
-from .common import PolicyRun, decode_eviction, dropped, num_layers, pick
+from ...shapes import AttentionShape
+from .common import PolicyRun, decode_eviction, dropped, pick
 from .output import describe, new_figure, save_png, title, write_result
 
 SCORE_BINS = 40
@@ -54,7 +55,7 @@ def analyze_scores(
     if run.policy not in POLICIES or not issubclass(POLICIES[run.policy], ScoringPolicy):
         scoring = [name for name, cls in POLICIES.items() if issubclass(cls, ScoringPolicy)]
         raise ValueError(f"policy '{run.policy}' keeps no scores: use one of {', '.join(scoring)}")
-    n_layers = num_layers(model)
+    n_layers = AttentionShape.of(model).known().layers
     chosen = set(pick(layers, n_layers, "layer", range(n_layers)))
     run.require_decode_step("scores")
     seen = _Scores(run.policy, chosen, _snapshot_steps(steps, run.max_new_tokens - 1))
