@@ -136,33 +136,6 @@ def attend(
     return output, None if head_scores is None else reduce_heads(head_scores, head_reduce)
 
 
-def prompt_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_positions: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Causal attention of a fresh prompt through PyTorch's fused SDPA kernels (flash without padding).
-
-    Args:
-        query: ``[batch, q_heads, n, head_dim]``; keys, values: ``[batch, kv_heads, n, head_dim]``, the key
-            of query row ``j`` at index ``j`` (a fresh, left-padded prompt).
-        key_positions: ``[batch, kv_heads or 1, n]`` int64, -1 for padding.
-
-    Returns:
-        ``[batch, n, q_heads, head_dim]``.  Rows with no key to attend (left padding) attend to every key,
-        so they stay finite; nothing real ever attends to them.
-    """
-    gqa = query.shape[1] != keys.shape[1]
-    real_keys = key_positions[:, :1] >= 0  # [B, 1, n]: padding is the same for every KV head of a fresh prompt
-    if bool(real_keys.all()):
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
-    else:
-        n = query.shape[2]
-        causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-        allowed = causal & real_keys[:, :, None, :]  # [B, 1, n, n]
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous()
-
-
 def kvkeep_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

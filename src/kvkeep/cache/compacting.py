@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import attend, bind, prompt_attention
+from ..attention import attend, bind, plain_attention
 from ..hf import REUSE_HINT
 from ..policies import StepInfo, protected, reduce_heads
 from ..policies.base import pool_scores
@@ -129,7 +129,7 @@ class CompactingLayer(KVKeepLayer):
         if prompt and self.spec is not None and self.spec.observe:
             window = max(0, new - self.spec.observe)
         if fresh and self.kernel == "triton":
-            out, scores, window_scores = self._attend_prompt_fused(query, scaling, real, window)
+            out, scores, window_scores = self._attend_prompt_fused(query, query_positions, scaling, real, window)
         else:
             out, scores, window_scores = self._attend_torch(
                 query, query_positions, scaling, softcap, alibi_slopes, window
@@ -199,13 +199,14 @@ class CompactingLayer(KVKeepLayer):
             return out, None, scores
         return out, scores, reduce_heads(window_sum, head_reduce)
 
-    def _attend_prompt_fused(self, query: torch.Tensor, scaling: float, real: torch.Tensor, window: int | None):
+    def _attend_prompt_fused(self, query, query_positions, scaling: float, real: torch.Tensor, window: int | None):
         """A fresh prompt on the GPU: output from PyTorch's fused SDPA, scores from the Triton prefill kernel.
 
         Returns ``(output [B, n, q_heads, D], scores, window_scores)`` as :meth:`_attend_torch` (``[B, kv_heads,
         n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.
         """
-        out = prompt_attention(query, self.keys, self.values, self.positions, scaling)
+        # a fresh prompt holds the same tokens in every KV head: one mask serves them all
+        out = plain_attention(query, self.keys, self.values, self.positions[:, :1], query_positions, scaling)
         if self.spec is None:
             return out, None, None
         from ..kernels.prefill import prefill_scores
