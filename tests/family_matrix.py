@@ -9,8 +9,10 @@ checks, ``pass`` or ``fail`` with what failed:
 - every policy with a budget that covers the sequence equals ``full``;
 - every policy at budget 0.5 keeps its budget (in the layers the policy governs);
 - a left-padded batch equals each prompt alone (H2O at 0.5);
-- the static (slot) cache equals the compacting one (``full`` and H2O at 0.5), unless the model has
-  sliding-window layers, which the static cache refuses.
+- the static (slot) cache equals the compacting one (``full`` and H2O at 0.5), unless every layer of the
+  model slides (which the static cache refuses);
+- on a hybrid (sliding layers beside global ones), the serving engine gives each request (H2O at 0.5) the
+  compacting path's tokens, batched.
 
 ``python tests/family_matrix.py [--markdown FILE] [--json FILE]`` runs the whole matrix and prints the table.
 """
@@ -28,6 +30,7 @@ import transformers as tf
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import kvkeep
+from kvkeep.engine import Request, build
 from kvkeep.hf import unsupported_reason, with_cache
 
 #: Sizes every config gets (names a config does not know become plain attributes and do no harm).
@@ -121,13 +124,35 @@ def _checks(config) -> list[str]:
         if not torch.equal(batched[row], _greedy(model, p[None], _cache(model, "h2o", **HALF["h2o"]))[0]):
             failed.append("batched differs from alone")
             break
-    if "sliding_attention" not in kvkeep.hf.layer_types(config.get_text_config(decoder=True)):
+    text = config.get_text_config(decoder=True)
+    hybrid = kvkeep.hf.window_layers(text)[0] is not None
+    if hybrid or "sliding_attention" not in kvkeep.hf.layer_types(text):
         for policy, params in (("full", {}), ("h2o", HALF["h2o"])):
             static = kvkeep.generate(model, prompt, cache=_cache(model, policy, True, **params), max_new_tokens=NEW)
             compact = kvkeep.generate(model, prompt, cache=_cache(model, policy, **params), max_new_tokens=NEW)
             if not torch.equal(static.tokens, compact.tokens):
                 failed.append(f"static {policy} differs from compacting")
+    if hybrid and not _engine_equals_compacting(model, prompts):
+        failed.append("the engine differs from compacting")
     return failed
+
+
+class _Tokens:
+    """A tokenizer stand-in for the engine: token ids as text."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def _engine_equals_compacting(model, prompts: list[torch.Tensor]) -> bool:
+    """The engine (H2O at 0.5, two rows) serves both prompts, batched, with the compacting path's tokens."""
+    policy = kvkeep.make_policy("h2o", **HALF["h2o"])
+    engine = build(model, _Tokens(), policy, max_prompt=PROMPT, max_tokens=NEW, rows=2)
+    served = engine.run([Request(p.tolist(), NEW) for p in prompts])
+    return all(
+        request.output_ids == _greedy(model, p[None], _cache(model, "h2o", **HALF["h2o"]))[0].tolist()
+        for request, p in zip(served, prompts, strict=True)
+    )
 
 
 def check(model_type: str) -> dict:

@@ -449,7 +449,11 @@ def short_context_dir(tiny_dir: str, tmp_path: Path, context: int) -> str:
     "config, argv, fragment",
     [
         (tf.BloomConfig(n_layer=1, n_head=2, hidden_size=32), [], "kvkeep cannot run model type 'bloom'"),
-        (tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8), ["--static"], "--static does not support"),
+        (
+            tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8),
+            ["--static"],
+            "not a model whose every layer slides",
+        ),
     ],
 )
 def test_what_the_config_tells_fails_before_the_weights_load(
@@ -462,13 +466,15 @@ def test_what_the_config_tells_fails_before_the_weights_load(
     assert_error(capsys, fragment, argv=["generate", "--model", str(folder), "--prompt", "hello", *argv])
 
 
-def test_serve_refuses_a_sliding_window_model_before_the_weights_load(capsys, no_loading, tiny_dir, tmp_path) -> None:
+def test_serve_refuses_a_model_whose_every_layer_slides_before_the_weights_load(
+    capsys, no_loading, tiny_dir, tmp_path
+) -> None:
     pytest.importorskip("uvicorn")
     folder = tmp_path / "config-only"
     shutil.copytree(tiny_dir, folder)
     (folder / "model.safetensors").unlink()
     tf.Gemma3TextConfig(num_hidden_layers=2, sliding_window=8).save_pretrained(folder)
-    assert_error(capsys, "kvkeep serve does not support models with sliding-window layers yet (gemma3_text)",
+    assert_error(capsys, "not a model whose every layer slides (gemma3_text)",
                  argv=["serve", "--model", str(folder), "--port", "0"])  # fmt: skip
 
 

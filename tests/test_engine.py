@@ -232,3 +232,34 @@ def test_a_dropped_engine_frees_its_cache_at_once(policy):
         assert runner() is None and cache() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("policy", ["full", *HALF])
+def test_a_hybrid_sliding_model_is_served_batched_as_alone_and_as_the_compacting_path(policy):
+    """Gemma 3's sliding layers hold rings of their window in the engine's rows (the planner counts them so);
+    batched, alone and kvkeep's compacting path give every request the same tokens."""
+    model = tiny_model("gemma3")
+    params = {} if policy == "full" else HALF[policy]
+    chosen = make_policy(policy, **params)
+
+    def served():
+        return build(model, Tokens(), chosen, max_prompt=64, max_tokens=16, rows=3)
+
+    many = prompts()[:6]
+    batched = [r.output_ids for r in served().run([Request(p, 16) for p in many])]
+    assert batched == [served().run([Request(p, 16)])[0].output_ids for p in many]
+    for tokens, prompt in zip(batched, many, strict=True):
+        cache = kvkeep.KVKeepCache(model, chosen, kernel="torch", max_new_tokens=16)
+        assert tokens == kvkeep.generate(model, torch.tensor([prompt]), cache=cache, max_new_tokens=16).row(0)
+    engine_ = served()
+    window, facts = model.config.sliding_window, engine_.facts
+    assert (facts.sliding_layers, facts.window) == (2, window)
+    allocated = sum(
+        t.numel() * t.element_size()
+        for layer in engine_.runner.rows.cache.layers
+        for part in (getattr(layer, "narrow", layer), getattr(layer, "wide", None))
+        if part is not None
+        for t in (part.keys, part.values, part.positions, part.scores)
+        if t is not None
+    )
+    assert allocated == engine_.plan.cache_bytes

@@ -560,3 +560,50 @@ def test_soak_mixed_clients_leave_every_row_free_memory_flat_and_answers_as_alon
     assert server.tasks() <= tasks
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < rss + 300_000  # KiB
     assert greedy(server.client, texts[0], max_tokens=6).choices[0].text == alone[0]
+
+
+def test_kvkeep_serve_runs_a_hybrid_sliding_window_model_as_the_compacting_path(tmp_path):
+    """A tiny Gemma 3 (three of four layers slide over a 12-token window) with SmolLM2's tokenizer, served by the
+    command at half the cache: it says once what share of the KV bytes the budget governs, and a request longer
+    than the window gets the tokens kvkeep's compacting path gives it."""
+    import torch
+    import transformers as tf
+    from conftest import TINY_CONFIGS
+
+    import kvkeep
+
+    tok = kvkeep.load_model(MODEL, device="cpu")[1]
+    config_cls, kwargs = TINY_CONFIGS["gemma3"]
+    layer_types = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    config = config_cls(**{**kwargs, "layer_types": layer_types, "vocab_size": len(tok), "initializer_range": 0.3})
+    folder = tmp_path / "tiny-gemma3"
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ids = tok(prompt(30))["input_ids"]
+    cache = kvkeep.KVKeepCache(model, "keyformer", 0.5, kernel="torch", floor=0, max_new_tokens=8)
+    expected = kvkeep.generate(model, torch.tensor([ids]), cache=cache, max_new_tokens=8).row(0)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvkeep.cli.main", "serve", "--model", str(folder), "--policy", "keyformer",
+         "--budget", "0.5", "--param", "floor=0", "--port", str(port), "--rows", "2", "--max-tokens", "8",
+         "--max-prompt-tokens", "128"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, health = time.time() + 180, None
+        while time.time() < deadline and health is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert health is not None and health["status"] == "ok"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model=str(folder), prompt=ids, max_tokens=8, temperature=0, logprobs=0)
+        assert len(ids) > config.sliding_window and out.usage.completion_tokens == 8
+        assert out.choices[0].text == tok.decode(expected, skip_special_tokens=True)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert err.count("3 of 4 layers of this gemma3_text model slide over a 12-token window") == 1, err

@@ -143,3 +143,27 @@ def test_cuda_graph_needs_a_static_cache_on_cuda():
             max_new_tokens=3,
             cuda_graph=True,
         )
+
+
+@pytest.mark.parametrize("policy", ["full", *HALF])
+def test_static_on_a_hybrid_sliding_model_equals_its_compacting_path(get_model, policy):
+    """Gemma 3 (sliding layers of a 12-token window beside global ones): each sliding layer's slots are a ring of
+    its window, the policy governs the global ones; prompts and the generation run past the window."""
+    model = get_model("gemma3")
+    ids, mask = _batch()
+    params = {} if policy == "full" else HALF[policy]
+    runs = []
+    for static in (False, True):
+        cache = kvkeep.KVKeepCache(model, policy, static=static, kernel="torch", max_new_tokens=24, **params)
+        runs.append((kvkeep.generate(model, ids, mask, cache=cache, max_new_tokens=24).tokens, cache))
+    (dynamic, compacting), (tokens, static) = runs
+    assert torch.equal(tokens, dynamic) and static.ready_for_graph()
+    window = model.config.sliding_window
+    for layer, other in zip(static.layers, compacting.layers, strict=True):
+        if layer.sliding_window is not None:  # a ring of the window: window - 1 tokens held between steps
+            assert layer.keys.shape[2] == window and int((layer.positions >= 0).sum(-1).amax()) == window - 1
+        assert _kept_sets_of(layer) == _kept_sets_of(other)
+
+
+def _kept_sets_of(layer) -> list:
+    return [[set(c for c in head if c >= 0) for head in row] for row in layer.positions.tolist()]

@@ -115,6 +115,16 @@ def layer_types(config) -> list[str]:
     return list(types)
 
 
+def window_layers(config) -> tuple[int | None, list[bool]]:
+    """``(window, sliding per layer)`` of a hybrid model (some layers slide over ``window`` tokens, the others
+    are global): its sliding layers keep their window whatever the budget, in every kvkeep cache.  A model whose
+    every layer slides (or none) gives ``(None, [False] * layers)``: its policy governs every layer."""
+    types = layer_types(config)
+    if "full_attention" not in types or "sliding_attention" not in types:
+        return None, [False] * len(types)
+    return int(config.sliding_window), [kind == "sliding_attention" for kind in types]
+
+
 # -- switching a model to kvkeep's attention -----------------------------------------------------------
 class MptKVKeepAttention(MptAttention):
     """MPT attention whose softmax(QK^T + ALiBi)V runs through kvkeep (weights untouched)."""

@@ -54,6 +54,22 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return "triton"
 
 
+def hybrid_share(model_type: str, sliding: list[bool], window: int, prompt: int, policy: Policy) -> str:
+    """One line: the share of a ``prompt``-token sequence's KV bytes that ``policy``'s budget governs on a hybrid
+    model (``sliding``: per layer) and about how much of them it keeps.  Every layer of such a model holds the
+    same bytes per token, so shares of tokens are shares of bytes; a sliding layer holds ``window - 1`` tokens."""
+    governed, slides = sliding.count(False), sliding.count(True)
+    held_sliding = slides * min(prompt, window - 1)
+    share = governed * prompt / (governed * prompt + held_sliding)
+    kept = min(prompt, policy.budget_tokens(prompt))
+    kept_share = (governed * kept + held_sliding) / (governed * prompt + held_sliding)
+    return (
+        f"{slides} of {len(sliding)} layers of this {model_type} model slide over a {window}-token window that "
+        f"the budget does not shrink; the budget governs the other {governed} layers, {100 * share:.0f}% of the KV "
+        f"bytes of a {prompt}-token prompt, so budget {policy.budget} keeps about {100 * kept_share:.0f}% of them"
+    )
+
+
 class KVKeepCache(hf.ReuseGuard, Cache):
     """A KV cache that keeps, per layer and KV head, only the tokens a policy chooses.
 
@@ -70,8 +86,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         budget: a ratio of the prompt in (0, 1] or an absolute token count (not for ``"full"``).
         static: after the prompt, keep each layer in fixed-capacity slot buffers (``budget + 1`` slots;
             for ``"full"``, prompt + generation length) that new tokens overwrite in place: no per-step
-            copies or host synchronisation, so a decode step can run as a CUDA graph.  Models with
-            sliding-window layers are not supported in this mode.
+            copies or host synchronisation, so a decode step can run as a CUDA graph.  A hybrid's sliding
+            layers hold a ring of their window; a model whose every layer slides is refused in this mode.
         kernel: ``"triton"`` (the fused kernels of :mod:`kvkeep.kernels`), ``"torch"`` (the reference path)
             or ``"auto"`` (Triton on CUDA when triton is installed, torch elsewhere).
         max_new_tokens: tokens the generation will produce, when this cache is driven by ``model.generate``
@@ -80,6 +96,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         observer: ``observer(Eviction)`` after every eviction of the compacting path (the analyses).
         rows: ``(layers, state)``, slot-mode layers and their started step counters to hold instead of a fresh
             prompt's layers (the serving engine's :class:`~kvkeep.cache.rows.RowCache`; ``static`` must be True).
+        quiet: no log line about the share of a hybrid model's KV bytes the budget governs (the engine's
+            prefills: the server says it once at start-up).
         **params: the policy's parameters (``sinks``, ``recent_ratio``, ``tau_init``, ``alpha``, ...).
 
     On models that mix sliding-window and global layers (Gemma 3), sliding layers keep their native
@@ -103,6 +121,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         max_new_tokens: int | None = None,
         observer: Observer | None = None,
         rows: tuple[list, StepState] | None = None,
+        quiet: bool = False,
         **params,
     ):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
@@ -118,10 +137,11 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         hf.check_supported(model)
         config = model.config.get_text_config(decoder=True)
         layer_types = hf.layer_types(config)
-        if static and "sliding_attention" in layer_types:
+        hybrid_window, sliding_layers = hf.window_layers(config)
+        if static and "sliding_attention" in layer_types and hybrid_window is None:
             raise ValueError(
-                f"static=True does not support models with sliding-window layers ({config.model_type}): "
-                "use static=False"
+                f"static=True supports sliding-window layers beside global ones (Gemma 2 and 3), not a model whose "
+                f"every layer slides ({config.model_type}): use static=False"
             )
         if rows is not None:
             self._check_rows(*rows, len(layer_types))
@@ -134,7 +154,6 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         self.shape = AttentionShape.of(config)
         self.state = StepState(None if max_new_tokens is None else int(max_new_tokens))
         self.model_type = config.model_type
-        hybrid = "full_attention" in layer_types and "sliding_attention" in layer_types
         window = getattr(config, "sliding_window", None)
         if rows is not None:  # the engine's slot rows, already built and their step counters started
             layers, self.state = rows
@@ -142,11 +161,11 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             layers = []
             for idx, kind in enumerate(layer_types):
                 sliding = window if kind == "sliding_attention" else None
-                layer_policy = FullPolicy() if (hybrid and sliding is not None) else self.policy
+                layer_policy = FullPolicy() if sliding_layers[idx] else self.policy  # a hybrid's sliding layer
                 layers.append(CompactingLayer(layer_policy, idx, sliding, self.kernel, observer, self.tp))
         super().__init__(layers=layers)
-        self.hybrid_window = window if hybrid else None
-        self._told_hybrid = False
+        self.hybrid_window = hybrid_window
+        self._told_hybrid = quiet
 
     # -- transformers' contract ----------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -216,24 +235,10 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             self._tell_hybrid(columns)
 
     def _tell_hybrid(self, prompt: int) -> None:
-        """Say once, in one line, how much of the KV memory the budget governs on a mostly-sliding hybrid model.
-
-        Every layer of such a model holds the same bytes per token, so shares of tokens are shares of bytes.
-        """
-        sliding = sum(layer.sliding_window is not None for layer in self.layers)
-        if sliding * 2 <= len(self.layers) or self.policy.keeps_all:
-            return
-        governed = len(self.layers) - sliding
-        held_sliding = sliding * min(prompt, self.hybrid_window - 1)  # a sliding layer keeps window - 1 tokens
-        share = governed * prompt / (governed * prompt + held_sliding)
-        kept = min(prompt, self.policy.budget_tokens(prompt))
-        kept_share = (governed * kept + held_sliding) / (governed * prompt + held_sliding)
-        log.warning(
-            f"kvkeep: {sliding} of {len(self.layers)} layers of this {self.model_type} model slide over a "
-            f"{self.hybrid_window}-token window that the budget does not shrink; the budget governs the other "
-            f"{governed} layers, {100 * share:.0f}% of the KV bytes of this {prompt}-token prompt, so budget "
-            f"{self.policy.budget} keeps about {100 * kept_share:.0f}% of them"
-        )
+        """Say once, in one line, how much of the KV memory the budget governs on a mostly-sliding hybrid model."""
+        sliding = [layer.sliding_window is not None for layer in self.layers]
+        if sum(sliding) * 2 > len(sliding) and not self.policy.keeps_all:
+            log.warning("kvkeep: " + hybrid_share(self.model_type, sliding, self.hybrid_window, prompt, self.policy))
 
     def _tempered(self) -> bool:
         spec = self.policy.score_spec()
@@ -243,7 +248,21 @@ class KVKeepCache(hf.ReuseGuard, Cache):
     def _to_slots(self, layer_idx: int) -> SlotLayer:
         """Move layer ``layer_idx`` into fixed slot buffers; layer 0 also starts the step counters."""
         layer = self.layers[layer_idx]
-        batch, _, width, _ = layer.keys.shape
+        batch = layer.keys.shape[0]
+        if layer.sliding_window is not None:  # a hybrid's sliding layer: a ring of its window
+            slots = SlotLayer.from_layer(layer, layer.sliding_window, self.kernel, window=layer.sliding_window)
+        else:
+            slots = self._budget_slots(layer)
+        self.layers[layer_idx] = slots
+        if layer_idx == 0:
+            if self._tempered():  # fails now, in one line, if the schedule has no length
+                self.policy.temperature(torch.ones(1, dtype=torch.long), self.state.max_new_tokens)
+            self.state.start(layer.newest(), torch.full((batch,), layer.step, device=layer.keys.device))
+        return slots
+
+    def _budget_slots(self, layer: CompactingLayer) -> SlotLayer:
+        """A layer's slots under its policy: ``budget + 1`` per row, or every token the generation will hold."""
+        width = layer.keys.shape[2]
         total = self.state.max_new_tokens
         # Tokens a row will hold at most: the last generated token is never fed back.
         held = None if total is None else width + max(1, total - 1 - layer.step)
@@ -258,13 +277,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         else:
             capacity = max(width, int(layer.budget.amax()) + 1)
         # never_evicts: nothing to evict, so nothing to score; a full row's check guards a longer generation
-        slots = SlotLayer.from_layer(layer, capacity, self.kernel, evicts=not never_evicts)
-        self.layers[layer_idx] = slots
-        if layer_idx == 0:
-            if self._tempered():  # fails now, in one line, if the schedule has no length
-                self.policy.temperature(torch.ones(1, dtype=torch.long), self.state.max_new_tokens)
-            self.state.start(layer.newest(), torch.full((batch,), layer.step, device=layer.keys.device))
-        return slots
+        return SlotLayer.from_layer(layer, capacity, self.kernel, evicts=not never_evicts)
 
     def ready_for_graph(self) -> bool:
         """True once every layer runs on slot buffers, so a decode step has fixed shapes and addresses."""

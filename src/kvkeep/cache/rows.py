@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import hf
 from ..attention import bind
 from ..distributed import tensor_parallel
-from ..policies import Policy
-from ..shapes import AttentionShape
+from ..policies import FullPolicy, Policy
+from ..shapes import AttentionShape, text_config
 from .cache import KVKeepCache
 from .layer import NO_LIMIT, KVKeepLayer
 from .slots import SlotLayer
@@ -85,11 +86,19 @@ class RowCache:
         self.state = StepState()
         zeros = torch.zeros(rows + wide_rows, dtype=torch.long, device=param.device)
         self.state.start(zeros - 1, zeros)
+        window, sliding = hf.window_layers(text_config(model))  # a hybrid's sliding layers: rings of its window
         layers = []
         for idx in range(shape.layers):
-            narrow = SlotLayer.allocate(policy, idx, like, rows, capacity, kernel, head_offset=offset)
+            kind = dict(window=window, policy=FullPolicy()) if sliding[idx] else dict(policy=policy)
+            narrow = SlotLayer.allocate(
+                layer_idx=idx, like=like, rows=rows, capacity=window if sliding[idx] else capacity, kernel=kernel,
+                head_offset=offset, **kind,
+            )  # fmt: skip
             if wide_rows:
-                wide = SlotLayer.allocate(policy, idx, like, wide_rows, wide_capacity, kernel, head_offset=offset)
+                wide = SlotLayer.allocate(
+                    layer_idx=idx, like=like, rows=wide_rows, capacity=window if sliding[idx] else wide_capacity,
+                    kernel=kernel, head_offset=offset, **kind,
+                )  # fmt: skip
                 layers.append(RowGroups(narrow, wide, self.state))
             else:
                 layers.append(narrow)
@@ -105,12 +114,12 @@ class RowCache:
 
     def load(self, row: int, prompt: KVKeepCache, length: int) -> None:
         """Put the compressed prompt of a one-sequence cache into ``row``; its next token is its step 1."""
-        measuring = row >= self.rows  # a measurement row: nothing is evicted until it is cut
+        measuring = row >= self.rows  # a measurement row: nothing is evicted until it is cut (but windows slide)
         if measuring:
-            self.measured_budget[row] = int(prompt.layers[0].budget[0])
+            self.measured_budget[row] = next(int(s.budget[0]) for s in prompt.layers if s.budget is not None)
         for layer, source in zip(self.cache.layers, prompt.layers, strict=True):
             slots, index = self._slots(layer, row)
-            slots.load_row(index, source, budget=NO_LIMIT if measuring else None)
+            slots.load_row(index, source, budget=NO_LIMIT if measuring and not slots.is_sliding else None)
         newest = prompt.layers[0].seen - 1
         self.state.set_row(row, newest, 0, length)
 

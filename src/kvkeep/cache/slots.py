@@ -30,9 +30,9 @@ class SlotLayer(KVKeepLayer):
 
     decodes_in_place = True
 
-    def __init__(self, policy: Policy, layer_idx: int, kernel: str = "torch", observer=None):
+    def __init__(self, policy: Policy, layer_idx: int, kernel: str = "torch", observer=None, window: int | None = None):
         self.kernel = kernel
-        super().__init__(policy, layer_idx, None, observer)
+        super().__init__(policy, layer_idx, window, observer)
 
     def clear(self) -> None:
         super().clear()
@@ -55,11 +55,13 @@ class SlotLayer(KVKeepLayer):
         observer=None,
         head_offset: int = 0,
         evicts: bool = True,
+        window: int | None = None,
     ) -> SlotLayer:
         """Empty buffers ``[rows, kv_heads, capacity, head_dim]``, typed and placed like ``like``
         ``[*, kv_heads, *, D]``, whose KV head 0 is the model's head ``head_offset``.  ``evicts=False``: rows
-        sized to hold every token they will see, so they keep no budget and no score."""
-        layer = cls(policy, layer_idx, kernel, observer)
+        sized to hold every token they will see, so they keep no budget and no score.  ``window``: a sliding
+        layer's ring (``capacity`` = ``window``): each step's oldest token leaves, so ``window - 1`` stay."""
+        layer = cls(policy, layer_idx, kernel, observer, window)
         layer.head_offset = head_offset
         if not evicts:
             layer.spec = None
@@ -73,21 +75,26 @@ class SlotLayer(KVKeepLayer):
         layer.free = torch.zeros(rows, kv_heads, dtype=torch.long, device=like.device)
         layer.padding = torch.zeros(rows, dtype=torch.long, device=like.device)
         layer.peak = torch.zeros(rows, dtype=torch.long, device=like.device)
-        if evicts and not policy.keeps_all:
+        if window is not None:  # every token held is recent: the victim is always the oldest
+            layer.budget = torch.full((rows,), window - 1, dtype=torch.long, device=like.device)
+            layer.recent = layer.budget.clone()
+        elif evicts and not policy.keeps_all:
             layer.budget = torch.zeros(rows, dtype=torch.long, device=like.device)
             layer.recent = torch.zeros(rows, dtype=torch.long, device=like.device)
         return layer
 
     @classmethod
-    def from_layer(cls, source: KVKeepLayer, capacity: int, kernel: str, evicts: bool = True) -> SlotLayer:
-        """The tokens ``source`` keeps, moved into ``capacity`` slots per row (the rest empty); ``evicts``: as
-        :meth:`allocate`'s."""
+    def from_layer(
+        cls, source: KVKeepLayer, capacity: int, kernel: str, evicts: bool = True, window: int | None = None
+    ) -> SlotLayer:
+        """The tokens ``source`` keeps, moved into ``capacity`` slots per row (the rest empty); ``evicts`` and
+        ``window``: as :meth:`allocate`'s."""
         batch, _, width, _ = source.keys.shape
         if width > capacity:
             raise ValueError(f"layer {source.layer_idx} keeps {width} tokens, more than the {capacity} slots")
         layer = cls.allocate(
             source.policy, source.layer_idx, source.keys, batch, capacity, kernel, source.observer,
-            source.head_offset, evicts,
+            source.head_offset, evicts, window,
         )  # fmt: skip
         layer.keys[:, :, :width] = source.keys
         layer.values[:, :, :width] = source.values
@@ -116,7 +123,7 @@ class SlotLayer(KVKeepLayer):
         if self.scores is not None:
             self.scores[row] = 0.0
             self.scores[row, :, :width] = source.scores[source_row]
-        if self.budget is not None:
+        if self.budget is not None and source.budget is not None:
             self.budget[row], self.recent[row] = source.budget[source_row], source.recent[source_row]
             if budget is not None:
                 self.budget[row] = budget
@@ -133,7 +140,8 @@ class SlotLayer(KVKeepLayer):
         compact = CompactingLayer.holding(
             self.policy, self.layer_idx, self.kernel, self.head_offset, self.keys[one, :, order],
             self.values[one, :, order], self.positions[one, :, order],
-            None if self.scores is None else self.scores[one, :, order], budget, self.recent[one], newest, step,
+            None if self.scores is None else self.scores[one, :, order], None if self.is_sliding else budget,
+            self.recent[one], newest, step, self.sliding_window,
         )  # fmt: skip
         compact.evict()
         return compact

@@ -75,11 +75,15 @@ def check_args(args: argparse.Namespace):
 def check_model(config, prompt_tokens: int, args: argparse.Namespace) -> None:
     """What the model's config tells before its weights are read: kvkeep supports it, ``--static`` suits it,
     and prompt + ``--max-new-tokens`` fit its context (unless ``--beyond-context``)."""
-    from ..hf import config_layer_types
+    from ..hf import config_layer_types, window_layers
     from ..models import context_length
 
-    if "sliding_attention" in config_layer_types(config) and args.static:
-        raise ValueError(f"--static does not support models with sliding-window layers ({config.model_type}): drop it")
+    slides = "sliding_attention" in config_layer_types(config)
+    if slides and args.static and window_layers(config.get_text_config(decoder=True))[0] is None:
+        raise ValueError(
+            f"--static supports sliding-window layers beside global ones (Gemma 2, 3), not a model whose every "
+            f"layer slides ({config.model_type}): drop it"
+        )
     context = context_length(config)
     if context and prompt_tokens + args.max_new_tokens > context and not args.beyond_context:
         raise ValueError(

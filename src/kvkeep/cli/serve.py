@@ -62,12 +62,13 @@ def port_number(text: str) -> int:
 
 def check_model(config) -> None:
     """What the config tells before the weights load: kvkeep supports the family, the engine its layers."""
-    from ..hf import config_layer_types
+    from ..hf import config_layer_types, window_layers
 
-    if "sliding_attention" in config_layer_types(config):
+    slides = "sliding_attention" in config_layer_types(config)
+    if slides and window_layers(config.get_text_config(decoder=True))[0] is None:
         raise ValueError(
-            f"kvkeep serve does not support models with sliding-window layers yet ({config.model_type}): "
-            "kvkeep generate and the Python API do (their compacting cache)"
+            f"kvkeep serve supports sliding-window layers beside global ones (Gemma 2, 3), not a model whose every "
+            f"layer slides ({config.model_type}): kvkeep generate and the Python API run it (their compacting cache)"
         )
 
 
@@ -140,8 +141,10 @@ def start_app(args: argparse.Namespace, source, dtype, device, policy, max_promp
     import transformers
 
     from .. import distributed
+    from ..cache.cache import hybrid_share
     from ..engine import build
     from ..generation import stop_token_ids
+    from ..hf import window_layers
     from ..models import load_model
     from ..serve import create_app
 
@@ -158,6 +161,10 @@ def start_app(args: argparse.Namespace, source, dtype, device, policy, max_promp
     budget = "" if policy.keeps_all else f" budget {policy.budget}"
     split = f"; tensor-parallel over {args.tp} ranks (rows per rank)" if args.tp > 1 else ""
     print(f"[kvkeep] {name}: {policy.name}{budget}{split}; {engine.plan.describe()}", file=sys.stderr)
+    if engine.facts.sliding_layers and not policy.keeps_all:  # a hybrid: what the budget governs, once
+        sliding = window_layers(model.config.get_text_config(decoder=True))[1]
+        share = hybrid_share(model.config.model_type, sliding, engine.facts.window, max_prompt, policy)
+        print(f"[kvkeep] {share}", file=sys.stderr)
     print(f"[kvkeep] limits: prompts up to {max_prompt} tokens, outputs up to {args.max_tokens}, "
           f"bodies up to {args.max_body_mib:g} MiB, {args.queue_limit} waiting requests", file=sys.stderr)  # fmt: skip
     body_bytes = int(args.max_body_mib * 2**20)

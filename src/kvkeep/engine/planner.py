@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..distributed import tensor_parallel
+from ..hf import window_layers
 from ..policies import Policy
 from ..shapes import AttentionShape, text_config
 
@@ -38,6 +39,8 @@ class ModelFacts:
     hidden: int
     intermediate: int
     vocab: int
+    sliding_layers: int = 0  # a hybrid model's layers that slide over ``window`` tokens (rows of the window)
+    window: int = 0
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> ModelFacts:
@@ -46,6 +49,7 @@ class ModelFacts:
         shape = AttentionShape.of(config).known()
         tp = tensor_parallel(model)
         kv_heads = shape.kv_heads if tp is None else tp.local_kv_heads()
+        window, sliding = window_layers(config)
         local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
         weights = sum(p.numel() * p.element_size() for p in local)
         return cls(
@@ -57,6 +61,8 @@ class ModelFacts:
             hidden=config.hidden_size,
             intermediate=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
             vocab=config.vocab_size,
+            sliding_layers=sum(sliding),
+            window=window or 0,
         )
 
     def slot_bytes(self, scores: bool) -> int:
@@ -64,9 +70,18 @@ class ModelFacts:
         per_head = 2 * self.head_dim * self.dtype_bytes + 8 + (4 if scores else 0)
         return self.layers * self.kv_heads * per_head
 
+    def row_bytes(self, capacity: int, scores: bool) -> int:
+        """Bytes of one row of ``capacity`` slots per layer; a hybrid's sliding layers hold ``window`` slots
+        (their K, V and positions: no score)."""
+        per_head = 2 * self.head_dim * self.dtype_bytes + 8
+        governed = (self.layers - self.sliding_layers) * self.kv_heads * (per_head + (4 if scores else 0))
+        return capacity * governed + self.window * self.sliding_layers * self.kv_heads * per_head
+
     def kv_bytes(self, tokens: int) -> int:
-        """Bytes of K and V of ``tokens`` tokens of one sequence, over all layers (what full attention holds)."""
-        return tokens * self.layers * self.kv_heads * 2 * self.head_dim * self.dtype_bytes
+        """Bytes of K and V of ``tokens`` tokens of one sequence, over all layers (what full attention holds;
+        a hybrid's sliding layer holds ``window - 1`` of them at most)."""
+        held = tokens * (self.layers - self.sliding_layers) + min(tokens, self.window - 1) * self.sliding_layers
+        return held * self.kv_heads * 2 * self.head_dim * self.dtype_bytes
 
     def prefill_bytes(self, tokens: int) -> int:
         """Activation memory of a prefill of ``tokens``, plus its whole-prompt cache (kept by CO2's measurement)."""
@@ -125,9 +140,9 @@ def plan(
     prefill_tokens = prefill_tokens or max(max_prompt, min(DEFAULT_PREFILL_TOKENS, 4 * max_prompt))
     scores = policy.score_spec() is not None
     capacity = row_capacity(policy, max_prompt, max_tokens)
-    row_bytes = capacity * facts.slot_bytes(scores)
+    row_bytes = facts.row_bytes(capacity, scores)
     wide_capacity = max_prompt + policy.evict_after() + 1 if policy.evict_after() else 0
-    wide_bytes = wide_capacity * facts.slot_bytes(scores)
+    wide_bytes = facts.row_bytes(wide_capacity, scores) if wide_capacity else 0
     reserve = facts.prefill_bytes(max(prefill_tokens, max_prompt)) + DECODE_RESERVE
     free = memory_bytes - facts.weight_bytes - reserve
     # Measurement rows: twice the requests expected inside their first N steps at once (N of each request's

@@ -58,7 +58,9 @@ class ModelRunner:
         The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.  The
         prompt's log-probabilities come from its full attention (compression starts after the prompt).
         """
-        cache = KVKeepCache(self.model, policy or self.policy, kernel=self.kernel, max_new_tokens=max_tokens)
+        cache = KVKeepCache(
+            self.model, policy or self.policy, kernel=self.kernel, max_new_tokens=max_tokens, quiet=True
+        )
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         keep = 0 if prompt_logprobs is not None else 1  # 0: every position's logits
         every = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **with_cache(self.model, cache)).logits
