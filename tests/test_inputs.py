@@ -107,7 +107,7 @@ def test_mostly_sliding_model_says_once_per_cache_what_the_budget_governs(caplog
     [line] = hybrid_lines(caplog)
     assert "\n" not in line
     assert "5 of 6 layers" in line and "12-token window" in line and "other 1 layers" in line
-    assert "42% of the KV bytes of this 40-token prompt" in line and "budget 0.5 keeps about 79%" in line
+    assert "42% of the KV bytes of a 40-token prompt" in line and "budget 0.5 keeps about 79%" in line
     assert cache.nbytes() / cache.full_nbytes() == pytest.approx(75 / 95)
 
     cache.reset()
