@@ -112,3 +112,40 @@ def test_engine_on_cuda_batching_changes_no_token_and_covering_budget_is_full_at
             cache = kvkeep.KVKeepCache(model, "full")
             reference = kvkeep.generate(model, torch.tensor([prompt], device="cuda"), cache=cache, max_new_tokens=40)
             assert request.output_ids == reference.row(0)
+
+
+def _gemma3(device: str):
+    """A random Gemma 3 text model: three of four layers slide over a 16-token window (Gemma 3's layout)."""
+    torch.manual_seed(0)
+    config = tf.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, head_dim=16, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, initializer_range=0.3, sliding_window=16,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    )  # fmt: skip
+    return tf.AutoModelForCausalLM.from_config(config).to(device).eval()
+
+
+@pytest.mark.parametrize("policy", ["full", *HALF] if CUDA else ["h2o", "keyformer"])  # the interpreter is slow
+def test_hybrid_sliding_model_on_triton_slots_and_engine_equals_the_compacting_torch_path(policy):
+    """Gemma 3's sliding layers as rings of their window through the Triton kernels (and on CUDA the CUDA
+    graph and the engine) give the compacting torch path's tokens."""
+    model = _gemma3(DEVICE)
+    ids, mask = _batch(DEVICE)
+    params = {} if policy == "full" else HALF[policy]
+    reference = kvkeep.KVKeepCache(model, policy, kernel="torch", max_new_tokens=24, **params)
+    expected = kvkeep.generate(model, ids, mask, cache=reference, max_new_tokens=24).tokens
+    fused = kvkeep.KVKeepCache(model, policy, static=True, kernel="triton", max_new_tokens=24, **params)
+    run = kvkeep.generate(model, ids, mask, cache=fused, max_new_tokens=24)
+    assert torch.equal(run.tokens, expected) and run.graph_steps == (22 if CUDA else 0)
+    if not CUDA:
+        return
+    from kvkeep.engine import Request, build
+    from kvkeep.policies import make_policy
+
+    class NoText:
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    engine = build(model, NoText(), make_policy(policy, **params), max_prompt=64, max_tokens=24, rows=2)
+    served = engine.run([Request(row[m.bool()].tolist(), 24) for row, m in zip(ids, mask, strict=True)])
+    assert [r.output_ids for r in served] == expected.tolist()
