@@ -114,22 +114,33 @@ def test_engine_on_cuda_batching_changes_no_token_and_covering_budget_is_full_at
             assert request.output_ids == reference.row(0)
 
 
-def _gemma3(device: str):
-    """A random Gemma 3 text model: three of four layers slide over a 16-token window (Gemma 3's layout)."""
+def _hybrid(arch: str, device: str):
+    """A random Gemma 3 text model (three of four layers slide over a 16-token window, Gemma 3's layout) or
+    Gemma 2 (sliding and global layers alternate; logits soft-capped at 5)."""
     torch.manual_seed(0)
-    config = tf.Gemma3TextConfig(
+    sizes = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, head_dim=16, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, initializer_range=0.3, sliding_window=16,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
     )  # fmt: skip
+    if arch == "gemma2":
+        config = tf.Gemma2Config(**sizes, attn_logit_softcapping=5.0)
+    else:
+        config = tf.Gemma3TextConfig(**sizes, layer_types=["sliding_attention"] * 3 + ["full_attention"])
     return tf.AutoModelForCausalLM.from_config(config).to(device).eval()
 
 
-@pytest.mark.parametrize("policy", ["full", *HALF] if CUDA else ["h2o", "keyformer"])  # the interpreter is slow
-def test_hybrid_sliding_model_on_triton_slots_and_engine_equals_the_compacting_torch_path(policy):
-    """Gemma 3's sliding layers as rings of their window through the Triton kernels (and on CUDA the CUDA
-    graph and the engine) give the compacting torch path's tokens."""
-    model = _gemma3(DEVICE)
+HYBRID_CASES = (
+    [(arch, policy) for arch in ("gemma3", "gemma2") for policy in ("full", *HALF)]
+    if CUDA
+    else [("gemma3", "h2o"), ("gemma3", "keyformer"), ("gemma2", "keyformer")]  # the interpreter is slow
+)
+
+
+@pytest.mark.parametrize("arch, policy", HYBRID_CASES)
+def test_hybrid_sliding_model_on_triton_slots_and_engine_equals_the_compacting_torch_path(arch, policy):
+    """Sliding layers as rings of their window through the Triton kernels (Gemma 2's soft-capping in them too),
+    and on CUDA the CUDA graph and the engine, give the compacting torch path's tokens."""
+    model = _hybrid(arch, DEVICE)
     ids, mask = _batch(DEVICE)
     params = {} if policy == "full" else HALF[policy]
     reference = kvkeep.KVKeepCache(model, policy, kernel="torch", max_new_tokens=24, **params)

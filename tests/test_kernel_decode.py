@@ -30,8 +30,9 @@ THRESHOLD = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def _case(name, batch, q_heads, kv_heads, slots, head_dim, dtype, mode, reduce, decay, splits, block_n, strided=False,
-          offset=0):  # fmt: skip
-    """``offset``: the model's index of KV head 0 (a tensor-parallel rank's heads), for the noise."""
+          offset=0, softcap=None):  # fmt: skip
+    """``offset``: the model's index of KV head 0 (a tensor-parallel rank's heads), for the noise; ``softcap``:
+    Gemma 2's logit soft-capping."""
     return pytest.param(
         dict(
             batch=batch,
@@ -47,6 +48,7 @@ def _case(name, batch, q_heads, kv_heads, slots, head_dim, dtype, mode, reduce, 
             block_n=block_n,
             strided=strided,
             head_offset=offset,
+            softcap=softcap,
         ),
         id=name,
     )
@@ -66,6 +68,8 @@ if CUDA:
         _case("gqa4-out-only-bf16", 8, 32, 8, 1500, 128, bf16, None, "mean", 0.0, None, None),
         _case("mha-out-only-bf16-1split", 16, 32, 32, 900, 128, bf16, None, "mean", 0.0, 1, None),
         _case("gqa4-tempered-mean-bf16", 8, 32, 8, 1500, 128, bf16, "tempered", "mean", 0.0, None, None),
+        _case("gqa2-gumbel-sum-softcap-bf16", 8, 8, 4, 1300, 256, bf16, "gumbel", "sum", 0.0, None, None, softcap=0.5),
+        _case("gqa2-probs-mean-softcap-fp32", 4, 8, 4, 900, 256, f32, "probs", "mean", 0.0, None, None, softcap=0.5),
     ]
 else:
     CASES = [
@@ -79,6 +83,8 @@ else:
         _case("gqa4-out-only-fp32", 2, 8, 2, 40, 32, f32, None, "mean", 0.0, 3, 16),
         _case("mha-out-only-bf16-1split", 2, 2, 2, 20, 32, bf16, None, "mean", 0.0, 1, 16),
         _case("gqa4-tempered-sum-fp32", 2, 8, 2, 40, 32, f32, "tempered", "sum", 0.0, 3, 16),
+        _case("gqa4-gumbel-mean-softcap-fp32", 2, 8, 2, 40, 32, f32, "gumbel", "mean", 0.0, 3, 16, softcap=0.5),
+        _case("gqa4-out-only-softcap-bf16", 2, 8, 2, 40, 32, bf16, None, "mean", 0.0, 3, 16, softcap=0.5),
     ]
 
 
@@ -138,6 +144,7 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> tuple[torch.Tensor, 
         positions,
         x["query_pos"][:, None],
         scaling,
+        softcap=c["softcap"],
         scorer=scorer,
         head_reduce=c["reduce"],
     )
@@ -153,7 +160,7 @@ def test_decode_attention_matches_reference(c: dict) -> None:
     x = _inputs(c, gen)
     scaling = c["head_dim"] ** -0.5
     seed = 2**40 + int(torch.randint(0, 2**31, (1,), generator=gen))  # bits above 32 must be dropped
-    kwargs: dict = dict(_num_splits=c["splits"], _block_n=c["block_n"], _poison=True)
+    kwargs: dict = dict(_num_splits=c["splits"], _block_n=c["block_n"], _poison=True, softcap=c["softcap"])
     policy = None
     if c["mode"] == "probs":
         policy = H2OPolicy(budget=0.5, head_reduce=c["reduce"])

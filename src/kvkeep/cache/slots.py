@@ -206,16 +206,16 @@ class SlotLayer(KVKeepLayer):
         """
         state = self.state
         if self.kernel == "triton":
-            if softcap is not None or alibi_slopes is not None:
+            if alibi_slopes is not None:
                 raise ValueError(
-                    "kvkeep's Triton decode kernel supports neither logit soft-capping nor ALiBi: "
-                    "build the cache with kernel='torch'"
+                    "kvkeep's Triton decode kernel does not support ALiBi: build the cache with kernel='torch'"
                 )
             from ..kernels.decode import decode_attention
 
             out = decode_attention(
                 query[:, :, 0], self.keys, self.values, self.positions, scaling, scores=self.scores, spec=self.spec,
                 layer_idx=self.layer_idx, head_offset=self.head_offset, tau=state.tau, query_pos=state.position,
+                softcap=softcap,
             )[:, None]  # fmt: skip
         else:
             scorer = None

@@ -62,6 +62,14 @@ def num_splits_for(batch: int, kv_heads: int, slots: int, block_n: int = BLOCK_N
 
 
 @triton.jit
+def _tanh(x):
+    """tanh, stable for any float32 ``x`` (no overflow: the exponent is never positive)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attend_block(
     q,
     n0,
@@ -75,6 +83,7 @@ def _attend_block(
     offs_d,
     d_ok,
     scaling,
+    softcap,
     m_i,
     l_i,
     acc,
@@ -88,6 +97,7 @@ def _attend_block(
     TEMPERED: tl.constexpr,
     NOISE: tl.constexpr,
     ONE_ROW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -103,6 +113,8 @@ def _attend_block(
     if INTERPRET:
         k = k.to(tl.float32)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scaling  # [GROUP_PAD, BLOCK_N] float32
+    if SOFTCAP:  # Gemma 2: softcap * tanh(logits / softcap), before the mask and the score
+        logits = softcap * _tanh(logits / softcap)
     logits = tl.where(valid[None, :], logits, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -149,6 +161,7 @@ def _split_kernel(
     PACC,
     OUT,
     scaling,
+    softcap,
     noise_key,
     head_offset,
     slots,
@@ -180,6 +193,7 @@ def _split_kernel(
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
     ONE_ROW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """One (sequence, KV head, slot range): online softmax of the group's query heads over the range."""
     pid = tl.program_id(0)
@@ -223,9 +237,9 @@ def _split_kernel(
     stop = tl.minimum(start + split_size, slots)
     for n0 in range(start, stop, BLOCK_N):
         m_i, l_i, acc, m2, l2 = _attend_block(
-            q, n0, stop, k_base, v_base, p_base, stride_kc, stride_vc, stride_pc, offs_d, d_ok, scaling, m_i, l_i,
-            acc, m2, l2, row_hash, inv_tau, s_rows, row_ok, SCORES, TEMPERED, NOISE, ONE_ROW, INTERPRET,
-            DOT_PRECISION, BLOCK_N,
+            q, n0, stop, k_base, v_base, p_base, stride_kc, stride_vc, stride_pc, offs_d, d_ok, scaling, softcap,
+            m_i, l_i, acc, m2, l2, row_hash, inv_tau, s_rows, row_ok, SCORES, TEMPERED, NOISE, ONE_ROW, SOFTCAP,
+            INTERPRET, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
 
     part = head_rows * num_splits + split
@@ -365,6 +379,7 @@ def decode_attention(
     head_offset: int = 0,
     tau: torch.Tensor | None = None,
     query_pos: torch.Tensor | None = None,
+    softcap: float | None = None,
     _num_splits: int | None = None,
     _block_n: int | None = None,
     _num_warps: int | None = None,
@@ -388,6 +403,7 @@ def decode_attention(
             first head; 0 otherwise).
         tau: ``[B]`` float32 temperature of each row, on the device (tempered only).
         query_pos: ``[B]`` int64 true position of each query (noise only).
+        softcap: logit soft-capping ``softcap * tanh(logits / softcap)`` (Gemma 2), before mask and score.
         _num_splits, _block_n, _num_warps, _num_stages: override the launch shape (tests, tuning).
         _poison: fill output and workspaces with NaN before the launch (tests: every read value is written).
 
@@ -416,12 +432,12 @@ def decode_attention(
     block_d = max(16, next_pow2(head_dim))
     _split_kernel[(batch * kv_heads, splits)](
         query, keys, values, positions, query_pos if noise else positions, tau if tempered else out, parts.scratch,
-        parts.m, parts.l, parts.m2, parts.l2, parts.acc, out, float(scaling),
+        parts.m, parts.l, parts.m2, parts.l2, parts.acc, out, float(scaling), float(softcap or 1.0),
         int32_key(spec.noise_seed if noise else None, layer_idx), int(head_offset), slots, group, kv_heads, q_heads,
         head_dim, splits, split_size, query.stride(0), query.stride(1), *keys.stride()[:3], *values.stride()[:3],
         *positions.stride(), SCORES=want_scores, TEMPERED=tempered, NOISE=noise, ONE_SPLIT=one_split,
         INTERPRET=INTERPRET, DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None, GROUP_PAD=group_pad,
-        BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, ONE_ROW=group == 1,
+        BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, ONE_ROW=group == 1, SOFTCAP=softcap is not None,
         num_warps=_num_warps or NUM_WARPS, num_stages=_num_stages or NUM_STAGES,
     )  # fmt: skip
     if one_split and not want_scores:
