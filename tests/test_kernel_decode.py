@@ -69,7 +69,7 @@ if CUDA:
         _case("mha-out-only-bf16-1split", 16, 32, 32, 900, 128, bf16, None, "mean", 0.0, 1, None),
         _case("gqa4-tempered-mean-bf16", 8, 32, 8, 1500, 128, bf16, "tempered", "mean", 0.0, None, None),
         _case("gqa2-gumbel-sum-softcap-bf16", 8, 8, 4, 1300, 256, bf16, "gumbel", "sum", 0.0, None, None, softcap=0.5),
-        _case("gqa2-probs-mean-softcap-fp32", 4, 8, 4, 900, 256, f32, "probs", "mean", 0.0, None, None, softcap=0.5),
+        _case("gqa2-probs-mean-softcap-fp32", 4, 8, 4, 900, 128, f32, "probs", "mean", 0.0, None, None, softcap=0.5),
     ]
 else:
     CASES = [
@@ -238,3 +238,10 @@ def test_rejects_bad_arguments() -> None:
         decode_attention(q, k, k, pos, 1.0, scores=scores, spec=ScoreSpec(mode="x"))
     with pytest.raises(ValueError, match="tau"):
         decode_attention(q, k, k, pos, 1.0, scores=scores, spec=ScoreSpec(mode="tempered", noise_seed=0))
+
+
+@pytest.mark.skipif(not CUDA, reason="a GPU's shared memory: the interpreter has no such limit")
+def test_float32_keys_too_wide_for_shared_memory_get_a_one_line_error_naming_the_fix() -> None:
+    q, k = torch.zeros(1, 2, 256, device=DEVICE), torch.zeros(1, 2, 16, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="bfloat16 or float16, or build the cache with kernel='torch'"):
+        decode_attention(q, k, k, torch.zeros(1, 2, 16, dtype=torch.int64, device=DEVICE), 1.0)

@@ -508,6 +508,11 @@ def _check_inputs(query, keys, values, positions, scores, spec, tau, query_pos) 
         raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("keys and values must be contiguous in their last (head_dim) dimension")
+    if keys.is_cuda and keys.dtype == torch.float32 and keys.shape[-1] > 128:  # measured on an H200: D=256 fails
+        raise ValueError(
+            f"float32 keys of head size {keys.shape[-1]} overflow the Triton decode kernel's shared memory: run the "
+            "model in bfloat16 or float16, or build the cache with kernel='torch'"
+        )
     if values.shape != keys.shape or positions.shape != keys.shape[:3]:
         raise ValueError(
             f"shapes disagree: keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions "
