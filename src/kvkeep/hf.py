@@ -120,9 +120,10 @@ def window_layers(config) -> tuple[int | None, list[bool]]:
     are global): its sliding layers keep their window whatever the budget, in every kvkeep cache.  A model whose
     every layer slides (or none) gives ``(None, [False] * layers)``: its policy governs every layer."""
     types = layer_types(config)
-    if "full_attention" not in types or "sliding_attention" not in types:
+    window = getattr(config, "sliding_window", None)
+    if "full_attention" not in types or "sliding_attention" not in types or window is None:
         return None, [False] * len(types)
-    return int(config.sliding_window), [kind == "sliding_attention" for kind in types]
+    return int(window), [kind == "sliding_attention" for kind in types]
 
 
 # -- switching a model to kvkeep's attention -----------------------------------------------------------
