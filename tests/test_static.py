@@ -6,13 +6,14 @@ sets), while its tensors keep their shape and address from step to step.
 
 import pytest
 import torch
-from conftest import COVERING, HALF, greedy, left_pad, random_prompt, tiny_model
+import transformers as tf
+from conftest import COVERING, HALF, TINY_CONFIGS, greedy, left_pad, random_prompt, tiny_model
 
 import kvkeep
 from kvkeep.cache import SlotLayer
 from kvkeep.hf import with_cache
 
-#: Architectures without sliding-window layers (static caches do not take those).
+#: Architectures without sliding-window layers (hybrids have their own test below).
 STATIC_ARCHS = ["llama", "qwen2", "qwen3", "gpt2", "opt", "gpt_neox", "mpt", "gptj"]
 
 
@@ -107,9 +108,12 @@ def test_static_bad_input_errors(kwargs, fragment):
         kvkeep.KVKeepCache(tiny_model("llama"), **kwargs)
 
 
-def test_static_refuses_sliding_window_models():
-    with pytest.raises(ValueError, match="sliding-window layers"):
-        kvkeep.KVKeepCache(tiny_model("gemma3"), "h2o", budget=0.5, floor=0, static=True)
+def test_static_refuses_a_model_whose_every_layer_slides_and_takes_a_hybrid():
+    config_cls, kwargs = TINY_CONFIGS["gemma3"]
+    sliding = tf.AutoModelForCausalLM.from_config(config_cls(**{**kwargs, "layer_types": ["sliding_attention"] * 4}))
+    with pytest.raises(ValueError, match="not a model whose every layer slides .* use static=False"):
+        kvkeep.KVKeepCache(sliding, "h2o", budget=0.5, floor=0, static=True)
+    kvkeep.KVKeepCache(tiny_model("gemma3"), "h2o", budget=0.5, floor=0, static=True)  # sliding and global
 
 
 def test_static_full_cache_needs_the_generation_length():
