@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# On a CUDA machine (the device tool runs it in the repository root): the GPU tests, the issue-9 bench row
-# before/after the restructure (OLD_SRC: the earlier src/ tree, e.g. from `git archive 2255a5d src`), a
-# serving-engine smoke run, the engine on the real model (engine-real), and profiles. Logs and JSON go to $OUT
-# (or /tmp/gpu_check).
+# On a CUDA machine (the device tool runs it in the repository root), by stage: tests (the GPU tests), compare
+# and engine-compare (a `kvkeep bench` row and `kvkeep bench-serve` before/after; OLD_SRC: the earlier src/
+# tree, e.g. from `git archive <commit> src`), tokens (the real model's tokens before/after), engine (a
+# serving-engine smoke run), engine-real (the engine on the real model against the compacting path) and
+# profile.  EXTRA_PATH: more import paths (gguf, the SmolLM2 wheel).  Logs and JSON go to $OUT (or
+# /tmp/gpu_check).
 set -uo pipefail
 export PYTHONPATH=$PWD/src${EXTRA_PATH:+:$EXTRA_PATH} PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_check}; mkdir -p "$out"
