@@ -28,7 +28,7 @@ class RowGroups(KVKeepLayer):
     decodes_in_place = True
 
     def __init__(self, narrow: SlotLayer, wide: SlotLayer, state: StepState):
-        super().__init__(narrow.policy, narrow.layer_idx, None, narrow.observer)
+        super().__init__(narrow.policy, narrow.layer_idx, narrow.sliding_window, narrow.observer)
         self.narrow, self.wide = narrow, wide
         self.kernel = narrow.kernel
         self.split = narrow.keys.shape[0]

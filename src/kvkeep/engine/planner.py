@@ -65,17 +65,19 @@ class ModelFacts:
             window=window or 0,
         )
 
+    def _head_bytes(self, scores: bool) -> int:
+        """Bytes of one slot of one KV head: K and V, its position (int64), its score (float32)."""
+        return 2 * self.head_dim * self.dtype_bytes + 8 + (4 if scores else 0)
+
     def slot_bytes(self, scores: bool) -> int:
-        """Bytes of one slot in every layer: K and V, its position, its score."""
-        per_head = 2 * self.head_dim * self.dtype_bytes + 8 + (4 if scores else 0)
-        return self.layers * self.kv_heads * per_head
+        """Bytes of one slot in every layer (a prompt's whole cache, measured per token)."""
+        return self.layers * self.kv_heads * self._head_bytes(scores)
 
     def row_bytes(self, capacity: int, scores: bool) -> int:
         """Bytes of one row of ``capacity`` slots per layer; a hybrid's sliding layers hold ``window`` slots
-        (their K, V and positions: no score)."""
-        per_head = 2 * self.head_dim * self.dtype_bytes + 8
-        governed = (self.layers - self.sliding_layers) * self.kv_heads * (per_head + (4 if scores else 0))
-        return capacity * governed + self.window * self.sliding_layers * self.kv_heads * per_head
+        (no score)."""
+        governed = (self.layers - self.sliding_layers) * self.kv_heads * self._head_bytes(scores)
+        return capacity * governed + self.window * self.sliding_layers * self.kv_heads * self._head_bytes(False)
 
     def kv_bytes(self, tokens: int) -> int:
         """Bytes of K and V of ``tokens`` tokens of one sequence, over all layers (what full attention holds;
