@@ -126,6 +126,12 @@ def window_layers(config) -> tuple[int | None, list[bool]]:
     return int(window), [kind == "sliding_attention" for kind in types]
 
 
+def every_layer_slides(config) -> bool:
+    """True for a model whose every layer slides over a window (Mistral v0.1 style): slot rows cannot hold
+    its window and its policy in one eviction, so the static cache and the server refuse it."""
+    return set(layer_types(config)) == {"sliding_attention"} and getattr(config, "sliding_window", None) is not None
+
+
 # -- switching a model to kvkeep's attention -----------------------------------------------------------
 class MptKVKeepAttention(MptAttention):
     """MPT attention whose softmax(QK^T + ALiBi)V runs through kvkeep (weights untouched)."""

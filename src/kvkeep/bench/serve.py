@@ -341,6 +341,7 @@ def run_methods(
     report=print,
 ) -> tuple[list[dict], dict]:
     """Serve the same workload with every method (``hf-static`` and policies x budgets) in the same memory."""
+    from ..engine.build import usable_bytes
     from ..models import resolve_device, resolve_dtype
     from ..policies import POLICIES
     from ..runinfo import run_metadata
@@ -355,7 +356,7 @@ def run_methods(
     vocab = model.config.get_text_config(decoder=True).vocab_size
     load = load or workload(requests, prompt_tokens, output_tokens, vocab, seed)
     if memory_gib is None and torch_device.type == "cuda":
-        memory_gib = _usable_gib(torch_device)
+        memory_gib = usable_bytes(torch_device) / 2**30
     out = []
     for method, budget, policy in configs:
         if policy is None:
@@ -396,14 +397,6 @@ def _model(model_name: str, arch: str | None, device, dtype) -> tuple:
     if arch is not None:
         return random_model(arch, str(device), dtype), None
     return load_model(model_name, dtype=dtype, device=device)
-
-
-def _usable_gib(device) -> float:
-    """GiB of ``device`` this process may fill: what is free and what it holds already, less 2 GiB."""
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(device)
-    return (free + torch.cuda.memory_allocated(device)) / 2**30 - 2
 
 
 #: The engine's stats a policy's row shows.

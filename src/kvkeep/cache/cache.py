@@ -54,11 +54,14 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return "triton"
 
 
-def hybrid_share(model_type: str, sliding: list[bool], window: int, prompt: int, policy: Policy) -> str:
-    """One line: the share of a ``prompt``-token sequence's KV bytes that ``policy``'s budget governs on a hybrid
-    model (``sliding``: per layer) and about how much of them it keeps.  Every layer of such a model holds the
-    same bytes per token, so shares of tokens are shares of bytes; a sliding layer holds ``window - 1`` tokens."""
+def hybrid_note(model_type: str, sliding: list[bool], window: int | None, prompt: int, policy: Policy) -> str | None:
+    """One line: the share of a ``prompt``-token sequence's KV bytes that ``policy``'s budget governs on a mostly
+    sliding hybrid model (``sliding``: per layer) and about how much of them it keeps; None for any other model
+    or a policy without a budget.  Every layer of such a model holds the same bytes per token, so shares of
+    tokens are shares of bytes; a sliding layer holds ``window - 1`` tokens."""
     governed, slides = sliding.count(False), sliding.count(True)
+    if window is None or slides * 2 <= len(sliding) or policy.keeps_all:
+        return None
     held_sliding = slides * min(prompt, window - 1)
     share = governed * prompt / (governed * prompt + held_sliding)
     kept = min(prompt, policy.budget_tokens(prompt))
@@ -138,7 +141,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         config = model.config.get_text_config(decoder=True)
         layer_types = hf.layer_types(config)
         hybrid_window, sliding_layers = hf.window_layers(config)
-        if static and "sliding_attention" in layer_types and hybrid_window is None:
+        if static and hf.every_layer_slides(config):
             raise ValueError(
                 f"static=True supports sliding-window layers beside global ones (Gemma 2 and 3), not a model whose "
                 f"every layer slides ({config.model_type}): use static=False"
@@ -237,8 +240,9 @@ class KVKeepCache(hf.ReuseGuard, Cache):
     def _tell_hybrid(self, prompt: int) -> None:
         """Say once, in one line, how much of the KV memory the budget governs on a mostly-sliding hybrid model."""
         sliding = [layer.sliding_window is not None for layer in self.layers]
-        if sum(sliding) * 2 > len(sliding) and not self.policy.keeps_all:
-            log.warning("kvkeep: " + hybrid_share(self.model_type, sliding, self.hybrid_window, prompt, self.policy))
+        note = hybrid_note(self.model_type, sliding, self.hybrid_window, prompt, self.policy)
+        if note is not None:
+            log.warning("kvkeep: " + note)
 
     def _tempered(self) -> bool:
         spec = self.policy.score_spec()

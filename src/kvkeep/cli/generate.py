@@ -75,11 +75,11 @@ def check_args(args: argparse.Namespace):
 def check_model(config, prompt_tokens: int, args: argparse.Namespace) -> None:
     """What the model's config tells before its weights are read: kvkeep supports it, ``--static`` suits it,
     and prompt + ``--max-new-tokens`` fit its context (unless ``--beyond-context``)."""
-    from ..hf import config_layer_types, window_layers
+    from ..hf import config_layer_types, every_layer_slides
     from ..models import context_length
 
-    slides = "sliding_attention" in config_layer_types(config)
-    if slides and args.static and window_layers(config.get_text_config(decoder=True))[0] is None:
+    config_layer_types(config)  # kvkeep runs the family (a one-line error otherwise)
+    if args.static and every_layer_slides(config.get_text_config(decoder=True)):
         raise ValueError(
             f"--static supports sliding-window layers beside global ones (Gemma 2, 3), not a model whose every "
             f"layer slides ({config.model_type}): drop it"

@@ -62,10 +62,10 @@ def port_number(text: str) -> int:
 
 def check_model(config) -> None:
     """What the config tells before the weights load: kvkeep supports the family, the engine its layers."""
-    from ..hf import config_layer_types, window_layers
+    from ..hf import config_layer_types, every_layer_slides
 
-    slides = "sliding_attention" in config_layer_types(config)
-    if slides and window_layers(config.get_text_config(decoder=True))[0] is None:
+    config_layer_types(config)  # kvkeep runs the family (a one-line error otherwise)
+    if every_layer_slides(config.get_text_config(decoder=True)):
         raise ValueError(
             f"kvkeep serve supports sliding-window layers beside global ones (Gemma 2, 3), not a model whose every "
             f"layer slides ({config.model_type}): kvkeep generate and the Python API run it (their compacting cache)"
@@ -141,7 +141,7 @@ def start_app(args: argparse.Namespace, source, dtype, device, policy, max_promp
     import transformers
 
     from .. import distributed
-    from ..cache.cache import hybrid_share
+    from ..cache.cache import hybrid_note
     from ..engine import build
     from ..generation import stop_token_ids
     from ..hf import window_layers
@@ -161,10 +161,10 @@ def start_app(args: argparse.Namespace, source, dtype, device, policy, max_promp
     budget = "" if policy.keeps_all else f" budget {policy.budget}"
     split = f"; tensor-parallel over {args.tp} ranks (rows per rank)" if args.tp > 1 else ""
     print(f"[kvkeep] {name}: {policy.name}{budget}{split}; {engine.plan.describe()}", file=sys.stderr)
-    if engine.facts.sliding_layers and not policy.keeps_all:  # a hybrid: what the budget governs, once
-        sliding = window_layers(model.config.get_text_config(decoder=True))[1]
-        share = hybrid_share(model.config.model_type, sliding, engine.facts.window, max_prompt, policy)
-        print(f"[kvkeep] {share}", file=sys.stderr)
+    window, sliding = window_layers(model.config.get_text_config(decoder=True))
+    note = hybrid_note(model.config.model_type, sliding, window, max_prompt, policy)  # said once, here
+    if note is not None:
+        print(f"[kvkeep] {note}", file=sys.stderr)
     print(f"[kvkeep] limits: prompts up to {max_prompt} tokens, outputs up to {args.max_tokens}, "
           f"bodies up to {args.max_body_mib:g} MiB, {args.queue_limit} waiting requests", file=sys.stderr)  # fmt: skip
     body_bytes = int(args.max_body_mib * 2**20)

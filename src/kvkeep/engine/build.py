@@ -19,14 +19,7 @@ def build(model, tokenizer, policy: Policy, *, max_prompt: int, max_tokens: int,
     :class:`~kvkeep.engine.lockstep.LockstepEngine` planned from the group's smallest memory, without CUDA
     graphs (every rank must call this)."""
     device = next(model.parameters()).device
-    if memory_gib is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            memory = free + torch.cuda.memory_allocated(device) - 2 * 2**30
-        else:
-            memory = 8 * 2**30
-    else:
-        memory = int(memory_gib * 2**30)
+    memory = usable_bytes(device) if memory_gib is None else int(memory_gib * 2**30)
     tp = tensor_parallel(model)
     if tp is not None:  # every rank plans from the smallest memory of the group, so all choose the same rows
         memory = -tp.max([-memory])[0]
@@ -38,3 +31,12 @@ def build(model, tokenizer, policy: Policy, *, max_prompt: int, max_tokens: int,
     return LockstepEngine(
         model, tokenizer, policy, chosen, max_prompt=max_prompt, max_tokens=max_tokens, tp=tp, **options
     )
+
+
+def usable_bytes(device: torch.device) -> int:
+    """Bytes of ``device`` an engine may fill: on CUDA what is free and what this process holds already, less
+    2 GiB; 8 GiB on a CPU."""
+    if device.type != "cuda":
+        return 8 * 2**30
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_allocated(device) - 2 * 2**30
