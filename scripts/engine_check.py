@@ -6,6 +6,12 @@ one line per (policy, variant) with the requests that differ from the reference 
 writes the JSON to ``--json``.
 
     python scripts/engine_check.py --policies co2,h2o --requests 100 --alone 20 --json /tmp/engine_check.json
+
+``--against alone`` checks batch invariance alone (issue 17): every request batched against the same request
+alone on the engine (``--alone`` of them, all by default), no compacting reference.
+
+    python scripts/engine_check.py --policies full,window,streaming,h2o,keyformer,co2 --variants graph \
+        --against alone --max-tokens 32 --json /tmp/batch_invariance.json
 """
 
 from __future__ import annotations
@@ -58,6 +64,34 @@ def repeatable_prefill(model, prompts: list[list[int]], policy) -> dict:
     return {"policy": policy.name, "check": "prefill twice", "n": len(prompts), "differ": differ}
 
 
+def check_variant(model, tok, policy, prompts, alone: int, refs, variant: str, args, stop) -> list[dict]:
+    """One engine variant's lines: batched, alone on a used engine and alone on fresh ones, each against
+    ``refs`` (the compacting path), or, with ``refs=None``, batched against alone on the used engine."""
+
+    def make():
+        return build(model, tok, policy, max_prompt=2048, max_tokens=args.max_tokens, rows=args.rows,
+                     **VARIANTS[variant])  # fmt: skip
+
+    def ask(prompt):
+        return Request(prompt, args.max_tokens, stop_ids=list(stop))
+
+    served = make()
+    batched = served.run([ask(p) for p in prompts])
+    used = [served.run([ask(p)])[0] for p in prompts[:alone]]
+    if refs is None:
+        checks = (("batched-vs-alone", batched[:alone], [r.output_ids for r in used]),)
+    else:
+        fresh = [make().run([ask(p)])[0] for p in prompts[: min(3, alone)]]
+        checks = (("batched", batched[:alone], refs), ("alone-used", used, refs), ("alone-fresh", fresh, refs))
+    lines = []
+    for kind, got, want in checks:
+        diffs = {i: first_difference(r.output_ids, want[i]) for i, r in enumerate(got)}
+        bad = {i: d for i, d in diffs.items() if d is not None}
+        lines.append({"policy": policy.name, "variant": variant, "kind": kind, "n": len(got), "differ": len(bad),
+                      "first_step": bad})  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--policies", default="co2")
@@ -69,6 +103,12 @@ def main() -> None:
     parser.add_argument("--variants", default="graph,eager,torch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--param", action="append", default=[], help="a policy parameter, name=value")
+    parser.add_argument(
+        "--against",
+        choices=["compacting", "alone"],
+        default="compacting",
+        help="the reference: kvkeep's compacting path, or each request alone on the engine",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     model, tok = kvkeep.load_model("smollm2", dtype=args.dtype)
@@ -80,27 +120,15 @@ def main() -> None:
     for name in args.policies.split(","):
         params = {k: json.loads(v) for k, v in (p.split("=", 1) for p in args.param)}
         policy = make_policy(name, budget=args.budget, **params)
-        report.append(repeatable_prefill(model, prompts[: args.alone], policy))
-        print(json.dumps(report[-1]), flush=True)
-        refs = [reference(model, p, policy, args.max_tokens, stop) for p in prompts[: args.alone]]
+        if args.against == "compacting":
+            report.append(repeatable_prefill(model, prompts[: args.alone], policy))
+            print(json.dumps(report[-1]), flush=True)
+        alone = args.requests if args.against == "alone" else args.alone
+        refs = None
+        if args.against == "compacting":
+            refs = [reference(model, p, policy, args.max_tokens, stop) for p in prompts[:alone]]
         for variant in args.variants.split(","):
-            options = VARIANTS[variant]
-
-            def make(options=options, policy=policy):
-                return build(model, tok, policy, max_prompt=2048, max_tokens=args.max_tokens, rows=args.rows, **options)
-
-            def ask(prompt):
-                return Request(prompt, args.max_tokens, stop_ids=list(stop))
-
-            served = make()
-            batched = served.run([ask(p) for p in prompts])
-            used = [served.run([ask(p)])[0] for p in prompts[: args.alone]]
-            fresh = [make().run([ask(p)])[0] for p in prompts[: min(3, args.alone)]]
-            for kind, got in (("batched", batched[: args.alone]), ("alone-used", used), ("alone-fresh", fresh)):
-                diffs = {i: first_difference(r.output_ids, refs[i]) for i, r in enumerate(got)}
-                bad = {i: d for i, d in diffs.items() if d is not None}
-                line = {"policy": name, "variant": variant, "kind": kind, "n": len(got), "differ": len(bad),
-                        "first_step": bad}  # fmt: skip
+            for line in check_variant(model, tok, policy, prompts, alone, refs, variant, args, stop):
                 print(json.dumps(line), flush=True)
                 report.append(line)
     if args.json:

@@ -2,9 +2,10 @@
 # On a CUDA machine (the device tool runs it in the repository root), by stage: tests (the GPU tests), compare
 # and engine-compare (a `kvkeep bench` row and `kvkeep bench-serve` before/after; OLD_SRC: the earlier src/
 # tree, e.g. from `git archive <commit> src`), tokens (the real model's tokens before/after), engine (a
-# serving-engine smoke run), engine-real (the engine on the real model against the compacting path) and
-# profile.  EXTRA_PATH: more import paths (gguf, the SmolLM2 wheel).  Logs and JSON go to $OUT (or
-# /tmp/gpu_check).
+# serving-engine smoke run), engine-real (the engine on the real model against the compacting path),
+# batch-invariance (the real model batched against alone), plain-after (a model's speed outside kvkeep after
+# kvkeep ran on it) and profile.  EXTRA_PATH: more import paths (gguf,
+# the SmolLM2 wheel).  Logs and JSON go to $OUT (or /tmp/gpu_check).
 set -uo pipefail
 export PYTHONPATH=$PWD/src${EXTRA_PATH:+:$EXTRA_PATH} PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gpu_check}; mkdir -p "$out"
@@ -27,6 +28,13 @@ for s in "${stages[@]}"; do
     # same engine and 3 on fresh ones, against the compacting path; fails on any request that differs.
     engine-real) stage python3 scripts/engine_check.py --policies co2,h2o,keyformer,window,full --variants graph \
                    --json "$out/engine_check.json" ;;
+    # Issue 17: batching changes no greedy token on the GPU: 100 SummEval articles batched (16 rows) against each
+    # alone on the engine, real SmolLM2 in fp32, every policy, CUDA graph + Triton.
+    batch-invariance) stage python3 scripts/engine_check.py --policies full,window,streaming,h2o,keyformer,co2 \
+                        --variants graph --against alone --max-tokens 32 --json "$out/batch_invariance.json" ;;
+    # Issue 17 item 5: a plain forward and model.generate before and after kvkeep ran on the model (7B shape).
+    plain-after) stage python3 scripts/plain_after.py --arch llama-2-7b --tokens 3000 --repeats 5 \
+                   --json "$out/plain_after.json" ;;
     # The serving engine before (OLD_SRC) and after, on one machine: throughput and decode step of each method.
     engine-compare) for tree in before after; do
                src=$PWD/src; [ $tree = before ] && src=${OLD_SRC:-.carry/old/src}

@@ -5,6 +5,7 @@ Times a plain forward of ``--tokens`` tokens and ``model.generate`` (its own Dyn
 KVKeepCache exists and after one has been used, in one process, and prints a table; ``--json`` writes it.
 
     python scripts/plain_after.py --tokens 2048 --json /tmp/plain_after.json
+    python scripts/plain_after.py --arch llama-2-7b --tokens 3000 --json /tmp/plain_after_7b.json  # random bf16
 """
 
 from __future__ import annotations
@@ -35,12 +36,19 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--arch", help="instead of --model: random bfloat16 weights of a kvkeep bench architecture")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
-    model, _ = kvkeep.load_model(args.model)
+    if args.arch:
+        from kvkeep.bench.speed import random_model
+
+        model = random_model(args.arch, "cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16)
+        args.model = f"{args.arch} (random bf16)"
+    else:
+        model, _ = kvkeep.load_model(args.model)
     ids = torch.randint(100, 10_000, (1, args.tokens), device=model.device)
     short = ids[:, : args.tokens // 4]
 

@@ -238,10 +238,12 @@ def test_keyformer_in_model_generate_without_its_length_is_a_one_line_error():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers
-def test_outside_a_kvkeep_cache_a_padded_batch_gets_transformers_own_sdpa_logits(arch):
-    model, twin = tiny_model(arch), tiny_model(arch)  # twin: never switched to kvkeep
-    kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
-    assert model.config._attn_implementation == "kvkeep" and twin.config._attn_implementation == "sdpa"
+def test_a_model_kvkeep_ran_on_keeps_its_own_attention_and_outputs_outside_a_kvkeep_cache(arch):
+    model, twin = tiny_model(arch), tiny_model(arch)  # twin: never touched by kvkeep
+    prompt = random_prompt(25, seed=8)
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
+    kvkeep.generate(model, prompt, cache=cache, max_new_tokens=4)  # kvkeep ran on the model
+    assert model.config._attn_implementation == twin.config._attn_implementation == "sdpa"
     ids = torch.cat([random_prompt(30, seed=1), random_prompt(30, seed=2)])
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding
@@ -252,17 +254,29 @@ def test_outside_a_kvkeep_cache_a_padded_batch_gets_transformers_own_sdpa_logits
         prompt = m(input_ids=ids, attention_mask=mask, **with_cache(m, cache)).logits
         longer = torch.cat([mask, mask[:, -1:]], 1)
         step = m(input_ids=ids[:, -1:], attention_mask=longer, **with_cache(m, cache)).logits
-        return prompt[mask.bool()], step
+        return prompt, step
 
-    torch.testing.assert_close(prompt_then_step(model), prompt_then_step(twin), rtol=0, atol=1e-5)
+    torch.testing.assert_close(prompt_then_step(model), prompt_then_step(twin), rtol=0, atol=0)  # same kernels
+    assert torch.equal(greedy(model, prompt), greedy(twin, prompt))
 
 
-def test_model_outside_kvkeep_cache_still_computes_plain_attention():
+def test_kvkeep_attention_runs_only_inside_a_kvkeep_forward_and_the_name_survives_an_error():
     model = tiny_model("llama")
-    prompt = random_prompt(25, seed=8)
-    before = greedy(model, prompt)
-    kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)  # switches the model to kvkeep attention
-    assert model.config._attn_implementation == "kvkeep"
-    assert torch.equal(greedy(model, prompt), before)  # DynamicCache through kvkeep attention
+    model.set_attn_implementation("eager")  # the user's choice, kept around kvkeep's forwards
+    seen = []
+    first = model.base_model.layers[0]
+    first.self_attn.register_forward_pre_hook(lambda *_: seen.append(model.config._attn_implementation))
+    cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
     with torch.no_grad():
-        torch.testing.assert_close(model(prompt, use_cache=False).logits, tiny_model("llama")(prompt).logits)
+        model(random_prompt(20), **with_cache(model, cache))
+        model(random_prompt(20))
+    assert seen == ["kvkeep", "eager"]
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    handle = first.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        model(random_prompt(20), **with_cache(model, kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)))
+    handle.remove()
+    assert model.config._attn_implementation == "eager"

@@ -1,11 +1,12 @@
 """The single attention entry of kvkeep, and ``attend``, the torch reference every kernel is tested against.
 
-``kvkeep_attention`` is registered in transformers' ``AttentionInterface`` under the name ``"kvkeep"``.
-When the keys it receives belong to a kvkeep cache layer (:func:`bind` marks them), that layer computes
-the attention over its kept tokens, scores them and evicts.  For any other cache (``DynamicCache``, or no
-cache) it computes plain causal attention through PyTorch's SDPA (:func:`plain_attention`; :func:`attend`
-with soft-capping, ALiBi or a probe), so a model switched to ``"kvkeep"`` behaves, and runs as fast, as
-before outside kvkeep.  Nothing is kept between calls: an error leaves no state behind.
+``kvkeep_attention`` is registered in transformers' ``AttentionInterface`` under the name ``"kvkeep"``; a
+model runs it in the forwards that get a kvkeep cache (:func:`kvkeep.hf.install`).  When the keys it receives
+belong to a kvkeep cache layer (:func:`bind` marks them), that layer computes the attention over its kept
+tokens, scores them and evicts.  For any other cache (a model switched to ``"kvkeep"`` for a block by
+:func:`kvkeep.hf.switched`, or an adapted MPT / GPT-J) it computes plain causal attention through PyTorch's
+SDPA (:func:`plain_attention`; :func:`attend` with soft-capping, ALiBi or a probe).  Nothing is kept between
+calls: an error leaves no state behind.
 
 :func:`attend` builds the mask from the true position of every cached token (so evicted, padded and future
 tokens are never attended), works in chunks of query rows (no ``n x n`` tensor for a long prompt) and hands

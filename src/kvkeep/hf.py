@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -274,13 +276,54 @@ def config_layer_types(config) -> list[str]:
 
 
 def install(model: torch.nn.Module) -> None:
-    """Route the model's attention through kvkeep (idempotent).  Other caches still get plain attention."""
+    """Route the model's attention through kvkeep in every forward that gets a kvkeep cache (idempotent).
+
+    Any other forward (another cache, or none) runs the attention implementation the model has at that
+    moment, so a model on which kvkeep ran keeps transformers' own speed and numerics outside kvkeep.  The
+    switch is a forward pre-hook on the model and on its body (``model.base_model``) that names kvkeep's
+    implementation for a call with a kvkeep cache and restores the previous name after it, error or not (a
+    cache layer updated without kvkeep's entry raises, so a call that slips past both cannot go unnoticed).
+    The models kvkeep adapts (MPT; GPT-J before 5.24) run kvkeep's entry in every forward.
+    """
     model_type = check_supported(model)
     _register()
-    if model.config._attn_implementation == ATTN_NAME:
-        return
     if model_type in ADAPTED_MODELS:
-        ADAPTED_MODELS[model_type][1](model)
-        model.config._attn_implementation_internal = ATTN_NAME
-    else:
-        model.set_attn_implementation(ATTN_NAME)
+        if model.config._attn_implementation != ATTN_NAME:
+            ADAPTED_MODELS[model_type][1](model)
+            model.config._attn_implementation_internal = ATTN_NAME
+        return
+    for body in dict.fromkeys((model, model.base_model)):
+        if not getattr(body, "_kvkeep_routed", False):
+            body.register_forward_pre_hook(_enter, with_kwargs=True)
+            body.register_forward_hook(_leave, with_kwargs=True, always_call=True)
+            body._kvkeep_routed = True
+
+
+@contextlib.contextmanager
+def switched(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, every forward of ``model`` runs kvkeep's attention entry, whatever its cache (the
+    analyses' :func:`kvkeep.attention.probe` needs it on cache-less forwards); the name is restored after."""
+    install(model)
+    previous = _switch(model.config, ATTN_NAME)
+    try:
+        yield
+    finally:
+        _switch(model.config, previous)
+
+
+def _switch(config, name: str) -> str:
+    previous = config._attn_implementation
+    config._attn_implementation_internal = name
+    return previous
+
+
+def _enter(body: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get(NEW_CACHE_ARG, kwargs.get(OLD_CACHE_ARG))
+    kvkeep = getattr(cache, "routes_to_kvkeep", False)
+    body.__dict__.setdefault("_kvkeep_names", []).append(_switch(body.config, ATTN_NAME) if kvkeep else None)
+
+
+def _leave(body: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    previous = body._kvkeep_names.pop()
+    if previous is not None:
+        _switch(body.config, previous)

@@ -83,8 +83,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         cache.nbytes(), cache.stats()
 
     Args:
-        model: the transformers causal LM; it is switched to kvkeep's attention (which computes ordinary
-            attention for any other cache), through a small adapter for MPT and GPT-J.
+        model: the transformers causal LM; its forwards that get a kvkeep cache run kvkeep's attention (see
+            :func:`kvkeep.hf.install`), the others keep the model's own implementation.
         policy: a name from :data:`kvkeep.POLICIES` or a :class:`~kvkeep.policies.Policy` instance.
         budget: a ratio of the prompt in (0, 1] or an absolute token count (not for ``"full"``).
         static: after the prompt, keep each layer in fixed-capacity slot buffers (``budget + 1`` slots;
@@ -112,6 +112,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
     and are collectives that every rank calls.  A model spread over devices (``device_map``) keeps each
     layer's cache on its layer's device.
     """
+
+    routes_to_kvkeep = True  # read by hf.install's forward hook: forwards with this cache run kvkeep's entry
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ import torch
 from ...attention import probe
 from ...cache import Eviction, KVKeepCache
 from ...generation import generate, stop_token_ids
-from ...hf import install
+from ...hf import switched
 from ...policies import POLICIES
 from ...shapes import AttentionShape
 
@@ -28,7 +28,6 @@ def full_attention(model: torch.nn.Module, input_ids: torch.Tensor, callback: La
     ``probs`` is ``[q_heads, n, n]`` float32 (zero where a query may not attend), ``allowed`` ``[n, n]`` bool
     (causal, and within the window on sliding layers). Only one layer's probabilities are held at a time.
     """
-    install(model)
     layers = AttentionShape.of(model).known().layers
     ids = as_ids(input_ids, model)
     calls = []
@@ -37,7 +36,7 @@ def full_attention(model: torch.nn.Module, input_ids: torch.Tensor, callback: La
         callback(len(calls), probs[0], allowed[0])
         calls.append(None)
 
-    with torch.inference_mode(), probe(on_layer):
+    with torch.inference_mode(), switched(model), probe(on_layer):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     if len(calls) != layers:
         raise RuntimeError(f"expected {layers} attention calls in one forward, saw {len(calls)}")
