@@ -7,6 +7,7 @@ import torch
 from conftest import COVERING, HALF, random_prompt, tiny_model
 
 import kvkeep
+from kvkeep.bench.serve import markdown
 from kvkeep.engine import ModelFacts, Request, build, plan
 from kvkeep.engine.planner import DECODE_RESERVE
 from kvkeep.engine.request import Detokenizer
@@ -128,6 +129,11 @@ def test_step_t_plus_1_is_launched_before_step_t_is_read_and_its_tokens_emitted(
         expected += [("launch", k), ("read", k - 1), ("event", tokens[k - 1 : k])]
     assert log == expected + [("read", 5), ("event", tokens[5:])]
     assert request.finish_reason == "length" and served.steps == 5
+    stats = served.stats()  # 5 steps timed (a CPU's wall time), 4 iterations from launch to launch
+    assert (served.timed_steps, served.iterations) == (5, 4) and stats["step_ms_mean"] > 0
+    assert stats["iteration_over_step"] == pytest.approx(stats["iteration_ms_mean"] / stats["step_ms_mean"])
+    table = markdown([{"method": "h2o", **stats}], {})
+    assert "| iteration / step |" in table and f"| {stats['iteration_over_step']:.2f} |" in table
 
 
 @pytest.mark.parametrize("policy", ["full", "co2"])  # co2: the stop falls on its token N + 1, where it moves rows
