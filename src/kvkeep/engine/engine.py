@@ -180,6 +180,7 @@ class Engine:
         outputs = handoff.get()
         self._timed(handoff)
         tokens = outputs.tokens.tolist()
+        held = None if outputs.held is None else outputs.held.tolist()
         live = [(request, row) for request, row in batch if not request.finished]
         asking = [(request, row) for request, row in live if request.logprobs is not None]
         if asking:
@@ -187,7 +188,7 @@ class Engine:
             for (request, _), (logprob, best) in zip(asking, scored, strict=True):
                 request.output_logprobs.append((logprob, best[: request.logprobs]))
         for request, row in live:
-            self._emit(request, tokens[row], None if outputs.held is None else outputs.held[row].tolist())
+            self._emit(request, tokens[row], None if held is None else held[row])
 
     def _hand_out_first(self, request: Request, handoff: Handoff) -> None:
         """A new request's first token (and its log-probabilities, and its prompt's)."""
