@@ -7,6 +7,7 @@ import torch
 from conftest import COVERING, HALF, random_prompt, tiny_model
 
 import kvkeep
+from kvkeep.bench.serve import markdown
 from kvkeep.engine import ModelFacts, Request, build, plan
 from kvkeep.engine.planner import DECODE_RESERVE
 from kvkeep.engine.request import Detokenizer
@@ -97,6 +98,62 @@ def test_rows_are_freed_and_reused_and_requests_finish_at_a_stop_token():
     requests = served.run([Request(p, 12, stop_ids={stop}) for p in prompts()[:5]])
     assert requests[0].output_ids == first.output_ids[:4] and requests[0].finish_reason == "stop"
     assert not served.running and served.peak_rows == 2 and served.stats()["rows_in_use"] == 0
+
+
+def recording(served, log: list) -> None:
+    """Log ``("launch", k)`` when the engine launches its k-th decode step and ``("read", k)`` when it reads that
+    step's tokens on the host."""
+    decode = served.runner.decode
+
+    def launch(*args, **kwargs):
+        handoff = decode(*args, **kwargs)
+        step = 1 + sum(kind == "launch" for kind, _ in log)
+        log.append(("launch", step))
+        get = handoff.get
+        handoff.get = lambda: log.append(("read", step)) or get()
+        return handoff
+
+    served.runner.decode = launch
+
+
+def test_step_t_plus_1_is_launched_before_step_t_is_read_and_its_tokens_emitted():
+    """Asynchronous scheduling: the host turns a step's tokens into events only once the next step is launched,
+    and launches no step past a request's known end (as many steps as the synchronous loop)."""
+    served = engine("h2o", rows=2)
+    log = []
+    recording(served, log)
+    request = served.run([Request(prompts()[0], 6, on_event=lambda e: log.append(("event", e.token_ids)))])[0]
+    tokens = request.output_ids
+    expected = [("launch", 1), ("event", tokens[:1])]  # the prefill's token: read after the first launch
+    for k in range(2, 6):
+        expected += [("launch", k), ("read", k - 1), ("event", tokens[k - 1 : k])]
+    assert log == expected + [("read", 5), ("event", tokens[5:])]
+    assert request.finish_reason == "length" and served.steps == 5
+    stats = served.stats()  # 5 steps timed (a CPU's wall time), 4 iterations from launch to launch
+    assert (served.timed_steps, served.iterations) == (5, 4) and stats["step_ms_mean"] > 0
+    assert stats["iteration_over_step"] == pytest.approx(stats["iteration_ms_mean"] / stats["step_ms_mean"])
+    table = markdown([{"method": "h2o", **stats}], {})
+    assert "| iteration / step |" in table and f"| {stats['iteration_over_step']:.2f} |" in table
+
+
+@pytest.mark.parametrize("policy", ["full", "co2"])  # co2: the stop falls on its token N + 1, where it moves rows
+def test_a_request_that_stops_at_step_t_never_emits_the_token_computed_at_t_plus_1(policy):
+    """The step after a stop token is launched before the stop is seen; its token is dropped, the row's bytes are
+    those after the stop's step (full attention's for these policies) and the row's next request is unharmed."""
+    served = engine(policy, rows=1)
+    alone = served.run([Request(p, 12) for p in prompts()[:2]])
+    stop = alone[0].output_ids[3]  # CO2's N = 3: its 4th token ends its measurement
+    log, events = [], []
+    recording(served, log)
+    stopped, after = served.run(
+        [Request(prompts()[0], 12, stop_ids={stop}, on_event=events.append), Request(prompts()[1], 12)]
+    )
+    assert stopped.finish_reason == "stop" and stopped.output_ids == alone[0].output_ids[:4]
+    assert [t for e in events for t in e.token_ids] == stopped.output_ids and events[-1].finish_reason == "stop"
+    assert log.index(("launch", 4)) < log.index(("read", 3))  # the token after the stop was computed ...
+    assert stopped.computed == 5  # ... and dropped
+    assert stopped.kv_bytes == stopped.kv_bytes_peak == stopped.kv_bytes_full
+    assert after.output_ids == alone[1].output_ids
 
 
 def test_cancelled_request_frees_its_row_at_the_next_step():
@@ -200,7 +257,7 @@ def test_a_failing_step_ends_every_request_and_refuses_new_ones(monkeypatch):
     server = engine("h2o", rows=2)
     ended = []
 
-    def broken(greedy):
+    def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(server.runner, "decode", broken)

@@ -114,6 +114,49 @@ def test_engine_on_cuda_batching_changes_no_token_and_covering_budget_is_full_at
             assert request.output_ids == reference.row(0)
 
 
+@needs_cuda
+@pytest.mark.parametrize("policy", ["h2o", "co2"])
+def test_engine_iterations_without_a_prefill_wait_for_nothing_but_the_step_they_hand_out(policy, monkeypatch):
+    """Asynchronous scheduling on the GPU: once the requests are admitted, an iteration (launch, hand out the
+    step before, finish requests, free rows, a CO2 request's move aside) never waits for the device except for
+    the outputs it reads; any other wait (a ``.tolist()`` of a device tensor, a blocking copy) raises here."""
+    from kvkeep.engine import Request, build
+    from kvkeep.engine.handoff import Handoff
+    from kvkeep.policies import make_policy
+
+    class NoText:
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    model = _model("cuda", layers=4, hidden=256)
+    engine = build(model, NoText(), make_policy(policy, **HALF[policy]), max_prompt=400, max_tokens=40, rows=4)
+    prompts = [random_prompt(n, seed=n, vocab=256)[0].tolist() for n in (300, 217, 256, 120)]
+    lengths = (40, 9, 23, 2)  # requests end on different iterations
+    requests = [engine.submit(Request(p, n, stop_ids={999})) for p, n in zip(prompts, lengths, strict=True)]
+    engine.step()  # admits every request (a prefill waits for the device: outside the check)
+    assert not engine.waiting
+
+    def unchecked(call):  # what may wait: reading a handoff, and a CO2 cut (it reads its row's counters)
+        def run(*args):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return call(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+
+        return run
+
+    monkeypatch.setattr(Handoff, "get", unchecked(Handoff.get))
+    monkeypatch.setattr(engine.runner, "move", unchecked(engine.runner.move))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while engine.busy:
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [len(r.output_ids) for r in requests] == list(lengths) and engine.stats()["step_ms_mean"] > 0
+
+
 def _hybrid(arch: str, device: str):
     """A random Gemma 3 text model (three of four layers slide over a 16-token window, Gemma 3's layout) or
     Gemma 2 (sliding and global layers alternate; logits soft-capped at 5)."""

@@ -5,7 +5,9 @@ have fixed lengths (the end-of-sequence token is ignored), so every method does 
 closed loop of ``concurrency`` clients (each sends its next request when the last one ends) or an open
 loop at ``rate`` requests per second (Poisson arrivals).  Per request it records the time to the first
 token and the time per output token after it; the summary gives requests/s, output tokens/s, their p50
-and p99, the peak device memory and the rows in use.
+and p99, the peak device memory and the rows in use, and the engine's decode step (device time), its
+iteration (wall time from one launch to the next) and their ratio: how much of the host's work between two
+steps the device's step hides.
 
 The anchor a user would pick instead is measured by :func:`static_anchor`: transformers' ``StaticCache``
 with ``torch.compile`` (``model.generate`` compiles the decode step of a static cache on CUDA), static
@@ -306,7 +308,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         ("output_tok_s", "output tok/s", "{:.0f}"), ("steady_tok_s", "steady tok/s", "{:.0f}"),
         ("ttft_p50_s", "TTFT p50 s", "{:.2f}"),
         ("ttft_p99_s", "TTFT p99 s", "{:.2f}"), ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
-        ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"), ("peak_gib", "peak GiB", "{:.1f}"),
+        ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"), ("step_ms_mean", "step ms", "{:.1f}"),
+        ("iteration_ms_mean", "iteration ms", "{:.1f}"), ("iteration_over_step", "iteration / step", "{:.2f}"),
+        ("peak_gib", "peak GiB", "{:.1f}"),
     ]  # fmt: skip
     head = f"{meta.get('model')} on {meta.get('device_name')}; workload {json.dumps(meta.get('workload'))}\n\n"
     lines = ["| " + " | ".join(t for _, t, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -400,7 +404,8 @@ def _model(model_name: str, arch: str | None, device, dtype) -> tuple:
 
 
 #: The engine's stats a policy's row shows.
-ENGINE_STATS = ("rows", "peak_rows_in_use", "rows_used_mean", "step_ms_mean", "cache_gib", "peak_gib")
+ENGINE_STATS = ("rows", "peak_rows_in_use", "rows_used_mean", "step_ms_mean", "iteration_ms_mean",
+                "iteration_over_step", "cache_gib", "peak_gib")  # fmt: skip
 
 
 def _serve_engine(model, tokenizer, policy, load: Workload, device, memory_gib, rows, drive: dict) -> dict:

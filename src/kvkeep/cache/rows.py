@@ -112,6 +112,14 @@ class RowCache:
     def _slots(self, layer, row: int) -> tuple[SlotLayer, int]:
         return layer.part(row) if isinstance(layer, RowGroups) else (layer, row)
 
+    def _parts(self, layer, row: int | None) -> list[tuple[SlotLayer, slice]]:
+        """The slot layers of ``layer`` that hold ``row`` (None: every row, in order) and its index there."""
+        if row is not None:
+            slots, index = self._slots(layer, row)
+            return [(slots, slice(index, index + 1))]
+        every = [layer.narrow, layer.wide] if isinstance(layer, RowGroups) else [layer]
+        return [(part, slice(None)) for part in every]
+
     def load(self, row: int, prompt: KVKeepCache, length: int) -> None:
         """Put the compressed prompt of a one-sequence cache into ``row``; its next token is its step 1."""
         measuring = row >= self.rows  # a measurement row: nothing is evicted until it is cut (but windows slide)
@@ -123,15 +131,19 @@ class RowCache:
         newest = prompt.layers[0].seen - 1
         self.state.set_row(row, newest, 0, length)
 
-    def held_bytes(self, row: int) -> tuple[int, int]:
-        """Bytes of K and V the filled slots of ``row`` hold now, over every layer and KV head, and the most
-        they held since the request's prompt (a measurement row's before its cut included)."""
-        held = peak = 0
+    def held_bytes(self, row: int | None = None) -> torch.Tensor:
+        """``[rows, 2]`` int64 on the device: per row (``row`` alone: ``[1, 2]``), the bytes of K and V its filled
+        slots hold now, over every layer and KV head, and the most they held since the request's prompt (a
+        measurement row's before its cut included).  Nothing waits for the device (the engine reads it later)."""
+        total = 0
         for layer in self.cache.layers:
-            slots, index = self._slots(layer, row)
-            now, most = slots.row_bytes(index)
-            held, peak = held + now, peak + most
-        return held, peak
+            parts = self._parts(layer, row)
+            filled = torch.cat([(slots.positions[rows] >= 0).sum((1, 2)) for slots, rows in parts])
+            most = torch.maximum(filled, torch.cat([slots.peak[rows] for slots, rows in parts]))
+            keys, values = parts[0][0].keys, parts[0][0].values
+            per_slot = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+            total = total + torch.stack([filled, most], -1) * per_slot
+        return total
 
     def clear(self, row: int) -> None:
         """Empty ``row`` (its request has finished)."""

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         load = bench.workload(args.requests, args.prompt_tokens, args.output_tokens, vocab, args.seed)
         records, makespan, health = bench.drive_http(args.url, args.served_model_name, load, concurrency=concurrency,
                                                      rate=args.rate, seed=args.seed)  # fmt: skip
-        extra = {k: health.get(k) for k in ("rows", "peak_rows_in_use", "rows_used_mean", "peak_gib")}
+        extra = {k: health.get(k) for k in bench.ENGINE_STATS}
         rows = [bench.as_row("server", bench.summarize(records, makespan, **extra))]
         meta = {"url": args.url, "model": args.served_model_name, "workload": load.description}
     else:

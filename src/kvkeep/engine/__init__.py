@@ -5,6 +5,8 @@
 - :mod:`.seats`: which rows each request holds (a CO2 request's measurement row, then its own).
 - :mod:`.runner`: a prompt's prefill into its row, and the decode step over every row (CUDA graph on a GPU);
   the rows themselves are :class:`kvkeep.cache.rows.RowCache`.
+- :mod:`.handoff`: their outputs on the way to the host (pinned copies and an event), read without waiting for
+  the step launched after them.
 - :mod:`.engine`: admission, the loop, finishing and cancelling.
 - :mod:`.lockstep`: the engine on one rank of a tensor-parallel group.
 - :mod:`.build`: the engine for a model and a memory budget.

@@ -2,9 +2,13 @@
 
 Each iteration admits waiting requests into free rows (each prompt prefilled alone and compressed into
 its row, up to ``plan.prefill_tokens`` prompt tokens per iteration, so running requests keep streaming),
-runs one decode step over every row, and hands each request its token.  A finished or cancelled request
-frees its row at once.  With greedy decoding a request gets the tokens it gets alone: its prefill runs as a
-batch of one and its row's attention, scores and evictions read nothing of other rows.
+launches one decode step over every row, and only then hands each request its token of the step before,
+while the device runs this one (asynchronous scheduling: the step feeds each row the token the last one chose,
+on the device, so the host's events, text and admissions hide behind the device's work).  A request that ended
+meanwhile had one token too many computed: it is dropped.  A finished or cancelled request frees its row at
+once (the device reaches the row's release after the step in flight).  With greedy decoding a request gets the
+tokens it gets alone: its prefill runs as a batch of one and its row's attention, scores and evictions read
+nothing of other rows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from ..cache import resolve_kernel
 from ..policies import Policy
+from .handoff import Handoff
 from .planner import ModelFacts, Plan
 from .request import Detokenizer, Event, Request
 from .runner import ModelRunner
@@ -63,10 +68,15 @@ class Engine:
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.in_flight: tuple[list[tuple[Request, int]], Handoff] | None = None  # the last step launched, unread
+        self.first_tokens: list[tuple[Request, Handoff]] = []  # prefilled this iteration, unread
         self.steps = 0
         self.peak_rows = 0
         self.row_steps = 0  # rows in use, summed over decode steps
-        self.decode_s = 0.0
+        self.step_ms, self.timed_steps = 0.0, 0  # device time of decode steps (CUDA events; a CPU's wall time)
+        self.iteration_s, self.iterations = 0.0, 0  # wall time from launch to launch, without a prefill between
+        self.last_launch: float | None = None  # when the last iteration launched a step (None: it did not)
+        self.prefilled = False  # a request was prefilled since that launch
         self.cancelled = 0  # requests cancelled (their clients went away) before they finished
         self.failure: str | None = None  # why the loop stopped, if it failed
 
@@ -119,37 +129,80 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def step(self) -> None:
-        """One iteration: drop cancelled requests, admit and prefill, one decode step, hand out tokens."""
+        """One iteration: drop cancelled requests, move measured ones, admit and prefill, launch a decode step,
+        then hand out the new requests' first tokens and the tokens of the step launched before, while the device
+        runs this one."""
         for request in list(self.running.values()):
             if request.cancelled:
                 self._finish(request, "cancelled")
+        self._move_measured()
         self._admit()
-        if not self.running:
-            return
-        started = time.perf_counter()
-        greedy = all(request.sampling.greedy for request in self.running.values())
-        tokens = self.runner.decode(greedy)  # returns once the step's tokens are on the host
-        self.decode_s += time.perf_counter() - started
-        self.steps += 1
-        self.row_steps += len(self.running)
-        asking = [(r, r.seat.decoding) for r in self.running.values() if r.logprobs is not None]
-        self._record_logprobs(asking, tokens)
-        for request in list(self.running.values()):
-            self._emit(request, tokens[request.seat.decoding])
-        for request in self.running.values():  # a measurement over: the request moves to its own row, cut
+        launched = self._launch()
+        earlier, self.in_flight = self.in_flight, launched
+        firsts, self.first_tokens = self.first_tokens, []
+        for request, handoff in firsts:
+            self._hand_out_first(request, handoff)
+        if earlier is not None:
+            self._hand_out(*earlier)
+
+    def _move_measured(self) -> None:
+        """A CO2 request whose N-th step is launched leaves its measurement row for its own, cut, before its next."""
+        for request in self.running.values():
             seat = request.seat
-            if seat.measuring is not None and len(request.output_ids) == request.policy.evict_after() + 1:
+            if seat.measuring is not None and request.computed == request.policy.evict_after() + 1 < request.max_tokens:
                 self.runner.move(seat.measuring, seat.row)
                 self.seats.moved(seat)
 
-    def _record_logprobs(self, asking: list[tuple[Request, int]], tokens: list[int]) -> None:
-        """Append each asking request's token log-probability (its row of the step: ``index``), in one pass."""
-        if not asking:
-            return
-        indices = [index for _, index in asking]
-        scored = self.runner.logprobs(indices, [tokens[i] for i in indices], max(r.logprobs for r, _ in asking))
-        for (request, _), (logprob, best) in zip(asking, scored, strict=True):
-            request.output_logprobs.append((logprob, best[: request.logprobs]))
+    def _launch(self) -> tuple[list[tuple[Request, int]], Handoff] | None:
+        """Launch a decode step over every row, unless no request needs another token; the requests it computes a
+        token for with their row, and its outputs on their way to the host."""
+        batch = [(r, r.seat.decoding) for r in self.running.values() if r.computed < r.max_tokens]
+        if not batch:
+            self.last_launch = None
+            return None
+        now = time.perf_counter()
+        if self.last_launch is not None and not self.prefilled:  # a decode-only iteration, launch to launch
+            self.iteration_s, self.iterations = self.iteration_s + now - self.last_launch, self.iterations + 1
+        self.last_launch, self.prefilled = now, False
+        greedy = all(request.sampling.greedy for request, _ in batch)
+        top = max((request.logprobs for request, _ in batch if request.logprobs is not None), default=None)
+        ending = any(r.stop_ids or r.stop or r.computed + 1 == r.max_tokens for r, _ in batch)  # its bytes are read
+        handoff = self.runner.decode(greedy, top, held=ending)
+        for request, _ in batch:
+            request.computed += 1
+        self.steps += 1
+        self.row_steps += len(self.running)
+        return batch, handoff
+
+    def _hand_out(self, batch: list[tuple[Request, int]], handoff: Handoff) -> None:
+        """Each request of a launched step's ``batch`` that still runs gets its row's token (a request that ended
+        after the step was launched had one token too many computed: it is dropped)."""
+        outputs = handoff.get()
+        self._timed(handoff)
+        tokens = outputs.tokens.tolist()
+        held = None if outputs.held is None else outputs.held.tolist()
+        live = [(request, row) for request, row in batch if not request.finished]
+        asking = [(request, row) for request, row in live if request.logprobs is not None]
+        if asking:
+            scored = outputs.logprobs.pairs([row for _, row in asking])
+            for (request, _), (logprob, best) in zip(asking, scored, strict=True):
+                request.output_logprobs.append((logprob, best[: request.logprobs]))
+        for request, row in live:
+            self._emit(request, tokens[row], None if held is None else held[row])
+
+    def _hand_out_first(self, request: Request, handoff: Handoff) -> None:
+        """A new request's first token (and its log-probabilities, and its prompt's)."""
+        first = handoff.get()
+        if request.echo:
+            request.prompt_logprobs = first.prompt.pairs()
+        if request.logprobs is not None:
+            request.output_logprobs += first.logprobs.pairs()
+        request.first_token_at = time.perf_counter()
+        self._emit(request, int(first.token[0]), first.held[0].tolist())
+
+    def _timed(self, handoff: Handoff) -> None:
+        if (ms := handoff.device_ms()) is not None:
+            self.step_ms, self.timed_steps = self.step_ms + ms, self.timed_steps + 1
 
     def _admit(self) -> None:
         """Prefill waiting requests into free rows, up to ``plan.prefill_tokens`` prompt tokens."""
@@ -169,24 +222,24 @@ class Engine:
             self._start(request, self.seats.take())
 
     def _start(self, request: Request, seat: Seat) -> None:
+        """Prefill ``request`` into ``seat``; its first token is handed out after the next launch."""
         request.seat = seat
         self.running[seat.row] = request
         self.peak_rows = max(self.peak_rows, len(self.running))
+        self.prefilled = True
         scored = request.logprobs if request.echo else None
         try:
-            first, request.prompt_logprobs = self.runner.prefill(
-                seat.decoding, request.prompt_ids, request.sampling, request.max_tokens, request.policy, scored
-            )
-            if request.logprobs is not None:
-                request.output_logprobs += self.runner.logprobs(None, [first], request.logprobs)
+            handoff = self.runner.prefill(seat.decoding, request.prompt_ids, request.sampling, request.max_tokens,
+                                          request.policy, request.logprobs, scored)  # fmt: skip
         except Exception as err:  # a request that cannot run must not stop the others
             request.error = " ".join(str(err).split()) or type(err).__name__
             self._finish(request, "error")
             return
-        request.first_token_at = time.perf_counter()
-        self._emit(request, first)
+        request.computed = 1
+        self.first_tokens.append((request, handoff))
 
-    def _emit(self, request: Request, token: int) -> None:
+    def _emit(self, request: Request, token: int, held: list[int] | None) -> None:
+        """Hand ``token`` to ``request``; ``held``: its row's bytes after the step that computed it (now, most)."""
         request.output_ids.append(token)
         reason = None
         if token in request.stop_ids:
@@ -198,11 +251,13 @@ class Engine:
         if stopped:
             reason = "stop"
         if reason is not None:
-            self._finish(request, reason, [token], text)
+            self._finish(request, reason, [token], text, held)
         elif request.on_event:
             request.on_event(Event([token], text, None, request))
 
-    def _finish(self, request: Request, reason: str, tokens=(), text: str = "") -> None:
+    def _finish(self, request: Request, reason: str, tokens=(), text: str = "", held: list[int] | None = None) -> None:
+        """End ``request``; ``held``: its row's bytes (now, most) after its last step (None: read them now, which
+        waits for the device, and counts a step launched after its last token: a cancelled request's)."""
         request.finish_reason = reason
         self.cancelled += reason == "cancelled"
         request.finished_at = time.perf_counter()
@@ -210,7 +265,8 @@ class Engine:
         request.kv_bytes_full = self.facts.kv_bytes(tokens_seen)
         seat = request.seat
         if reason != "error":
-            request.kv_bytes, request.kv_bytes_peak = self.runner.rows.held_bytes(seat.decoding)
+            held = held or self.runner.rows.held_bytes(seat.decoding)[0].tolist()
+            request.kv_bytes, request.kv_bytes_peak = held
         for row in self.seats.release(seat):
             self.runner.release(row)
         del self.running[seat.row]
@@ -252,6 +308,7 @@ class Engine:
                 ended = [*self.running.values(), *self.waiting]
                 self.running.clear()
                 self.waiting.clear()
+            self.in_flight, self.first_tokens = None, []
             for request in ended:
                 request.error, request.finish_reason, request.finished_at = self.failure, "error", time.perf_counter()
                 if request.on_event:
@@ -265,8 +322,16 @@ class Engine:
             self.thread.join()
 
     def stats(self) -> dict:
-        """Rows in use and their peak, waiting and cancelled requests, decode steps, and device memory."""
+        """Rows in use and their peak, waiting and cancelled requests, decode steps, and device memory.
+
+        ``step_ms_mean``: the device time of a decode step (CUDA events; on a CPU, which runs a step before its
+        launch returns, its wall time).  ``iteration_ms_mean``: the wall time from one launch to the next when no
+        prompt was prefilled between them; ``iteration_over_step``, their ratio: 1.0 when the host's share of an
+        iteration (events, text, admission) hides entirely behind the device's step.
+        """
         device = next(self.model.parameters()).device
+        step_ms = self.step_ms / self.timed_steps if self.timed_steps else None
+        iteration_ms = 1e3 * self.iteration_s / self.iterations if self.iterations else None
         return {
             "failure": self.failure,
             "rows": self.plan.rows,
@@ -276,7 +341,9 @@ class Engine:
             "cancelled": self.cancelled,
             "steps": self.steps,
             "rows_used_mean": self.row_steps / self.steps if self.steps else None,
-            "step_ms_mean": 1e3 * self.decode_s / self.steps if self.steps else None,
+            "step_ms_mean": step_ms,
+            "iteration_ms_mean": iteration_ms,
+            "iteration_over_step": iteration_ms / step_ms if step_ms and iteration_ms else None,
             "cache_gib": self.plan.cache_bytes / 2**30,
             "vocab_size": self.facts.vocab,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

@@ -76,6 +76,7 @@ class Request:
         self.seat: Seat | None = None  # its rows of the engine's cache, once admitted
         self.policy: Policy | None = None  # the engine's policy with the request's own budget and options
         self.cancelled = False
+        self.computed = 0  # tokens the device has chosen for it: ``output_ids`` and the step in flight, if any
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None

@@ -4,9 +4,16 @@ The decode step feeds each row's last token at its own position, lets each row's
 evict, and picks each row's next token with its own sampling settings, all on the device: with CUDA it is
 captured once as a CUDA graph and replayed.  Rows without a request run too (shapes are fixed) and their
 tokens are ignored; a new request's row is overwritten when it is loaded.
+
+Nothing here waits for the device: a prefill and a step return their outputs as a
+:class:`~kvkeep.engine.handoff.Handoff` on its way to the host, so the engine launches the next step before it
+reads the last one's tokens.  The device's stream keeps the order: a row is released, loaded or moved only after
+every step launched before.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -16,6 +23,7 @@ from ..decode import DecodeStep
 from ..hf import with_cache
 from ..policies import Policy
 from ..sampling import Sampling, sample
+from .handoff import FirstToken, Handoff, Logprobs, StepOutputs
 from .planner import Plan
 
 
@@ -34,8 +42,6 @@ class ModelRunner:
         self.device = device
         self.tokens = torch.zeros(total, 1, dtype=torch.long, device=device)
         self.sampler = _Sampler(total, device, self.rows.state)
-        self.step_logits: torch.Tensor | None = None  # [total rows, vocab]: the last decode step's
-        self.prefill_logits: torch.Tensor | None = None  # [vocab]: the last prefill's, for its first token
         cache = self.rows.cache
         self.steps = {  # greedy or not -> the step (every row greedy skips the sampler)
             True: DecodeStep(model, cache, self.tokens, lambda logits: logits.argmax(-1)),
@@ -50,30 +56,34 @@ class ModelRunner:
     # -- a new request --------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, row: int, prompt_ids: list[int], sampling: Sampling, max_tokens: int, policy=None,
-                prompt_logprobs: int | None = None) -> tuple[int, list | None]:  # fmt: skip
-        """Run a prompt alone, compress it into ``row`` (under ``policy``, default the engine's: a request's own
-        budget and prompt options); return its first token and, with ``prompt_logprobs=k``, the log-probability
-        of each prompt token after the first with the ``k`` likeliest there (see :meth:`logprobs`; else None).
+                logprobs: int | None = None, prompt_logprobs: int | None = None) -> Handoff:  # fmt: skip
+        """Run a prompt alone and compress it into ``row`` (under ``policy``, default the engine's: a request's own
+        budget and prompt options); its first token is on its way to the host (:class:`FirstToken`): with
+        ``logprobs=k`` its log-probability and the ``k`` likeliest there, with ``prompt_logprobs=k`` those of each
+        prompt token after the first.  Nothing waits for the device.
 
         The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.  The
         prompt's log-probabilities come from its full attention (compression starts after the prompt).
         """
+        started = self._clock()
         cache = KVKeepCache(
             self.model, policy or self.policy, kernel=self.kernel, max_new_tokens=max_tokens, quiet=True
         )
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        ids = _to_device(prompt_ids, self.device)[None]
         keep = 0 if prompt_logprobs is not None else 1  # 0: every position's logits
         every = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **with_cache(self.model, cache)).logits
         logits = every[:, -1]
-        scored = None
-        if prompt_logprobs is not None:
-            scored = _logprobs(every[0, :-1], ids[0, 1:], prompt_logprobs)
-        self.prefill_logits = logits[0]
         self.rows.load(row, cache, max_tokens)
         self.sampler.set_row(row, sampling)
         first = self.sampler(logits, slice(row, row + 1), torch.zeros(1, dtype=torch.long, device=self.device))
         self.tokens[row, 0] = first[0]
-        return int(first[0]), scored
+        outputs = FirstToken(
+            first,
+            None if logprobs is None else Logprobs.of(logits, first, logprobs),
+            None if prompt_logprobs is None else Logprobs.of(every[0, :-1], ids[0, 1:], prompt_logprobs),
+            self.rows.held_bytes(row),
+        )
+        return Handoff(outputs, started)
 
     def move(self, wide_row: int, row: int) -> None:
         """A CO2 request leaves its measurement row for an ordinary one, cut to its budget."""
@@ -86,33 +96,38 @@ class ModelRunner:
 
     # -- the decode step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, greedy: bool = False) -> list[int]:
-        """One decode step over every row; the next token of each row (rows without a request: ignore).
+    def decode(self, greedy: bool = False, logprobs: int | None = None, held: bool = False) -> Handoff:
+        """Launch one decode step over every row; its :class:`StepOutputs` are on their way to the host (rows
+        without a request: ignore theirs).  Nothing waits for the device: the next step can be launched at once,
+        and feeds each row the token this one chose, on the device.
 
-        ``greedy``: every row with a request decodes greedily, so the step skips the sampler.
+        ``greedy``: every row with a request decodes greedily, so the step skips the sampler.  ``logprobs=k``:
+        the chosen tokens' log-probabilities and the ``k`` likeliest, taken before the next step overwrites the
+        logits.  ``held``: each row's K/V bytes after the step (a request may end with this token).
         """
-        self.step_logits = self.steps[greedy]()
-        return self.tokens[:, 0].tolist()
+        started = self._clock()
+        logits = self.steps[greedy]()
+        tokens = self.tokens[:, 0]
+        outputs = StepOutputs(
+            tokens,
+            None if logprobs is None else Logprobs.of(logits, tokens, logprobs),
+            self.rows.held_bytes() if held else None,
+        )
+        return Handoff(outputs, started)
 
-    @torch.inference_mode()
-    def logprobs(self, rows: list[int] | None, tokens: list[int], top: int) -> list[tuple[float, list]]:
-        """Per row of ``rows``: the log-probability of its token in ``tokens`` under the last decode step's
-        logits (``rows=None``: the first token of the last prefill), and the ``top`` likeliest tokens there with
-        theirs (the model's distribution, before temperature and top-p).  One pass over the rows asked."""
-        logits = self.prefill_logits[None] if rows is None else self.step_logits[rows]
-        return _logprobs(logits, torch.tensor(tokens, device=logits.device), top)
+    def _clock(self) -> torch.cuda.Event | float:
+        """The start of a timed piece of work: an event on the device's stream (CUDA), or the host's clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[tuple[float, list[tuple[int, float]]]]:
-    """``logits [n, vocab]``, ``tokens [n]`` -> per position: (log-probability of its token, the ``top`` likeliest
-    ``(token, log-probability)`` pairs)."""
-    logprobs = torch.log_softmax(logits.float(), -1)
-    chosen = logprobs.gather(-1, tokens[:, None].long())[:, 0].tolist()
-    if not top:
-        return [(lp, []) for lp in chosen]
-    best = logprobs.topk(top, -1)
-    pairs = zip(best.indices.tolist(), best.values.tolist(), strict=True)
-    return [(lp, list(zip(ids, values, strict=True))) for lp, (ids, values) in zip(chosen, pairs, strict=True)]
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """``[n]`` int64 on ``device``, through pinned memory on CUDA: a plain copy would wait for the work queued."""
+    host = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 class _Sampler:
