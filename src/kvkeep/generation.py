@@ -220,6 +220,8 @@ class _Loop:
         for index in range(1, max_new_tokens):
             if self.stops.numel() and bool(finished.all()):
                 break
+            if kvkeep_cache and cache.end_measurement():  # CO2's cut replaced the buffers the graph replays
+                step.release()
             if step.graph is None and self.use_graph and cache.ready_for_graph():
                 step.capture()
             if self.mask is not None and step.graph is None:
