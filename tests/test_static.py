@@ -84,17 +84,31 @@ def test_co2_measures_on_slots_that_hold_the_prompt_then_is_cut_to_its_budget(ge
     released = []  # the loop drops its captured step when the cut replaces the buffers
     monkeypatch.setattr(DecodeStep, "release", lambda step: released.append(len(steps)))
     tokens = kvkeep.generate(model, ids, mask, cache=cache, max_new_tokens=9, on_step=on_step).tokens
-    assert released == [4]
+    assert released == [3]  # right after step N, where the compacting path cuts
     assert steps[0][:3] == ("CompactingLayer", 40, [40, 27, 33])  # the prompt, uncut
-    measuring, cut = steps[1:4], steps[4:]
-    assert [s[:3] for s in measuring] == [("SlotLayer", 40 + 3 + 1, [40 + t, 27 + t, 33 + t]) for t in (1, 2, 3)]
+    measuring, cut = steps[1:3], steps[3:]
+    assert [s[:3] for s in measuring] == [("SlotLayer", 40 + 3 + 1, [40 + t, 27 + t, 33 + t]) for t in (1, 2)]
     assert len({s[3] for s in measuring}) == 1 and all(s[4] for s in measuring)  # one address: a graph replays it
-    assert [s[:3] for s in cut] == [("SlotLayer", 21, [20, 13, 16])] * 5
+    assert [s[:3] for s in cut] == [("SlotLayer", 21, [20, 13, 16])] * 6
     assert len({s[3] for s in cut}) == 1 and all(s[4] for s in cut) and not cache.measuring
     compacting = kvkeep.KVKeepCache(model, "co2", **params)
     assert torch.equal(kvkeep.generate(model, ids, mask, cache=compacting, max_new_tokens=9).tokens, tokens)
     assert _kept_sets(cache) == _kept_sets(compacting)
     assert cache.stats()[0]["evicted"] == compacting.stats()[0]["evicted"]
+
+
+@pytest.mark.parametrize("new_tokens", [3, 4])  # CO2 (N = 3) still measures at the end, or is cut at its last step
+def test_co2_generation_that_ends_by_its_cut_keeps_what_the_compacting_path_keeps(get_model, new_tokens):
+    model = get_model("llama")
+    ids, mask = _batch()
+    caches = [kvkeep.KVKeepCache(model, "co2", static=s, kernel="torch", **HALF["co2"]) for s in (False, True)]
+    runs = [kvkeep.generate(model, ids, mask, cache=c, max_new_tokens=new_tokens).tokens for c in caches]
+    assert torch.equal(runs[0], runs[1]) and _kept_sets(caches[1]) == _kept_sets(caches[0])
+    assert caches[1].sequence_bytes() == caches[0].sequence_bytes()
+    # the slots peak after step N, before the cut; the compacting path cuts inside that step, so it peaks one
+    # token lower
+    token = sum(layer.token_bytes() for layer in caches[1].layers) * (new_tokens == 4)
+    assert caches[1].peak_sequence_bytes() == [peak + token for peak in caches[0].peak_sequence_bytes()]
 
 
 def test_slot_buffers_keep_shape_address_and_bytes_while_decoding():

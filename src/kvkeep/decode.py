@@ -57,7 +57,9 @@ class DecodeStep:
 
     def release(self) -> None:
         """Forget the captured graph (the cache replaced its buffers): steps run through Python until :meth:`capture`
-        records one again."""
+        records one again.  Waits for the device first: a replay may still be running."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
         self.graph = self.logits = None
 
     def __call__(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

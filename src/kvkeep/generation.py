@@ -220,8 +220,6 @@ class _Loop:
         for index in range(1, max_new_tokens):
             if self.stops.numel() and bool(finished.all()):
                 break
-            if kvkeep_cache and cache.end_measurement():  # CO2's cut replaced the buffers the graph replays
-                step.release()
             if step.graph is None and self.use_graph and cache.ready_for_graph():
                 step.capture()
             if self.mask is not None and step.graph is None:
@@ -229,6 +227,8 @@ class _Loop:
             slot_mode = kvkeep_cache and cache.ready_for_graph()  # a slot-mode step ignores the padding mask
             self.graph_steps += step.graph is not None
             logits = step(None if slot_mode else self.mask)
+            if kvkeep_cache and cache.end_measurement():  # CO2's cut replaced the buffers the graph replays
+                step.release()
             tokens.append(step.tokens.clone())
             self.clock.mark()
             if self.on_step is not None:

@@ -315,9 +315,10 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         return slots
 
     def end_measurement(self) -> bool:
-        """Before a decode step: cut every layer whose measurement steps are over (CO2 after ``N`` steps); True
-        when one was cut, so its buffers changed and a captured decode step no longer fits them."""
-        due = [idx for idx in range(len(self.layers)) if self._measured(idx)]
+        """After a decode step: cut every layer whose measurement steps are over (CO2 after its ``N``-th step, where
+        the compacting path cuts); True when one was cut, so its buffers changed and a captured decode step no
+        longer fits them.  :func:`kvkeep.generate` calls it; otherwise the next step's :meth:`update` cuts."""
+        due = [idx for idx in self.measuring if self._measured(idx)]
         for idx in due:
             self._cut(idx)
         return bool(due)
