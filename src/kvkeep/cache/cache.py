@@ -1,8 +1,9 @@
 """``KVKeepCache``: a transformers ``Cache`` whose layers physically keep only a budget of tokens.
 
 Every layer starts as a :class:`~kvkeep.cache.compacting.CompactingLayer`, which compresses the prompt.
-A static cache swaps each layer, once its policy may evict, for a :class:`~kvkeep.cache.slots.SlotLayer`
-(fixed buffers overwritten in place); the cache owns the one :class:`~kvkeep.cache.step.StepState` that a
+A static cache swaps each layer after the prompt for a :class:`~kvkeep.cache.slots.SlotLayer` (fixed buffers
+overwritten in place; under CO2, first slots for the whole prompt and its ``N`` measurement steps, cut to the
+budget after them by the engine's own cut); the cache owns the one :class:`~kvkeep.cache.step.StepState` that a
 slot-mode decode step reads, advances it at layer 0 and hands it to every layer.
 
 Every layer takes its shapes and its device from the K/V it receives: under tensor parallelism a rank's
@@ -88,8 +89,9 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         policy: a name from :data:`kvkeep.POLICIES` or a :class:`~kvkeep.policies.Policy` instance.
         budget: a ratio of the prompt in (0, 1] or an absolute token count (not for ``"full"``).
         static: after the prompt, keep each layer in fixed-capacity slot buffers (``budget + 1`` slots;
-            for ``"full"``, prompt + generation length) that new tokens overwrite in place: no per-step
-            copies or host synchronisation, so a decode step can run as a CUDA graph.  A hybrid's sliding
+            for ``"full"``, prompt + generation length; for CO2's ``N`` measurement steps, prompt + ``N + 1``,
+            cut to ``budget + 1`` after them) that new tokens overwrite in place: no per-step copies or host
+            synchronisation, so a decode step can run as a CUDA graph.  A hybrid's sliding
             layers hold a ring of their window; a model whose every layer slides is refused in this mode.
         kernel: ``"triton"`` (the fused kernels of :mod:`kvkeep.kernels`), ``"torch"`` (the reference path)
             or ``"auto"`` (Triton on CUDA when triton is installed, torch elsewhere).
