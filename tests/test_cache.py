@@ -70,6 +70,7 @@ def test_kept_set_invariants(choice, prompt_len, budget, steps, seed, static):
     for t in range(1, steps + 1):
         newest = prompt_len + t - 1
         token = _step(MODEL, cache, token, newest + 1)
+        cache.end_measurement()  # as kvkeep.generate after each step: a static CO2 cache is cut after its N-th step
         for idx, layer in enumerate(cache.layers):
             assert layer.get_seq_length() == newest + 1
             kept = _kept(layer)

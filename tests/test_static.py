@@ -11,6 +11,7 @@ from conftest import COVERING, HALF, TINY_CONFIGS, greedy, left_pad, random_prom
 
 import kvkeep
 from kvkeep.cache import SlotLayer
+from kvkeep.decode import DecodeStep
 from kvkeep.hf import with_cache
 
 #: Architectures without sliding-window layers (hybrids have their own test below).
@@ -63,6 +64,51 @@ def test_generate_loop_matches_for_static_and_compacting_caches(get_model, polic
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert runs[0].tokens.shape == (3, 10) and runs[1].graph_steps == 0  # no CUDA graph on the CPU
     assert runs[0].prefill_s > 0 and runs[0].decode_s > 0
+
+
+def test_co2_measures_on_slots_that_hold_the_prompt_then_is_cut_to_its_budget(get_model, monkeypatch):
+    """CO2's measurement steps run on slot buffers (fixed shapes and addresses: the fused kernel, a CUDA graph on a
+    GPU) holding the whole prompt and N more; after N steps each row is cut to its budget, into budget + 1 slots,
+    keeping what the compacting path keeps."""
+    model = get_model("llama")
+    ids, mask = _batch()  # prompts of 40, 27 and 33 tokens: budgets 20, 13, 16
+    params = dict(budget=0.5, N=3, floor=0)
+    cache = kvkeep.KVKeepCache(model, "co2", static=True, kernel="torch", **params)
+    steps = []
+
+    def on_step(index, logits, tokens):
+        layer = cache.layers[0]
+        held = (layer.positions >= 0).sum(-1).amax(-1).tolist()
+        steps.append((type(layer).__name__, layer.keys.shape[2], held, layer.keys.data_ptr(), cache.ready_for_graph()))
+
+    released = []  # the loop drops its captured step when the cut replaces the buffers
+    monkeypatch.setattr(DecodeStep, "release", lambda step: released.append(len(steps)))
+    tokens = kvkeep.generate(model, ids, mask, cache=cache, max_new_tokens=9, on_step=on_step).tokens
+    assert released == [3]  # right after step N, where the compacting path cuts
+    assert steps[0][:3] == ("CompactingLayer", 40, [40, 27, 33])  # the prompt, uncut
+    measuring, cut = steps[1:3], steps[3:]
+    assert [s[:3] for s in measuring] == [("SlotLayer", 40 + 3 + 1, [40 + t, 27 + t, 33 + t]) for t in (1, 2)]
+    assert len({s[3] for s in measuring}) == 1 and all(s[4] for s in measuring)  # one address: a graph replays it
+    assert [s[:3] for s in cut] == [("SlotLayer", 21, [20, 13, 16])] * 6
+    assert len({s[3] for s in cut}) == 1 and all(s[4] for s in cut) and not cache.measuring
+    compacting = kvkeep.KVKeepCache(model, "co2", **params)
+    assert torch.equal(kvkeep.generate(model, ids, mask, cache=compacting, max_new_tokens=9).tokens, tokens)
+    assert _kept_sets(cache) == _kept_sets(compacting)
+    assert cache.stats()[0]["evicted"] == compacting.stats()[0]["evicted"]
+
+
+@pytest.mark.parametrize("new_tokens", [3, 4])  # CO2 (N = 3) still measures at the end, or is cut at its last step
+def test_co2_generation_that_ends_by_its_cut_keeps_what_the_compacting_path_keeps(get_model, new_tokens):
+    model = get_model("llama")
+    ids, mask = _batch()
+    caches = [kvkeep.KVKeepCache(model, "co2", static=s, kernel="torch", **HALF["co2"]) for s in (False, True)]
+    runs = [kvkeep.generate(model, ids, mask, cache=c, max_new_tokens=new_tokens).tokens for c in caches]
+    assert torch.equal(runs[0], runs[1]) and _kept_sets(caches[1]) == _kept_sets(caches[0])
+    assert caches[1].sequence_bytes() == caches[0].sequence_bytes()
+    # the slots peak after step N, before the cut; the compacting path cuts inside that step, so it peaks one
+    # token lower
+    token = sum(layer.token_bytes() for layer in caches[1].layers) * (new_tokens == 4)
+    assert caches[1].peak_sequence_bytes() == [peak + token for peak in caches[0].peak_sequence_bytes()]
 
 
 def test_slot_buffers_keep_shape_address_and_bytes_while_decoding():

@@ -55,6 +55,13 @@ class DecodeStep:
             self.logits = self.run()
         self.graph = graph
 
+    def release(self) -> None:
+        """Forget the captured graph (the cache replaced its buffers): steps run through Python until :meth:`capture`
+        records one again.  Waits for the device first: a replay may still be running."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+        self.graph = self.logits = None
+
     def __call__(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One step: the graph's replay once captured, else :meth:`run`; returns the logits ``[rows, vocab]``."""
         if self.graph is None:

@@ -227,6 +227,8 @@ class _Loop:
             slot_mode = kvkeep_cache and cache.ready_for_graph()  # a slot-mode step ignores the padding mask
             self.graph_steps += step.graph is not None
             logits = step(None if slot_mode else self.mask)
+            if kvkeep_cache and cache.end_measurement():  # CO2's cut replaced the buffers the graph replays
+                step.release()
             tokens.append(step.tokens.clone())
             self.clock.mark()
             if self.on_step is not None:

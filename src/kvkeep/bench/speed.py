@@ -6,7 +6,9 @@ sequences, through :func:`kvkeep.generate` (timed with device events).  Methods:
 - ``hf-sdpa``, ``hf-eager``: transformers' own ``DynamicCache`` and attention, one Python step per token
   (what ``model.generate`` does);
 - ``full``: every token kept, in kvkeep's static cache (slot buffers, fused kernel, CUDA graph);
-- ``window``, ``streaming``, ``h2o``, ``keyformer``, ``co2`` at each budget, in the same static cache.
+- ``window``, ``streaming``, ``h2o``, ``keyformer``, ``co2`` at each budget, in the same static cache (CO2's
+  ``N`` measurement steps on slots holding the whole prompt, then a cut and a second graph capture, both
+  inside the step times).
 
 The memory-bandwidth floor of a decode step is the time to read the weights (less the input embedding)
 and the K/V the step attends to once, at the device-to-device copy bandwidth measured at the start.
@@ -352,7 +354,7 @@ class _Runner:
         if case.method not in HF_METHODS:
             budget = None if POLICIES[case.method].keeps_all else case.budget
             policy = make_policy(case.method, budget, **self.params.get(case.method, {}))
-        warm = 4 + (policy.evict_after() if policy is not None else 0)  # CO2 reaches slot mode after N steps
+        warm = 4 + (policy.evict_after() if policy is not None else 0)  # CO2's slots before and after its cut
         short = Case(case.method, case.budget, case.prompt, gen=warm, batch=1)
         run_case(self.model, short, self.bandwidth, self.params)
         self.warmed.add((case.method, case.budget, case.prompt))

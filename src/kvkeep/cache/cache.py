@@ -1,8 +1,9 @@
 """``KVKeepCache``: a transformers ``Cache`` whose layers physically keep only a budget of tokens.
 
 Every layer starts as a :class:`~kvkeep.cache.compacting.CompactingLayer`, which compresses the prompt.
-A static cache swaps each layer, once its policy may evict, for a :class:`~kvkeep.cache.slots.SlotLayer`
-(fixed buffers overwritten in place); the cache owns the one :class:`~kvkeep.cache.step.StepState` that a
+A static cache swaps each layer after the prompt for a :class:`~kvkeep.cache.slots.SlotLayer` (fixed buffers
+overwritten in place; under CO2, first slots for the whole prompt and its ``N`` measurement steps, cut to the
+budget after them by the engine's own cut); the cache owns the one :class:`~kvkeep.cache.step.StepState` that a
 slot-mode decode step reads, advances it at layer 0 and hands it to every layer.
 
 Every layer takes its shapes and its device from the K/V it receives: under tensor parallelism a rank's
@@ -88,8 +89,9 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         policy: a name from :data:`kvkeep.POLICIES` or a :class:`~kvkeep.policies.Policy` instance.
         budget: a ratio of the prompt in (0, 1] or an absolute token count (not for ``"full"``).
         static: after the prompt, keep each layer in fixed-capacity slot buffers (``budget + 1`` slots;
-            for ``"full"``, prompt + generation length) that new tokens overwrite in place: no per-step
-            copies or host synchronisation, so a decode step can run as a CUDA graph.  A hybrid's sliding
+            for ``"full"``, prompt + generation length; for CO2's ``N`` measurement steps, prompt + ``N + 1``,
+            cut to ``budget + 1`` after them) that new tokens overwrite in place: no per-step copies or host
+            synchronisation, so a decode step can run as a CUDA graph.  A hybrid's sliding
             layers hold a ring of their window; a model whose every layer slides is refused in this mode.
         kernel: ``"triton"`` (the fused kernels of :mod:`kvkeep.kernels`), ``"torch"`` (the reference path)
             or ``"auto"`` (Triton on CUDA when triton is installed, torch elsewhere).
@@ -169,6 +171,8 @@ class KVKeepCache(hf.ReuseGuard, Cache):
                 layer_policy = FullPolicy() if sliding_layers[idx] else self.policy  # a hybrid's sliding layer
                 layers.append(CompactingLayer(layer_policy, idx, sliding, self.kernel, observer, self.tp))
         super().__init__(layers=layers)
+        #: per layer still in CO2's measurement steps on wide slots: the budget ``[batch]`` it is cut to after them
+        self.measuring: dict[int, torch.Tensor] = {}
         self.hybrid_window = hybrid_window
         self._told_hybrid = quiet
 
@@ -188,8 +192,10 @@ class KVKeepCache(hf.ReuseGuard, Cache):
         layer = self.layers[layer_idx]
         if isinstance(layer, CompactingLayer) and not layer.is_initialized:
             self._check_fresh_prompt(layer_idx, key_states)
-        elif self.static and isinstance(layer, CompactingLayer) and layer.step >= layer.policy.evict_after():
+        elif self.static and isinstance(layer, CompactingLayer):
             layer = self._to_slots(layer_idx)
+        elif self._measured(layer_idx):
+            layer = self._cut(layer_idx)
         if layer_idx == 0 and layer.decodes_in_place:
             layer.check_step(key_states)
             self.state.advance(self.policy, self._tempered())
@@ -201,6 +207,7 @@ class KVKeepCache(hf.ReuseGuard, Cache):
             self.layers[idx] = CompactingLayer(
                 layer.policy, idx, layer.sliding_window, self.kernel, layer.observer, self.tp
             )
+        self.measuring.clear()
         self.state.reset()
 
     @staticmethod
@@ -280,10 +287,45 @@ class KVKeepCache(hf.ReuseGuard, Cache):
                 f"a budget of {self.policy.budget} tokens never evicts, so static=True must know the generation "
                 "length to size its slots: pass max_new_tokens=N to KVKeepCache, or generate with kvkeep.generate"
             )
+        elif layer.step < layer.policy.evict_after():  # CO2's measurement steps
+            return self._measuring_slots(layer)
         else:
             capacity = max(width, int(layer.budget.amax()) + 1)
         # never_evicts: nothing to evict, so nothing to score; a full row's check guards a longer generation
         return SlotLayer.from_layer(layer, capacity, self.kernel, evicts=not never_evicts)
+
+    def _measuring_slots(self, layer: CompactingLayer) -> SlotLayer:
+        """Slots for CO2's measurement steps: every token ``layer`` holds (the whole prompt) plus one slot per step
+        left before the cut and one spare, as the engine's measurement rows; nothing is evicted (a budget beyond
+        any row) until :meth:`_cut`, so the steps run the fused decode kernel and replay as a CUDA graph."""
+        steps = layer.policy.evict_after() - layer.step
+        slots = SlotLayer.from_layer(layer, layer.keys.shape[2] + steps + 1, self.kernel)
+        self.measuring[layer.layer_idx] = slots.budget.clone()
+        slots.budget.fill_(NO_LIMIT)
+        return slots
+
+    def _measured(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` has run its measurement steps and waits for its cut."""
+        layer = self.layers[layer_idx]
+        return layer_idx in self.measuring and layer.step >= layer.policy.evict_after()
+
+    def _cut(self, layer_idx: int) -> SlotLayer:
+        """Cut a layer whose measurement steps are over to its budget by the compacting path's own eviction
+        (:meth:`SlotLayer.cut_rows`, the engine's cut), into ``budget + 1`` slots per row."""
+        wide = self.layers[layer_idx]
+        compact = wide.cut_rows(slice(None), self.measuring.pop(layer_idx), wide.seen, wide.step)
+        compact.evicted += wide.evicted_entries()
+        self.layers[layer_idx] = slots = self._budget_slots(compact)
+        return slots
+
+    def end_measurement(self) -> bool:
+        """After a decode step: cut every layer whose measurement steps are over (CO2 after its ``N``-th step, where
+        the compacting path cuts); True when one was cut, so its buffers changed and a captured decode step no
+        longer fits them.  :func:`kvkeep.generate` calls it; otherwise the next step's :meth:`update` cuts."""
+        due = [idx for idx in self.measuring if self._measured(idx)]
+        for idx in due:
+            self._cut(idx)
+        return bool(due)
 
     def ready_for_graph(self) -> bool:
         """True once every layer runs on slot buffers, so a decode step has fixed shapes and addresses."""

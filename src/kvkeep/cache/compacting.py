@@ -31,20 +31,19 @@ class CompactingLayer(KVKeepLayer):
 
     @classmethod
     def holding(cls, policy, layer_idx: int, kernel: str, head_offset: int, keys, values, positions, scores,
-                budget: int | None, recent: torch.Tensor, newest: int, step: int,
+                budget: torch.Tensor | None, recent: torch.Tensor, padding: torch.Tensor, seen: int, step: int,
                 sliding_window: int | None = None) -> CompactingLayer:  # fmt: skip
-        """A one-sequence layer over tokens already held (a measurement row's, in position order), at generation
-        ``step`` with ``newest`` its newest position, to evict down to ``budget`` (None: no limit but the
-        ``sliding_window``): keys, values ``[1, kv_heads, n, head_dim]``, positions ``[1, kv_heads, n]`` int64,
-        scores ``[1, kv_heads, n]`` or None, recent ``[1]``.  Its peak is what it holds now."""
+        """A layer over tokens already held (measurement rows', in position order), at generation ``step`` after
+        ``seen`` columns (each row's newest token at ``seen - 1 - padding``), to evict down to ``budget`` (None: no
+        limit but the ``sliding_window``): keys, values ``[n, kv_heads, slots, head_dim]``, positions ``[n,
+        kv_heads, slots]`` int64 (-1: empty), scores ``[n, kv_heads, slots]`` or None, budget, recent, padding
+        ``[n]`` int64.  Its peak is what it holds now."""
         layer = cls(policy, layer_idx, sliding_window, kernel)
         layer.lazy_initialization(keys, values)
         layer.head_offset = head_offset
         layer.keys, layer.values, layer.positions, layer.scores = keys, values, positions, scores
-        layer.budget = None if budget is None else torch.tensor([budget], device=keys.device)
-        layer.recent = recent
-        layer.padding = torch.zeros(1, dtype=torch.long, device=keys.device)
-        layer.seen, layer.step = newest + 1, step
+        layer.budget, layer.recent, layer.padding = budget, recent, padding
+        layer.seen, layer.step = seen, step
         layer._track_peak()
         return layer
 

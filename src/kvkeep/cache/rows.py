@@ -160,6 +160,7 @@ class RowCache:
         for layer in self.cache.layers:
             wide, index = self._slots(layer, wide_row)
             narrow, target = self._slots(layer, row)
-            narrow.load_row(target, wide.cut_row(index, budget, newest, step))
+            row_budget = torch.tensor([budget], device=wide.keys.device)
+            narrow.load_row(target, wide.cut_rows(slice(index, index + 1), row_budget, newest + 1, step))
             wide.clear_row(index)
         self.state.copy_row(wide_row, row)

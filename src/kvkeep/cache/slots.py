@@ -130,19 +130,23 @@ class SlotLayer(KVKeepLayer):
         self.peak[row] = (source.positions[source_row] >= 0).sum() if source.peak is None else source.peak[source_row]
         self.free[row] = (self.positions[row] < 0).to(torch.int8).argmax(-1)
 
-    def cut_row(self, row: int, budget: int, newest: int, step: int) -> CompactingLayer:
-        """The tokens of ``row`` (a measurement row, which holds the same tokens in every KV head) as a
-        one-sequence compacting layer at ``step`` whose newest token is ``newest``, cut to ``budget`` by the
-        compacting path's own eviction rule; its peak is what the row held before the cut."""
-        held = self.positions[row, 0] >= 0
-        order = self.positions[row, 0].masked_fill(~held, NO_LIMIT).argsort()[: int(held.sum())]
-        one = slice(row, row + 1)
+    def cut_rows(self, rows: slice, budget: torch.Tensor, seen: int, step: int) -> CompactingLayer:
+        """The tokens of ``rows`` (measurement rows, each holding the same tokens in every KV head) as a
+        compacting layer at ``step`` after ``seen`` columns, cut to ``budget`` ``[n]`` by the compacting path's own
+        eviction rule; its peak is what the rows held before the cut."""
+        positions = self.positions[rows]
+        held = positions[:, 0] >= 0  # [n, slots]
+        # each row's held slots in position order, the empty ones after them
+        order = positions[:, 0].masked_fill(~held, NO_LIMIT).argsort(-1)[:, : int(held.sum(-1).amax())]
+        index = order[:, None].expand(-1, positions.shape[1], -1)  # [n, kv_heads, width]
+        keys = self.keys[rows].gather(2, index[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        values = self.values[rows].gather(2, index[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         compact = CompactingLayer.holding(
-            self.policy, self.layer_idx, self.kernel, self.head_offset, self.keys[one, :, order],
-            self.values[one, :, order], self.positions[one, :, order],
-            None if self.scores is None else self.scores[one, :, order], None if self.is_sliding else budget,
-            self.recent[one], newest, step, self.sliding_window,
+            self.policy, self.layer_idx, self.kernel, self.head_offset, keys, values, positions.gather(2, index),
+            None if self.scores is None else self.scores[rows].gather(2, index), None if self.is_sliding else budget,
+            self.recent[rows], self.padding[rows], seen, step, self.sliding_window,
         )  # fmt: skip
+        compact.prompt_tokens = None if self.prompt_tokens is None else self.prompt_tokens[rows]
         compact.evict()
         return compact
 
