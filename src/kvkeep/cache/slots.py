@@ -150,12 +150,6 @@ class SlotLayer(KVKeepLayer):
         compact.evict()
         return compact
 
-    def row_bytes(self, row: int) -> tuple[int, int]:
-        """Bytes of K and V the filled slots of ``row`` hold now, and the most they held since it was loaded."""
-        per_slot = self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
-        filled = int((self.positions[row] >= 0).sum())
-        return filled * per_slot, max(filled, int(self.peak[row])) * per_slot
-
     def clear_row(self, row: int) -> None:
         """Empty ``row`` (a finished request's): no slot holds a token."""
         self.positions[row] = -1
