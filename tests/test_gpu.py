@@ -170,8 +170,8 @@ def test_a_prompt_without_padding_never_waits_for_the_gpu(policy):
     from kvkeep.attention import kvkeep_mask
 
     model = _model("cuda", torch.bfloat16)
-    budget = None if policy == "full" else 0.5
-    cache = kvkeep.KVKeepCache(model, policy, budget, kernel="triton", max_new_tokens=8, floor=0)
+    budget, options = (None, {}) if policy == "full" else (0.5, {"floor": 0})
+    cache = kvkeep.KVKeepCache(model, policy, budget, kernel="triton", max_new_tokens=8, **options)
     gen = torch.Generator(device="cuda").manual_seed(0)
     n, shape = 300, (1, 2, 300, 16)
     keys, values = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
