@@ -203,3 +203,61 @@ def test_hybrid_sliding_model_on_triton_slots_and_engine_equals_the_compacting_t
     engine = build(model, NoText(), make_policy(policy, **params), max_prompt=64, max_tokens=24, rows=2)
     served = engine.run([Request(row[m.bool()].tolist(), 24) for row, m in zip(ids, mask, strict=True)])
     assert [r.output_ids for r in served] == expected.tolist()
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", ["full", "window", "h2o", "keyformer", "co2"])
+def test_a_prompt_without_padding_never_waits_for_the_gpu(policy):
+    """Every layer's prompt bookkeeping (budgets, padding, scores, eviction) runs without a host synchronisation
+    when the prompt has no padding (the engine's prefill), so it overlaps the model's own kernels."""
+    from kvkeep.attention import kvkeep_mask
+
+    model = _model("cuda", torch.bfloat16)
+    budget, options = (None, {}) if policy == "full" else (0.5, {"floor": 0})
+    cache = kvkeep.KVKeepCache(model, policy, budget, kernel="triton", max_new_tokens=8, **options)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, shape = 300, (1, 2, 300, 16)
+    keys, values = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    query = torch.randn(1, 4, n, 16, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    def prompt():
+        mask = kvkeep_mask(1, n, n, device="cuda")
+        for idx, layer in enumerate(cache.layers):
+            cache.update(keys, values, idx)
+            layer.attend(query, mask, 0.25)
+
+    prompt()  # compiles the kernels
+    cache.reset()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        prompt()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    measuring = budget is None or cache.policy.evict_after() > 0  # full, and CO2 in its measurement steps
+    assert cache.layers[0].positions.shape[-1] == (n if measuring else n // 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("group", [1, 4])
+def test_flash_log_sum_exp_gives_the_two_pass_prompt_scores(group):
+    """A probability score of a prompt without padding takes each row's log-sum-exp from the flash kernel (with the
+    output): output and scores as the SDPA call and the two-pass kernel give them."""
+    from kvkeep.attention import causal_attention_lse, plain_attention
+    from kvkeep.kernels.prefill import prefill_scores
+    from kvkeep.policies import ScoreSpec
+
+    gen = torch.Generator(device="cuda").manual_seed(group)
+    n, heads = 1500, 32
+    query = torch.randn(2, n, heads, 128, generator=gen, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    keys, values = (
+        torch.randn(2, heads // group, n, 128, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2)
+    )
+    cols = torch.arange(n, device="cuda").expand(2, 1, n)
+    out, lse = causal_attention_lse(query, keys, values, 128**-0.5)
+    expected = plain_attention(query, keys, values, cols, cols[:, 0], 128**-0.5, dense=True)
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+    spec = ScoreSpec(head_reduce="sum")
+    two_pass = prefill_scores(query, keys, cols, 128**-0.5, spec=spec)
+    one_pass = prefill_scores(query, keys, cols, 128**-0.5, spec=spec, lse=lse)
+    torch.testing.assert_close(one_pass, two_pass, rtol=2e-3, atol=1e-4)

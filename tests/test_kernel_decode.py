@@ -226,6 +226,25 @@ def test_gumbel_hash_matches_keyformer() -> None:
         torch.testing.assert_close(noise.cpu(), ref, rtol=1e-6, atol=1e-6)
 
 
+def test_gumbel_noise_is_exact_at_the_extremes() -> None:
+    """The kernels' noise at the hashes whose ``u`` lies nearest 1 (the largest noise, where ``-log(u)`` is tiny),
+    nearest 0, and on both sides of the switch at ``u = 3/4`` between the series and ``lg2``: ``gumbel_noise`` to
+    float rounding (a compiled ``lg2`` alone near ``u = 1`` would be off by whole units there)."""
+    seed, kv_heads, group = 11, 1, 1
+    query_pos = torch.tensor([4321])
+    prefix = mix32(mix32(mix32(mix32(mix32(seed & M32) ^ LAYER) ^ 0) ^ 0) ^ 4321)
+    candidates = torch.arange(1 << 22)
+    top = mix32(prefix ^ candidates) >> 9  # the 23 bits of u
+    order = top.argsort()
+    switch = (top - 3 * (1 << 21)).abs().argsort()[:16]
+    picked = torch.cat([order[:16], order[-32:], switch])
+    key_pos = candidates[picked].view(1, 1, -1)
+    _, noise = noise_probe(seed, LAYER, kv_heads, group, query_pos.to(DEVICE), key_pos.to(DEVICE))
+    ref = gumbel_noise(seed, LAYER, query_pos[:, None], key_pos, kv_heads, group)[:, :, :, 0]
+    assert ref.max() > 15 and ref.min() < -2.5  # u within 2^-22 of 1 and of 0 were found
+    torch.testing.assert_close(noise.cpu(), ref, rtol=1e-6, atol=2e-6)
+
+
 def test_rejects_bad_arguments() -> None:
     q = torch.zeros(1, 3, 16, device=DEVICE)
     k = torch.zeros(1, 2, 16, 16, device=DEVICE)

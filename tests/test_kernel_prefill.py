@@ -132,8 +132,28 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> torch.Tensor:
     return scores
 
 
+def _row_lse(c: dict, x: dict, scaling: float) -> torch.Tensor:
+    """``[B, Hq, n]`` natural log-sum-exp of each row's scaled logits over its allowed keys (float64 logits, one
+    sequence at a time), +inf for a row without any: what flash attention hands ``prefill_scores``."""
+    group = c["q_heads"] // c["kv_heads"]
+    rows = torch.arange(c["n"], device=DEVICE)
+    out = []
+    for b in range(c["batch"]):
+        keys = x["keys"][b].double().repeat_interleave(group, 0)  # [Hq, n, D]
+        cols = x["key_cols"][b].expand(c["kv_heads"], -1).repeat_interleave(group, 0)[:, None, :]  # [Hq, 1, n]
+        logits = torch.matmul(x["query"][b].double(), keys.transpose(1, 2)) * scaling
+        allowed = (cols >= 0) & (cols <= rows[:, None])
+        lse = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), -1)
+        out.append(torch.where(torch.isneginf(lse), float("inf"), lse).float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("given_lse", [False, True], ids=["two-pass", "given-lse"])
 @pytest.mark.parametrize("c", CASES)
-def test_prefill_scores_match_reference(c: dict) -> None:
+def test_prefill_scores_match_reference(c: dict, given_lse: bool) -> None:
+    """``given_lse``: each row's log-sum-exp handed in (as the flash kernel's), so only the column-sum pass runs."""
+    if given_lse and c["mode"] != "probs":
+        pytest.skip("a given log-sum-exp serves a probability score only")
     gen = torch.Generator().manual_seed(zlib.crc32(repr(sorted(c.items())).encode()))
     x = _inputs(c, gen)
     scaling = c["head_dim"] ** -0.5
@@ -147,6 +167,8 @@ def test_prefill_scores_match_reference(c: dict) -> None:
         if not c["no_pad"]:
             kwargs["padding"] = x["padding"]
     ref = _reference(c, x, policy, scaling)
+    if given_lse:
+        kwargs["lse"] = _row_lse(c, x, scaling)
 
     # Padding keys and padding query rows are never read: poison them.
     key_cols = x["key_cols"]
@@ -200,5 +222,7 @@ def test_rejects_bad_arguments() -> None:
         prefill_scores(q, k, cols, 1.0, spec=ScoreSpec(mode="x"))
     with pytest.raises(ValueError, match="head_reduce"):
         prefill_scores(q, k, cols, 1.0, spec=ScoreSpec(head_reduce="median"))
+    with pytest.raises(ValueError, match="lse"):
+        prefill_scores(q, k, cols, 1.0, spec=ScoreSpec(mode="tempered"), tau=1.0, lse=torch.zeros(1, 2, 16))
     with pytest.raises(ValueError, match="query_real"):
         prefill_scores(q, k, cols, 1.0, spec=probs, query_real=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))

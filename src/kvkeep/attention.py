@@ -215,17 +215,19 @@ def plain_attention(
     query_positions: torch.Tensor,
     scaling: float,
     sliding_window: int | None = None,
+    dense: bool = False,
 ) -> torch.Tensor:
     """Attention for a cache that is not kvkeep's, through PyTorch's fused SDPA kernels: a model switched to
     kvkeep runs as fast as with transformers' ``sdpa`` outside a kvkeep cache.
 
     Shapes and masking as :func:`attend` (``key_positions [batch, 1, slots]``); returns ``[batch, rows, q_heads,
     head_dim]``.  A row with no key to attend (left padding) attends to every key, so it stays finite.
+    ``dense``: the caller knows every key is real (no padding), so the check that waits for the device is skipped.
     """
     gqa = query.shape[1] != keys.shape[1]
     rows, slots = query.shape[2], keys.shape[2]
     window = sliding_window is not None and sliding_window < slots
-    if rows == slots and not window and bool((key_positions >= 0).all()):  # a fresh prompt without padding
+    if rows == slots and not window and (dense or bool((key_positions >= 0).all())):  # a fresh prompt, no padding
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous()
     kp, qp = key_positions[:, :, None, :], query_positions.to(key_positions.device)[:, None, :, None]
@@ -235,6 +237,24 @@ def plain_attention(
     allowed = allowed | ~allowed.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def causal_attention_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A fresh prompt without padding, through the flash kernel, which also gives each row's log-sum-exp: the
+    output ``[batch, rows, q_heads, head_dim]`` and ``lse [batch, q_heads, rows]`` float32 (natural log of the sum of
+    ``exp(scaling * q.k)`` over the row's causal keys).  None where that kernel does not run (not CUDA, not 16-bit,
+    a head size it lacks): shapes as :func:`plain_attention`'s, ``keys`` holding one column per query row."""
+    head_dim = query.shape[-1]
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 256:
+        return None
+    group = query.shape[1] // keys.shape[1]
+    if group > 1:  # the flash op takes a key head per query head
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    out, lse = flash(query, keys, values, 0.0, True, False, scale=scaling)[:2]  # (dropout, causal, debug mask)
+    return out.transpose(1, 2).contiguous(), lse[:, :, : query.shape[2]]
 
 
 def kvkeep_mask(
@@ -250,8 +270,24 @@ def kvkeep_mask(
     """transformers ``AttentionMaskInterface`` entry: hand the 2D padding mask through untouched.
 
     kvkeep builds the real mask inside attention from each cached token's position, so all it needs from
-    the model is which columns are padding: ``[batch, seen + q_len]`` bool (all True without a mask).
+    the model is which columns are padding: ``[batch, seen + q_len]`` bool (all True without a mask).  A new
+    tensor per forward, so that :func:`real_counts` can remember its counts on it for that forward's layers.
     """
     if attention_mask is None:
-        return torch.ones(batch_size, kv_offset + kv_length, dtype=torch.bool, device=device)
-    return attention_mask.to(dtype=torch.bool)
+        mask = torch.ones(batch_size, kv_offset + kv_length, dtype=torch.bool, device=device)
+        mask._kvkeep_every_real = True
+        return mask
+    return attention_mask.to(dtype=torch.bool, copy=True)
+
+
+def real_counts(attention_mask: torch.Tensor | None, new: int, batch: int) -> list[int]:
+    """Per sequence, the real (not padding) columns among the last ``new`` of a :func:`kvkeep_mask` mask
+    ``[batch, columns]``, on the host: known at once for a mask made without padding, else counted with one wait
+    for the device per forward (remembered on the mask for the other layers)."""
+    if attention_mask is None or getattr(attention_mask, "_kvkeep_every_real", False):
+        return [new] * batch
+    known = getattr(attention_mask, "_kvkeep_counts", {})
+    if new not in known:
+        known[new] = attention_mask[:, -new:].sum(-1).tolist()
+        attention_mask._kvkeep_counts = known
+    return known[new]

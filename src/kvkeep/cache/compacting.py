@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import attend, bind, plain_attention
+from ..attention import attend, bind, causal_attention_lse, plain_attention, real_counts
 from ..hf import REUSE_HINT
 from ..policies import StepInfo, protected, reduce_heads
 from ..policies.base import pool_scores
@@ -68,9 +68,10 @@ class CompactingLayer(KVKeepLayer):
                 f"KVKeepCache holds {self.keys.shape[0]} sequences x {self.keys.shape[1]} KV heads but got {batch} x "
                 f"{kv_heads}: {REUSE_HINT}"
             )
-        columns = torch.arange(self.seen, self.seen + new, device=key_states.device)
-        padding = self.padding if self.padding is not None else torch.zeros(batch, dtype=torch.long)
-        positions = (columns[None, :] - padding.to(columns.device)[:, None])[:, None].expand(batch, kv_heads, new)
+        columns = torch.arange(self.seen, self.seen + new, device=key_states.device)[None, :]
+        if self.padding is not None:  # (the first forward's: _mark_padding shifts them once it knows the padding)
+            columns = columns - self.padding.to(columns.device)[:, None]
+        positions = columns[:, None].expand(batch, kv_heads, new)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values, self.positions = key_states, value_states, positions
@@ -113,11 +114,13 @@ class CompactingLayer(KVKeepLayer):
         """
         self.awaiting_attention = False
         new, first = self.new_tokens, self.seen - self.new_tokens
-        real = self._mark_padding(attention_mask, new)
+        counts = real_counts(attention_mask, new, self.keys.shape[0])  # host: no wait on the device per layer
+        real = self._mark_padding(attention_mask, new, counts)
         prompt = new > 1 or self.prompt_tokens is None  # prompt phase: the first or a multi-token forward
+        budgets = None
         if prompt:
-            self.prompt_tokens = real.sum(-1) + (0 if self.prompt_tokens is None else self.prompt_tokens)
-            self.set_budgets(self.prompt_tokens.tolist(), self.keys.device)
+            self.prompt_tokens = torch.tensor(counts) + (0 if self.prompt_tokens is None else self.prompt_tokens)
+            budgets = self.set_budgets(self.prompt_tokens.tolist(), self.keys.device)
         else:
             self.step += 1
         columns = torch.arange(first, self.seen, device=query.device)
@@ -129,7 +132,8 @@ class CompactingLayer(KVKeepLayer):
         if prompt and self.spec is not None and self.spec.observe:
             window = max(0, new - self.spec.observe)
         if fresh and self.kernel == "triton":
-            out, scores, window_scores = self._attend_prompt_fused(query, query_positions, scaling, real, window)
+            dense = min(counts) == new  # no padding: every key real
+            out, scores, window_scores = self._attend_prompt_fused(query, query_positions, scaling, real, window, dense)
         else:
             out, scores, window_scores = self._attend_torch(
                 query, query_positions, scaling, softcap, alibi_slopes, window
@@ -138,7 +142,8 @@ class CompactingLayer(KVKeepLayer):
             scores = self._blend(scores, window_scores, real, window)
         if scores is not None:
             self.scores = self.policy.accumulate(self.scores, scores)
-        self.evict()
+        # a fresh prompt's layer holds every real token in every KV head: what eviction keeps is known on the host
+        self.evict(counts if first == 0 and self.sliding_window is None else None, budgets)
         self._track_peak()
         return out
 
@@ -199,14 +204,25 @@ class CompactingLayer(KVKeepLayer):
             return out, None, scores
         return out, scores, reduce_heads(window_sum, head_reduce)
 
-    def _attend_prompt_fused(self, query, query_positions, scaling: float, real: torch.Tensor, window: int | None):
-        """A fresh prompt on the GPU: output from PyTorch's fused SDPA, scores from the Triton prefill kernel.
+    def _attend_prompt_fused(self, query, query_positions, scaling: float, real: torch.Tensor, window: int | None,
+                             dense: bool):  # fmt: skip
+        """A fresh prompt on the GPU: output from PyTorch's fused SDPA (with a ``probs`` score and no padding, the flash
+        kernel's, whose row log-sum-exp spares the prefill kernel its first pass), scores from the Triton kernel.
 
         Returns ``(output [B, n, q_heads, D], scores, window_scores)`` as :meth:`_attend_torch` (``[B, kv_heads,
-        n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.
+        n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.  ``dense``: the
+        prompt has no padding (known on the host).
         """
-        # a fresh prompt holds the same tokens in every KV head: one mask serves them all
-        out = plain_attention(query, self.keys, self.values, self.positions[:, :1], query_positions, scaling)
+        fused = None  # a probability score without padding: the flash kernel's row log-sum-exp skips pass 1
+        if dense and self.spec is not None and not self.spec.tempered:
+            fused = causal_attention_lse(query, self.keys, self.values, scaling)
+        lse = None
+        if fused is not None:
+            out, lse = fused
+        else:  # a fresh prompt holds the same tokens in every KV head: one mask serves them all
+            out = plain_attention(
+                query, self.keys, self.values, self.positions[:, :1], query_positions, scaling, dense=dense
+            )
         if self.spec is None:
             return out, None, None
         from ..kernels.prefill import prefill_scores
@@ -218,14 +234,15 @@ class CompactingLayer(KVKeepLayer):
         def scores_from(first_row: int) -> torch.Tensor:
             return prefill_scores(
                 query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx,
-                head_offset=self.head_offset, tau=tau, query_real=real, padding=padding, first_row=first_row,
+                head_offset=self.head_offset, tau=tau, query_real=real, padding=padding, first_row=first_row, lse=lse,
             )  # fmt: skip
 
         every = scores_from(0) if window is None or self.spec.every_query else None
         return out, every, None if window is None else scores_from(window)
 
-    def _mark_padding(self, attention_mask: torch.Tensor | None, new: int) -> torch.Tensor:
-        """Turn padding columns of the new tokens into empty slots; return ``[batch, new]`` real flags."""
+    def _mark_padding(self, attention_mask: torch.Tensor | None, new: int, counts: list[int]) -> torch.Tensor:
+        """Turn padding columns of the new tokens into empty slots; return ``[batch, new]`` real flags (``counts``:
+        the real ones per sequence, on the host)."""
         batch = self.keys.shape[0]
         if attention_mask is None:
             real = torch.ones(batch, new, dtype=torch.bool, device=self.keys.device)
@@ -240,7 +257,7 @@ class CompactingLayer(KVKeepLayer):
             self.padding = (real.long().cumsum(-1) == 0).sum(-1)
             tail = self.positions[..., -new:] - self.padding[:, None, None]
             self.positions = torch.cat([self.positions[..., :-new], tail], dim=-1)
-        if not bool(real.all()):
+        if min(counts) < new:
             tail = torch.where(real[:, None, :], self.positions[..., -new:], -1)
             self.positions = torch.cat([self.positions[..., :-new], tail], dim=-1)
         return real
@@ -249,8 +266,12 @@ class CompactingLayer(KVKeepLayer):
         """``[batch]`` position of each sequence's newest token."""
         return self.seen - 1 - self.padding.to(self.positions.device)
 
-    def evict(self) -> None:
-        """Keep per sequence and KV head the protected tokens and the best-scoring candidates; gather them."""
+    def evict(self, held: list[int] | None = None, budgets: list[int] | None = None) -> None:
+        """Keep per sequence and KV head the protected tokens and the best-scoring candidates; gather them.
+
+        ``held``: per sequence, the real tokens every KV head holds, when the caller knows it on the host (a fresh
+        prompt), with ``budgets`` (None: no limit); then nothing here waits for the device.
+        """
         positions = self.positions
         newest = self.newest()
         real = positions >= 0
@@ -263,7 +284,8 @@ class CompactingLayer(KVKeepLayer):
         guard = torch.zeros_like(real)
         if self.recent is not None:
             guard = protected(positions, newest, self.recent, self.policy.sinks) & real
-        if int(n_keep.amin()) == slots:
+        fewest, width, evicted = self._keep_counts(n_keep, held, budgets if limited else None)
+        if fewest == slots:
             self._observe(positions, real & ~guard, positions, 0)
             return
         if limited:
@@ -275,11 +297,11 @@ class CompactingLayer(KVKeepLayer):
         order = torch.argsort(priority, dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(slots, device=order.device).expand_as(order))
         keep = rank < n_keep[..., None]
-        width = int(n_keep.amax())
         slot_ids = torch.arange(slots, device=positions.device)
         index = torch.argsort(torch.where(keep, slot_ids, slot_ids + slots), dim=-1, stable=True)[..., :width]
         kept = keep.gather(-1, index)
-        evicted = int((positions >= 0).sum() - kept.sum())
+        if evicted is None:
+            evicted = int((positions >= 0).sum() - kept.sum())
         self.evicted += evicted
         self.keys = bind(self.keys.gather(2, index[..., None].expand(-1, -1, -1, self.keys.shape[-1])), self)
         self.values = self.values.gather(2, index[..., None].expand(-1, -1, -1, self.values.shape[-1]))
@@ -288,6 +310,16 @@ class CompactingLayer(KVKeepLayer):
         if self.scores is not None:
             self.scores = torch.where(kept, self.scores.gather(-1, index), 0.0)
         self._observe(positions, real & ~guard, self.positions, evicted, before_scores)
+
+    def _keep_counts(self, n_keep: torch.Tensor, held: list[int] | None, budgets: list[int] | None):
+        """``(fewest kept, most kept, entries evicted)`` over the ``[B, kv_heads]`` counts ``n_keep``: from the host's
+        ``held`` and ``budgets`` (see :meth:`evict`) without a device sync, else read from ``n_keep`` (the evicted
+        entries then None: counted after the gather)."""
+        if held is None:
+            return int(n_keep.amin()), int(n_keep.amax()), None
+        keep = held if budgets is None else [min(n, k) for n, k in zip(held, budgets, strict=True)]
+        heads = self.positions.shape[1]
+        return min(keep), max(keep), heads * (sum(held) - sum(keep))
 
     def _observe(self, before, candidates, after, evicted, scores=None) -> None:
         if self.observer is None:

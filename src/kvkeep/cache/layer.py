@@ -54,7 +54,7 @@ class KVKeepLayer(CacheLayerMixin):
         budget, recent: ``[batch]`` int64 tokens each sequence may keep and its protected recent window
             (``budget`` None: no limit).
         padding: ``[batch]`` int64 left padding of each sequence (columns before its first token).
-        prompt_tokens: ``[batch]`` real tokens of each prompt (the budget's base; None before the prompt).
+        prompt_tokens: ``[batch]`` real tokens of each prompt, on the host (the budget's base; None before the prompt).
         peak: ``[batch]`` int64 the most entries (token x KV head) each sequence held after any forward so far
             (None before the first; a slot layer's count never falls, so its peak is also what it holds now).
         seen: columns processed (the padded sequence length transformers counts in).
@@ -127,13 +127,16 @@ class KVKeepLayer(CacheLayerMixin):
         self.step += 1
 
     # -- budgets ------------------------------------------------------------------------------------
-    def set_budgets(self, prompt_tokens: list[int], device: torch.device) -> None:
-        """Budget and recent window per sequence, from its real (unpadded) prompt length."""
+    def set_budgets(self, prompt_tokens: list[int], device: torch.device) -> list[int] | None:
+        """Budget and recent window per sequence, from its real (unpadded) prompt length; returns the budgets (None:
+        no limit).  The copies to the device do not wait for it (they are staged from the host at once)."""
         if self.policy.keeps_all:
-            return
+            return None
         budgets = [min(self.policy.budget_for(n), NO_LIMIT) for n in prompt_tokens]
-        self.budget = torch.tensor(budgets, dtype=torch.long, device=device)
-        self.recent = torch.tensor([self.policy.recent_size(k) for k in budgets], dtype=torch.long, device=device)
+        self.budget = torch.tensor(budgets, dtype=torch.long).to(device, non_blocking=True)
+        recent = [self.policy.recent_size(k) for k in budgets]
+        self.recent = torch.tensor(recent, dtype=torch.long).to(device, non_blocking=True)
+        return budgets
 
     # -- reporting ----------------------------------------------------------------------------------
     def nbytes(self) -> int:

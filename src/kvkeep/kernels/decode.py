@@ -102,8 +102,9 @@ def _attend_block(
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Slots ``[n0, min(n0 + BLOCK_N, stop))``: online-softmax update of ``(m_i, l_i, acc)`` (and the tempered
-    pair ``(m2, l2)``); with ``SCORES`` the block's (noised, tempered) logits go to the scratch rows."""
+    """Slots ``[n0, min(n0 + BLOCK_N, stop))``: online-softmax update of ``(m_i, l_i, acc)`` (and of the tempered
+    score's per-element running max and sum ``(m2, l2)`` ``[GROUP_PAD, BLOCK_N]``, reduced once after the last
+    block); with ``SCORES`` the block's (noised, tempered) logits go to the scratch rows."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     in_range = offs_n < stop
     pos = tl.load(p_base + offs_n * stride_pc, mask=in_range, other=-1)
@@ -136,11 +137,13 @@ def _attend_block(
                     logits = logits + gumbel(row_hash, pos)[None, :]
                 else:
                     logits = logits + gumbel(row_hash[:, None], pos[None, :])
-            logits = tl.where(valid[None, :], logits * inv_tau, float("-inf"))
-            m2_new = tl.maximum(m2, tl.max(logits, 1))
-            m2_use = tl.where(m2_new > float("-inf"), m2_new, 0.0)
-            l2 = l2 * tl.exp(m2 - m2_use) + tl.sum(tl.exp(logits - m2_use[:, None]), 1)
-            m2 = m2_new
+            logits = logits * inv_tau  # empty slots stay -inf
+            # Per element, no reduction across warps: one exp updates the pair whether the max grows or not (m2
+            # starts finite, so an empty slot's d is -inf: e = 0, nothing changes).
+            d = logits - m2
+            e = tl.exp2(tl.abs(d) * -1.4426950408889634)  # exp2 flushes subnormals: 3 instructions fewer than exp
+            l2 = tl.where(d > 0, l2 * e + 1.0, l2 + e)
+            m2 = tl.maximum(m2, logits)
         tl.store(s_rows[:, None] + offs_n[None, :], logits, mask=row_ok[:, None] & in_range[None, :])
     return m_new, l_i, acc, m2, l2
 
@@ -220,8 +223,8 @@ def _split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    m2 = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l2 = tl.zeros([GROUP_PAD], tl.float32)
+    m2 = tl.full([GROUP_PAD, BLOCK_N], -3.0e38, tl.float32)  # finite: see _attend_block
+    l2 = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
     row_hash = rows.to(tl.uint32)
     inv_tau = 1.0
     if TEMPERED:
@@ -254,8 +257,9 @@ def _split_kernel(
         tl.store(PM + part, m_i, mask=row_ok)
         tl.store(PL + part, l_i, mask=row_ok)
     if TEMPERED:
-        tl.store(PM2 + part, m2, mask=row_ok)
-        tl.store(PL2 + part, l2, mask=row_ok)
+        m2_row = tl.max(m2, 1)  # -3e38 for a range without a filled slot, whose l2 is 0
+        tl.store(PM2 + part, m2_row, mask=row_ok)
+        tl.store(PL2 + part, tl.sum(l2 * tl.exp(m2 - m2_row[:, None]), 1), mask=row_ok)
 
 
 @triton.jit
@@ -442,7 +446,8 @@ def decode_attention(
     )  # fmt: skip
     if one_split and not want_scores:
         return out
-    _combine(parts, out, positions, scores if want_scores else None, spec, group, splits, group_pad, block_d)
+    # the combine has no dot: its tile need not be padded to 16 rows (an MHA row of 16 did 16 times the work)
+    _combine(parts, out, positions, scores if want_scores else None, spec, group, splits, next_pow2(group), block_d)
     return out
 
 

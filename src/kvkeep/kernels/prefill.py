@@ -330,6 +330,7 @@ def prefill_scores(
     query_real: torch.Tensor | None = None,
     padding: torch.Tensor | None = None,
     first_row: int = 0,
+    lse: torch.Tensor | None = None,
     _blocks: tuple[int, int] | None = None,
     _poison: bool = False,
 ) -> torch.Tensor:
@@ -354,25 +355,24 @@ def prefill_scores(
         padding: ``[B]`` int64 left padding: true position = column - padding (noise hash only).
         first_row: query rows before it score nothing (the observation window ``[first_row, n)``); both passes
             skip their row blocks, so only the window's rows are read (its time is not measured yet).
+        lse: ``[B, Hq, n]`` float32 natural log-sum-exp of each row's scaled logits over its allowed keys (flash
+            attention's, computed with the output; +inf for a row without any): pass 1 is skipped (``probs`` only).
         _blocks: ``(big, small)`` block sizes (tests); _poison: NaN-fill scratch and output before launch.
 
     Returns:
         ``[B, Hkv, n]`` float32 (0 for padding keys).
     """
-    _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row)
+    _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row, lse)
     batch, q_heads, n, head_dim = query.shape
     kv_heads = keys.shape[1]
-    if query.stride(-1) != 1:
-        query = query.contiguous()
-    if keys.stride(-1) != 1:
-        keys = keys.contiguous()
+    query, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys))
     key_cols = key_cols.long()  # itself when already int64
     group = q_heads // kv_heads
     noise = spec.tempered and spec.noise_seed is not None
     buffer = workspace(query.device, _poison)
-    lse, colsum = buffer(batch, q_heads, n), buffer(batch, q_heads, n)  # [B, Hq, n] each
-    if n == 0:
-        return colsum.new_zeros(batch, kv_heads, 0)
+    colsum = buffer(batch, q_heads, n)  # [B, Hq, n]
+    given_lse = lse is not None
+    lse = buffer(batch, q_heads, n) if lse is None else (lse.float() * _LOG2E).contiguous()  # base 2, as pass 1
 
     big, small, num_warps, num_stages = _launch_config(keys.dtype, _blocks)
     block_d = max(16, next_pow2(head_dim))
@@ -380,7 +380,7 @@ def prefill_scores(
     inv_tau = 1.0 / float(tau) if spec.tempered else 1.0
     qk_scale = float(scaling) * inv_tau * _LOG2E
     noise_scale = inv_tau * _LOG2E
-    if first_row == n:
+    if first_row == n:  # (n = 0 too)
         return colsum.new_zeros(batch, kv_heads, n)
     if first_row > 0:  # rows of the first scored block that lie before first_row: masked like padding rows
         window = torch.arange(n, device=query.device) >= first_row
@@ -400,7 +400,8 @@ def prefill_scores(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     row_blocks = math.ceil(n / big) - first_row // big  # the blocks from the one holding first_row
-    _lse_kernel[(row_blocks, batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
+    if not given_lse:
+        _lse_kernel[(row_blocks, batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
     _colsum_kernel[(math.ceil(n / big), batch * q_heads)](*args, colsum, *scalars, BLOCK_M=small, BLOCK_N=big, **meta)
     return reduce_heads(colsum.view(batch, kv_heads, group, n), spec.head_reduce)
 
@@ -415,7 +416,7 @@ def _launch_config(dtype: torch.dtype, blocks: tuple[int, int] | None) -> tuple[
     return big, small, num_warps, num_stages
 
 
-def _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row) -> None:
+def _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row, lse) -> None:
     """:func:`prefill_scores`' argument checks, each a one-line ``ValueError``."""
     if query.dim() != 4 or keys.dim() != 4:
         raise ValueError(f"query and keys must be 4-D [B, H, n, D], got {tuple(query.shape)}, {tuple(keys.shape)}")
@@ -435,5 +436,7 @@ def _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_r
     if not 0 <= first_row <= n:
         raise ValueError(f"first_row {first_row} must be in [0, n = {n}]")
     check_spec(spec, tau)
+    if lse is not None and (spec.tempered or lse.shape != (batch, q_heads, n)):
+        raise ValueError(f"lse {tuple(lse.shape)} must be [B, Hq, n] = [{batch}, {q_heads}, {n}], for a probs score")
     if spec.tempered and not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
