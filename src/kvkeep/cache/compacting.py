@@ -107,10 +107,11 @@ class CompactingLayer(KVKeepLayer):
             bind(self.keys, self)
 
     # -- attention, scoring, eviction ---------------------------------------------------------------
-    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None) -> torch.Tensor:
+    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None, sink_logits=None):
         """Attention of ``query [batch, q_heads, new, head_dim]`` over the held tokens; then score and evict.
 
-        Returns ``[batch, new, q_heads, head_dim]``.
+        ``sink_logits``: ``[q_heads]`` learned sinks (:func:`kvkeep.attention.attend`).  Returns ``[batch, new,
+        q_heads, head_dim]``.
         """
         self.awaiting_attention = False
         new, first = self.new_tokens, self.seen - self.new_tokens
@@ -130,10 +131,12 @@ class CompactingLayer(KVKeepLayer):
         if prompt and self.spec is not None and self.spec.observe:
             window = max(0, new - self.spec.observe)
         if fresh and self.kernel == "triton":
-            out, scores, window_scores = self._attend_prompt_fused(query, query_positions, scaling, real, window)
+            out, scores, window_scores = self._attend_prompt_fused(
+                query, query_positions, scaling, real, window, sink_logits
+            )
         else:
             out, scores, window_scores = self._attend_torch(
-                query, query_positions, scaling, softcap, alibi_slopes, window
+                query, query_positions, scaling, softcap, alibi_slopes, window, sink_logits
             )
         if window_scores is not None:
             scores = self._blend(scores, window_scores, real, window)
@@ -153,7 +156,7 @@ class CompactingLayer(KVKeepLayer):
         rows, in_window = real.sum(-1), real[:, first:].sum(-1).clamp(min=1)
         return every + (rows / in_window).to(pooled.dtype)[:, None, None] * pooled
 
-    def _attend_torch(self, query, query_positions, scaling, softcap, alibi_slopes, window: int | None = None):
+    def _attend_torch(self, query, query_positions, scaling, softcap, alibi_slopes, window=None, sink_logits=None):
         """The reference path, :func:`kvkeep.attention.attend` over the held tokens.
 
         Returns ``(output, scores, window_scores)``: ``window`` (None: no observation window) is the index of
@@ -173,8 +176,9 @@ class CompactingLayer(KVKeepLayer):
                 skip = min(max(0, first - rows.start), rows.stop - rows.start)
                 rows = slice(rows.start + skip, rows.stop)
                 chunk = StepInfo(
-                    self.layer_idx, self.step, query_positions[:, rows], self.positions, total, self.head_offset
-                )
+                    self.layer_idx, self.step, query_positions[:, rows], self.positions, total, self.head_offset,
+                    sink_logits,
+                )  # fmt: skip
                 part = self.policy.step_scores(logits[:, :, :, skip:], allowed[:, :, :, skip:], chunk)
                 if window_sum is not None:
                     window_sum.add_(part[:, :, :, max(0, window - rows.start) :].sum(dim=3))
@@ -191,6 +195,7 @@ class CompactingLayer(KVKeepLayer):
             sliding_window=self.sliding_window,
             softcap=softcap,
             alibi_slopes=alibi_slopes,
+            sink_logits=sink_logits,
             scorer=scorer,
             head_reduce=head_reduce,
         )
@@ -200,26 +205,32 @@ class CompactingLayer(KVKeepLayer):
             return out, None, scores
         return out, scores, reduce_heads(window_sum, head_reduce)
 
-    def _attend_prompt_fused(self, query, query_positions, scaling: float, real: torch.Tensor, window: int | None):
+    def _attend_prompt_fused(self, query, query_positions, scaling: float, real, window: int | None, sink_logits=None):
         """A fresh prompt on the GPU: output from PyTorch's fused SDPA, scores from the Triton prefill kernel.
 
         Returns ``(output [B, n, q_heads, D], scores, window_scores)`` as :meth:`_attend_torch` (``[B, kv_heads,
-        n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.
+        n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.  SDPA knows no
+        learned sink: each row's output is scaled by its share of the mass on real keys, ``sigmoid(lse - sink)``.
         """
+        from ..kernels.prefill import prefill_scores, prompt_lse
+
         # a fresh prompt holds the same tokens in every KV head: one mask serves them all
         out = plain_attention(query, self.keys, self.values, self.positions[:, :1], query_positions, scaling)
-        if self.spec is None:
-            return out, None, None
-        from ..kernels.prefill import prefill_scores
-
-        tau = float(self.policy.temperature(torch.zeros(1, dtype=torch.long), None))
         padding = self.padding.to(query.device)
         columns = torch.where(self.positions >= 0, self.positions + padding[:, None, None], -1)
+        if sink_logits is not None:
+            lse = prompt_lse(query, self.keys, columns, scaling, query_real=real)  # [B, q_heads, n]
+            share = torch.sigmoid(lse - sink_logits.float().view(1, -1, 1)).transpose(1, 2)[..., None]
+            out = (out * share).to(out.dtype)
+        if self.spec is None:
+            return out, None, None
+        tau = float(self.policy.temperature(torch.zeros(1, dtype=torch.long), None))
 
         def scores_from(first_row: int) -> torch.Tensor:
             return prefill_scores(
                 query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx,
                 head_offset=self.head_offset, tau=tau, query_real=real, padding=padding, first_row=first_row,
+                sink_logits=sink_logits,
             )  # fmt: skip
 
         every = scores_from(0) if window is None or self.spec.every_query else None
