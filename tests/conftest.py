@@ -139,10 +139,16 @@ def tiny_model(arch: str, layers: int | None = None, seed: int = 0) -> torch.nn.
             kwargs["layer_types"] = kwargs["layer_types"][:layers]
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config_cls(**kwargs))
-    for module in model.modules():  # learned sinks (gpt-oss) near the rows' log-sum-exp: they take 5-25% of a row
+    return weigh_sinks(model).eval()
+
+
+def weigh_sinks(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its learned attention sinks (gpt-oss), if any, drawn near its rows' log-sum-exp at these
+    random weights, where they take 5-25% of a row: a path that drops or misplaces them changes tokens."""
+    for module in model.modules():
         if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
             module.sinks.data.normal_(8.0, 2.0)
-    return model.eval()
+    return model
 
 
 def smollm2_available() -> bool:

@@ -237,11 +237,12 @@ def test_keyformer_in_model_generate_without_its_length_is_a_one_line_error():
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers
-def test_outside_a_kvkeep_cache_a_padded_batch_gets_transformers_own_sdpa_logits(arch):
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_oss"])  # sliding-window layers; learned sinks (eager)
+def test_outside_a_kvkeep_cache_a_padded_batch_gets_transformers_own_logits(arch):
     model, twin = tiny_model(arch), tiny_model(arch)  # twin: never switched to kvkeep
     kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
-    assert model.config._attn_implementation == "kvkeep" and twin.config._attn_implementation == "sdpa"
+    own = "eager" if arch == "gpt_oss" else "sdpa"  # SDPA cannot apply gpt-oss's sinks
+    assert model.config._attn_implementation == "kvkeep" and twin.config._attn_implementation == own
     ids = torch.cat([random_prompt(30, seed=1), random_prompt(30, seed=2)])
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding
