@@ -82,6 +82,21 @@ TINY_CONFIGS: dict[str, tuple[type, dict]] = {
             layer_types=["sliding_attention", "full_attention"] * 2,
         ),
     ),
+    "gpt_oss": (  # learned attention sinks; a hybrid (sliding and global layers alternate); a mixture of experts
+        tf.GptOssConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            head_dim=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
     "gpt2": (tf.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
     "opt": (
         tf.OPTConfig,
@@ -124,7 +139,16 @@ def tiny_model(arch: str, layers: int | None = None, seed: int = 0) -> torch.nn.
             kwargs["layer_types"] = kwargs["layer_types"][:layers]
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config_cls(**kwargs))
-    return model.eval()
+    return weigh_sinks(model).eval()
+
+
+def weigh_sinks(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its learned attention sinks (gpt-oss), if any, drawn near its rows' log-sum-exp at these
+    random weights, where they take 5-25% of a row: a path that drops or misplaces them changes tokens."""
+    for module in model.modules():
+        if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            module.sinks.data.normal_(8.0, 2.0)
+    return model
 
 
 def smollm2_available() -> bool:

@@ -238,13 +238,14 @@ def test_keyformer_in_model_generate_without_its_length_is_a_one_line_error():
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding-window layers
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_oss"])  # sliding-window layers; learned sinks (eager)
 def test_a_model_kvkeep_ran_on_keeps_its_own_attention_and_outputs_outside_a_kvkeep_cache(arch):
     model, twin = tiny_model(arch), tiny_model(arch)  # twin: never touched by kvkeep
     prompt = random_prompt(25, seed=8)
     cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
     kvkeep.generate(model, prompt, cache=cache, max_new_tokens=4)  # kvkeep ran on the model
-    assert model.config._attn_implementation == twin.config._attn_implementation == "sdpa"
+    own = "eager" if arch == "gpt_oss" else "sdpa"  # SDPA cannot apply gpt-oss's sinks
+    assert model.config._attn_implementation == twin.config._attn_implementation == own
     ids = torch.cat([random_prompt(30, seed=1), random_prompt(30, seed=2)])
     mask = torch.ones_like(ids)
     mask[1, :7] = 0  # left padding

@@ -291,11 +291,12 @@ def test_a_dropped_engine_frees_its_cache_at_once(policy):
         gc.enable()
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "gpt_oss"])
 @pytest.mark.parametrize("policy", ["full", *HALF])
-def test_a_hybrid_sliding_model_is_served_batched_as_alone_and_as_the_compacting_path(policy):
-    """Gemma 3's sliding layers hold rings of their window in the engine's rows (the planner counts them so);
-    batched, alone and kvkeep's compacting path give every request the same tokens."""
-    model = tiny_model("gemma3")
+def test_a_hybrid_sliding_model_is_served_batched_as_alone_and_as_the_compacting_path(arch, policy):
+    """Gemma 3's (or gpt-oss's, with learned sinks) sliding layers hold rings of their window in the engine's rows
+    (the planner counts them so); batched, alone and kvkeep's compacting path give every request the same tokens."""
+    model = tiny_model(arch)
     params = {} if policy == "full" else HALF[policy]
     chosen = make_policy(policy, **params)
 
@@ -310,7 +311,8 @@ def test_a_hybrid_sliding_model_is_served_batched_as_alone_and_as_the_compacting
         assert tokens == kvkeep.generate(model, torch.tensor([prompt]), cache=cache, max_new_tokens=16).row(0)
     engine_ = served()
     window, facts = model.config.sliding_window, engine_.facts
-    assert (facts.sliding_layers, facts.window) == (2, window)
+    sliding = model.config.layer_types.count("sliding_attention")
+    assert (facts.sliding_layers, facts.window) == (sliding, window)
     allocated = sum(
         t.numel() * t.element_size()
         for layer in engine_.runner.rows.cache.layers

@@ -6,7 +6,7 @@ CPU (slow, so on a tiny model), and the CUDA-graph tests are skipped.
 
 import pytest
 import torch
-from conftest import COVERING, HALF, left_pad, random_prompt
+from conftest import COVERING, HALF, left_pad, random_prompt, weigh_sinks
 
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()  # without it, conftest runs Triton in its interpreter
@@ -158,8 +158,9 @@ def test_engine_iterations_without_a_prefill_wait_for_nothing_but_the_step_they_
 
 
 def _hybrid(arch: str, device: str):
-    """A random Gemma 3 text model (three of four layers slide over a 16-token window, Gemma 3's layout) or
-    Gemma 2 (sliding and global layers alternate; logits soft-capped at 5)."""
+    """A random Gemma 3 text model (three of four layers slide over a 16-token window, Gemma 3's layout),
+    Gemma 2 (sliding and global layers alternate; logits soft-capped at 5) or gpt-oss (they alternate; learned
+    sinks; four experts)."""
     torch.manual_seed(0)
     sizes = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, head_dim=16, num_attention_heads=4,
@@ -167,22 +168,24 @@ def _hybrid(arch: str, device: str):
     )  # fmt: skip
     if arch == "gemma2":
         config = tf.Gemma2Config(**sizes, attn_logit_softcapping=5.0)
+    elif arch == "gpt_oss":
+        config = tf.GptOssConfig(**sizes, num_local_experts=4, num_experts_per_tok=2)
     else:
         config = tf.Gemma3TextConfig(**sizes, layer_types=["sliding_attention"] * 3 + ["full_attention"])
-    return tf.AutoModelForCausalLM.from_config(config).to(device).eval()
+    return weigh_sinks(tf.AutoModelForCausalLM.from_config(config)).to(device).eval()
 
 
 HYBRID_CASES = (
-    [(arch, policy) for arch in ("gemma3", "gemma2") for policy in ("full", *HALF)]
+    [(arch, policy) for arch in ("gemma3", "gemma2", "gpt_oss") for policy in ("full", *HALF)]
     if CUDA
-    else [("gemma3", "h2o"), ("gemma3", "keyformer"), ("gemma2", "keyformer")]  # the interpreter is slow
+    else [("gemma3", "h2o"), ("gemma3", "keyformer"), ("gemma2", "keyformer"), ("gpt_oss", "h2o")]  # slow interpreter
 )
 
 
 @pytest.mark.parametrize("arch, policy", HYBRID_CASES)
 def test_hybrid_sliding_model_on_triton_slots_and_engine_equals_the_compacting_torch_path(arch, policy):
-    """Sliding layers as rings of their window through the Triton kernels (Gemma 2's soft-capping in them too),
-    and on CUDA the CUDA graph and the engine, give the compacting torch path's tokens."""
+    """Sliding layers as rings of their window through the Triton kernels (Gemma 2's soft-capping and gpt-oss's
+    learned sinks in them too), and on CUDA the CUDA graph and the engine, give the compacting torch path's tokens."""
     model = _hybrid(arch, DEVICE)
     ids, mask = _batch(DEVICE)
     params = {} if policy == "full" else HALF[policy]

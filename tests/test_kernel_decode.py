@@ -30,9 +30,9 @@ THRESHOLD = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def _case(name, batch, q_heads, kv_heads, slots, head_dim, dtype, mode, reduce, decay, splits, block_n, strided=False,
-          offset=0, softcap=None):  # fmt: skip
+          offset=0, softcap=None, sinks=False):  # fmt: skip
     """``offset``: the model's index of KV head 0 (a tensor-parallel rank's heads), for the noise; ``softcap``:
-    Gemma 2's logit soft-capping."""
+    Gemma 2's logit soft-capping; ``sinks``: learned sink logits (gpt-oss), one per query head."""
     return pytest.param(
         dict(
             batch=batch,
@@ -49,6 +49,7 @@ def _case(name, batch, q_heads, kv_heads, slots, head_dim, dtype, mode, reduce, 
             strided=strided,
             head_offset=offset,
             softcap=softcap,
+            sinks=sinks,
         ),
         id=name,
     )
@@ -70,6 +71,10 @@ if CUDA:
         _case("gqa4-tempered-mean-bf16", 8, 32, 8, 1500, 128, bf16, "tempered", "mean", 0.0, None, None),
         _case("gqa2-gumbel-sum-softcap-bf16", 8, 8, 4, 1300, 256, bf16, "gumbel", "sum", 0.0, None, None, softcap=0.5),
         _case("gqa2-probs-mean-softcap-fp32", 4, 8, 4, 900, 128, f32, "probs", "mean", 0.0, None, None, softcap=0.5),
+        _case("gqa8-probs-mean-sinks-bf16", 8, 64, 8, 1500, 64, bf16, "probs", "mean", 0.0, None, None, sinks=True),
+        _case("gqa8-gumbel-sum-sinks-bf16", 8, 64, 8, 1300, 64, bf16, "gumbel", "sum", 0.0, None, None, sinks=True),
+        _case("gqa8-out-only-sinks-1split-bf16", 8, 64, 8, 900, 64, bf16, None, "mean", 0.0, 1, None, sinks=True),
+        _case("gqa8-probs-max-ewma-sinks-fp32", 4, 64, 8, 1100, 64, f32, "probs", "max", 0.3, None, None, sinks=True),
     ]
 else:
     CASES = [
@@ -85,6 +90,10 @@ else:
         _case("gqa4-tempered-sum-fp32", 2, 8, 2, 40, 32, f32, "tempered", "sum", 0.0, 3, 16),
         _case("gqa4-gumbel-mean-softcap-fp32", 2, 8, 2, 40, 32, f32, "gumbel", "mean", 0.0, 3, 16, softcap=0.5),
         _case("gqa4-out-only-softcap-bf16", 2, 8, 2, 40, 32, bf16, None, "mean", 0.0, 3, 16, softcap=0.5),
+        _case("gqa4-probs-mean-sinks-fp32", 2, 8, 2, 40, 32, f32, "probs", "mean", 0.0, 3, 16, sinks=True),
+        _case("gqa4-probs-sum-sinks-fp32-1split", 2, 8, 2, 40, 32, f32, "probs", "sum", 0.0, 1, 16, sinks=True),
+        _case("gqa4-gumbel-max-ewma-sinks-fp32", 2, 8, 2, 40, 32, f32, "gumbel", "max", 0.3, 3, 16, sinks=True),
+        _case("mha-out-only-sinks-bf16", 2, 2, 2, 37, 32, bf16, None, "mean", 0.0, 3, 16, sinks=True),
     ]
 
 
@@ -117,7 +126,10 @@ def _inputs(c: dict, gen: torch.Generator) -> dict:
     query = torch.randn(b, 1, hq, d, generator=gen).to(dtype=dtype, device=DEVICE)[:, 0]
     scores = _slots((b, hkv, n), torch.float32, c["strided"])
     scores.copy_(torch.rand(b, hkv, n, generator=gen) * 2.0 / n)
+    # sinks around the rows' largest logits (a few units: the scale of q.k / sqrt(d) here), so they weigh
+    sinks = (torch.randn(hq, generator=gen) * 2.0 + 2.0).to(DEVICE) if c["sinks"] else None
     return dict(
+        sinks=sinks,
         query=query,
         keys=keys,
         values=values,
@@ -130,7 +142,7 @@ def _inputs(c: dict, gen: torch.Generator) -> dict:
 def _reference(c: dict, x: dict, policy, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``attend`` (float32) with the policy's ``step_scores`` and ``accumulate``: output [B, Hq, D], new scores."""
     positions = x["positions"]
-    info = StepInfo(LAYER, STEP, x["query_pos"][:, None], positions, TOTAL, c["head_offset"])
+    info = StepInfo(LAYER, STEP, x["query_pos"][:, None], positions, TOTAL, c["head_offset"], x["sinks"])
     scorer = None
     if policy is not None:
 
@@ -145,6 +157,7 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> tuple[torch.Tensor, 
         x["query_pos"][:, None],
         scaling,
         softcap=c["softcap"],
+        sink_logits=x["sinks"],
         scorer=scorer,
         head_reduce=c["reduce"],
     )
@@ -160,7 +173,9 @@ def test_decode_attention_matches_reference(c: dict) -> None:
     x = _inputs(c, gen)
     scaling = c["head_dim"] ** -0.5
     seed = 2**40 + int(torch.randint(0, 2**31, (1,), generator=gen))  # bits above 32 must be dropped
-    kwargs: dict = dict(_num_splits=c["splits"], _block_n=c["block_n"], _poison=True, softcap=c["softcap"])
+    kwargs: dict = dict(
+        _num_splits=c["splits"], _block_n=c["block_n"], _poison=True, softcap=c["softcap"], sink_logits=x["sinks"]
+    )
     policy = None
     if c["mode"] == "probs":
         policy = H2OPolicy(budget=0.5, head_reduce=c["reduce"])
@@ -257,6 +272,8 @@ def test_rejects_bad_arguments() -> None:
         decode_attention(q, k, k, pos, 1.0, scores=scores, spec=ScoreSpec(mode="x"))
     with pytest.raises(ValueError, match="tau"):
         decode_attention(q, k, k, pos, 1.0, scores=scores, spec=ScoreSpec(mode="tempered", noise_seed=0))
+    with pytest.raises(ValueError, match=r"sink_logits must be a contiguous \[Hq\] = \[2\], got \(4,\)"):
+        decode_attention(q, k, k, pos, 1.0, sink_logits=torch.zeros(4, device=DEVICE))
 
 
 @pytest.mark.skipif(not CUDA, reason="a GPU's shared memory: the interpreter has no such limit")

@@ -18,7 +18,7 @@ CUDA = torch.cuda.is_available()
 require_triton()
 
 from kvkeep.attention import attend  # noqa: E402
-from kvkeep.kernels.prefill import prefill_scores  # noqa: E402
+from kvkeep.kernels.prefill import prefill_scores, prompt_lse  # noqa: E402
 from kvkeep.policies import H2OPolicy, KeyformerPolicy, ScoreSpec, StepInfo  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -31,10 +31,10 @@ def _case(name, batch, q_heads, kv_heads, n, head_dim, dtype, mode, reduce, bloc
     """``opts``: ``head_cols`` (per-KV-head key columns), ``holes`` (random padding keys and rows),
     ``no_real`` / ``no_pad`` (leave ``query_real`` / ``padding`` out: then there is no padding), ``tau``,
     ``offset`` (the model's index of KV head 0: a tensor-parallel rank's heads), ``first`` (the observation
-    window: rows before it score nothing)."""
+    window: rows before it score nothing), ``sinks`` (learned sink logits, gpt-oss)."""
     c = dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, n=n, head_dim=head_dim, dtype=dtype, mode=mode)
     c.update(reduce=reduce, blocks=blocks, head_cols=False, holes=False, no_real=False, no_pad=False, tau=1.0)
-    c.update(offset=0, first=0)
+    c.update(offset=0, first=0, sinks=False)
     c.update(opts)
     return pytest.param(c, id=name)
 
@@ -53,6 +53,9 @@ if CUDA:
         _case("mha-gumbel-mean-bf16-nopad", 2, 32, 32, 600, 128, bf16, "gumbel", "mean", no_real=True, no_pad=True),
         _case("gqa4-gumbel-mean-bf16-observe32", 2, 32, 8, 3000, 128, bf16, "gumbel", "mean", first=2968),
         _case("gqa4-probs-mean-bf16-observe200", 3, 32, 8, 1500, 128, bf16, "probs", "mean", holes=True, first=1300),
+        _case("gqa8-probs-mean-bf16-sinks", 4, 64, 8, 1500, 64, bf16, "probs", "mean", holes=True, sinks=True),
+        _case("gqa8-gumbel-sum-bf16-sinks", 2, 64, 8, 1200, 64, bf16, "gumbel", "sum", sinks=True),
+        _case("gqa8-probs-max-fp32-sinks-observe", 2, 64, 8, 1000, 64, f32, "probs", "max", first=900, sinks=True),
     ]
 else:
     CASES = [
@@ -70,6 +73,9 @@ else:
         _case("gqa4-gumbel-mean-fp32-observe", 3, 8, 2, 45, 32, f32, "gumbel", "mean", (32, 16), holes=True, first=21),
         _case("gqa4-probs-sum-fp32-observe-last-block", 2, 8, 2, 45, 16, f32, "probs", "sum", (32, 16), first=40),
         _case("mha-probs-fp32-observe-nopad", 1, 2, 2, 40, 16, f32, "probs", "mean", None, no_real=True, first=33),
+        _case("gqa4-probs-mean-fp32-sinks", 2, 8, 2, 45, 32, f32, "probs", "mean", (32, 16), holes=True, sinks=True),
+        _case("gqa4-probs-sum-bf16-sinks-obs", 2, 8, 2, 40, 16, bf16, "probs", "sum", (32, 16), first=21, sinks=True),
+        _case("gqa4-gumbel-max-fp32-sinks", 2, 8, 2, 37, 32, f32, "gumbel", "max", (32, 16), sinks=True),
     ]
 
 
@@ -96,7 +102,9 @@ def _inputs(c: dict, gen: torch.Generator) -> dict:
     key_cols = torch.where(valid, cols, -1)
     query = torch.randn(b, n, hq, d, generator=gen).to(dtype).transpose(1, 2)  # [B, Hq, n, D], strided like a model's
     keys = (torch.randn(b, hkv, n, d, generator=gen) * 1.5).to(dtype)
+    sinks = (torch.randn(hq, generator=gen) * 2.0 + 2.0).to(DEVICE) if c["sinks"] else None  # they weigh: logits ~ 2
     return dict(
+        sinks=sinks,
         query=query.to(DEVICE),
         keys=keys.to(DEVICE),
         key_cols=key_cols.to(DEVICE),
@@ -116,7 +124,7 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> torch.Tensor:
     key_pos = torch.where(key_cols >= 0, key_cols - pad[:, None, None], -1)
 
     def scorer(logits, allowed, rows):
-        info = StepInfo(LAYER, 0, query_pos[:, rows], key_pos, head_offset=c["offset"])
+        info = StepInfo(LAYER, 0, query_pos[:, rows], key_pos, head_offset=c["offset"], sink_logits=x["sinks"])
         return policy.step_scores(logits, allowed, info)
 
     _, scores = attend(
@@ -126,6 +134,7 @@ def _reference(c: dict, x: dict, policy, scaling: float) -> torch.Tensor:
         key_pos,
         query_pos,
         scaling,
+        sink_logits=x["sinks"],
         scorer=scorer,
         head_reduce=c["reduce"],
     )
@@ -188,6 +197,7 @@ def test_prefill_scores_match_reference(c: dict, given_lse: bool) -> None:
         spec=policy.score_spec(),
         layer_idx=LAYER,
         head_offset=c["offset"],
+        sink_logits=x["sinks"],
         _blocks=c["blocks"],
         _poison=True,
         **kwargs,
@@ -226,3 +236,23 @@ def test_rejects_bad_arguments() -> None:
         prefill_scores(q, k, cols, 1.0, spec=ScoreSpec(mode="tempered"), tau=1.0, lse=torch.zeros(1, 2, 16))
     with pytest.raises(ValueError, match="query_real"):
         prefill_scores(q, k, cols, 1.0, spec=probs, query_real=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"sink_logits \(3,\) must be \[Hq\] = \[2\]"):
+        prefill_scores(q, k, cols, 1.0, spec=probs, sink_logits=torch.zeros(3, device=DEVICE))
+
+
+@pytest.mark.parametrize("c", [CASES[2], CASES[5]], ids=lambda c: c["mode"] + ("-holes" if c["holes"] else ""))
+def test_prompt_lse_is_each_rows_logsumexp_over_the_keys_it_attends(c: dict) -> None:
+    """``prompt_lse``: the log-sum-exp that turns SDPA's output into a learned sink's (``sigmoid(lse - sink)``)."""
+    x = _inputs(c, torch.Generator().manual_seed(3))
+    scaling = c["head_dim"] ** -0.5
+    group = c["q_heads"] // c["kv_heads"]
+    lse = prompt_lse(x["query"], x["keys"], x["key_cols"], scaling, query_real=x["real"])
+    logits = x["query"].double() @ x["keys"].double().repeat_interleave(group, 1).transpose(-1, -2) * scaling
+    cols = torch.arange(c["n"], device=DEVICE)
+    key_cols = x["key_cols"].repeat_interleave(group, 1) if c["head_cols"] else x["key_cols"]
+    allowed = (key_cols[:, :, None, :] >= 0) & (key_cols[:, :, None, :] <= cols[:, None])
+    allowed = allowed.expand(-1, c["q_heads"], -1, -1)
+    ref = logits.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    rows = x["real"][:, None, :].expand_as(ref) & allowed.any(-1)
+    assert torch.isinf(lse[~allowed.any(-1)]).all()  # a row without any key: +inf, so sigmoid(lse - sink) = 1
+    torch.testing.assert_close(lse[rows].double(), ref[rows], rtol=THRESHOLD[c["dtype"]], atol=1e-3)

@@ -8,6 +8,7 @@ import torch
 from conftest import eager_attention, greedy, left_pad, random_prompt, require_triton, tiny_model
 
 import kvkeep
+from kvkeep.hf import with_cache
 from kvkeep.policies import make_policy
 
 N_PROMPT, STEPS, WINDOW = 20, 3, 6
@@ -114,21 +115,29 @@ def test_the_window_changes_what_is_kept(model):
     assert any(not torch.equal(a.positions, b.positions) for a, b in zip(paper.layers, window.layers, strict=True))
 
 
-@pytest.mark.parametrize("every_query", [True, False])
-@pytest.mark.parametrize("policy", SCORING)
-def test_triton_prefill_with_window_and_pool_equals_torch(policy, every_query):
-    """The fused prefill (on a GPU, or Triton's interpreter on a CPU) keeps what the torch path keeps."""
+#: (arch, policy, every_query): gpt-oss (learned sinks) with the window added to every row's score.
+FUSED_CASES = [("llama", p, e) for p in SCORING for e in (True, False)] + [("gpt_oss", p, True) for p in SCORING]
+
+
+@pytest.mark.parametrize(("arch", "policy", "every_query"), FUSED_CASES)
+def test_triton_prefill_with_window_and_pool_equals_torch(arch, policy, every_query):
+    """The fused prefill (on a GPU, or Triton's interpreter on a CPU) keeps what the torch path keeps; gpt-oss:
+    SDPA's output rescaled for the learned sinks, and the sinks in the scores' denominators."""
     require_triton()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_model("llama").to(device)
+    model = tiny_model(arch).to(device)
     ids, mask = (t.to(device) for t in left_pad([random_prompt(45, seed=12)[0], random_prompt(38, seed=13)[0]]))
     options = dict(budget=0.4, observe=9, pool=5, floor=0, every_query=every_query)
-    outs, caches = [], []
+    outs, caches, logits = [], [], []
     for kernel in ("torch", "triton"):
         cache = kvkeep.KVKeepCache(model, policy, kernel=kernel, **options)
+        with torch.no_grad():  # the prompt's own logits: the fused path takes its attention output from SDPA
+            prompt = kvkeep.KVKeepCache(model, policy, kernel=kernel, **options)
+            logits.append(model(input_ids=ids, attention_mask=mask, **with_cache(model, prompt)).logits[mask.bool()])
         outs.append(greedy(model, ids, cache, 6, attention_mask=mask))
         caches.append(cache)
     assert torch.equal(*outs)
+    torch.testing.assert_close(*logits, rtol=1e-4, atol=1e-4)
     for a, b in zip(*(c.layers for c in caches), strict=True):
         assert torch.equal(a.positions, b.positions)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-6)

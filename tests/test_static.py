@@ -195,11 +195,13 @@ def test_cuda_graph_needs_a_static_cache_on_cuda():
         )
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "gpt_oss"])
 @pytest.mark.parametrize("policy", ["full", *HALF])
-def test_static_on_a_hybrid_sliding_model_equals_its_compacting_path(get_model, policy):
-    """Gemma 3 (sliding layers of a 12-token window beside global ones): each sliding layer's slots are a ring of
-    its window, the policy governs the global ones; prompts and the generation run past the window."""
-    model = get_model("gemma3")
+def test_static_on_a_hybrid_sliding_model_equals_its_compacting_path(get_model, arch, policy):
+    """Gemma 3 or gpt-oss (with learned sinks; sliding layers of a 12-token window beside global ones): each
+    sliding layer's slots are a ring of its window, the policy governs the global ones; prompts and the
+    generation run past the window."""
+    model = get_model(arch)
     ids, mask = _batch()
     params = {} if policy == "full" else HALF[policy]
     runs = []

@@ -5,12 +5,16 @@ model runs it in the forwards that get a kvkeep cache (:func:`kvkeep.hf.install`
 belong to a kvkeep cache layer (:func:`bind` marks them), that layer computes the attention over its kept
 tokens, scores them and evicts.  For any other cache (a model switched to ``"kvkeep"`` for a block by
 :func:`kvkeep.hf.switched`, or an adapted MPT / GPT-J) it computes plain causal attention through PyTorch's
-SDPA (:func:`plain_attention`; :func:`attend` with soft-capping, ALiBi or a probe).  Nothing is kept between
-calls: an error leaves no state behind.
+SDPA (:func:`plain_attention`; :func:`attend` with soft-capping, ALiBi, learned sinks or a probe).  Nothing
+is kept between calls: an error leaves no state behind.
 
 :func:`attend` builds the mask from the true position of every cached token (so evicted, padded and future
 tokens are never attended), works in chunks of query rows (no ``n x n`` tensor for a long prompt) and hands
 the same logits to the policy's score.
+
+Learned attention sinks (gpt-oss and the models that pass ``s_aux`` to their attention): each query head's sink
+logit is one more column of its softmax's denominator, whose probability is dropped; what the policies' scores
+make of it is stated once, in :mod:`kvkeep.policies.base`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .policies.base import masked_softmax, reduce_heads
+from .policies.base import masked_softmax, reduce_heads, sink_view
 
 ATTN_NAME = "kvkeep"
 #: Float32 elements per logits chunk (64 MiB): bounds prompt-phase memory whatever the prompt length.
@@ -72,6 +76,7 @@ def attend(
     sliding_window: int | None = None,
     softcap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
     scorer: Scorer | None = None,
     head_reduce: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,6 +94,8 @@ def attend(
         softcap: logits soft-capping ``tanh(x / c) * c`` (Gemma 2 style).
         alibi_slopes: ``[q_heads]`` ALiBi slopes; the bias is ``-slope * (query_pos - key_pos)``, the true
             distance however many tokens were evicted in between.
+        sink_logits: ``[q_heads]`` learned sink logit of each query head (gpt-oss): an extra term
+            ``exp(sink)`` in each row's softmax denominator, attending to nothing.
         scorer: ``scorer(logits, allowed, rows) -> [batch, kv_heads, group, len(rows), slots]`` score
             contributions of a chunk (logits float32 ``[batch, kv_heads, group, len(rows), slots]``).
         head_reduce: how the ``group`` query heads of a KV head combine: mean, sum or max.
@@ -111,6 +118,7 @@ def attend(
         head_scores = torch.zeros(batch, kv_heads, group, slots, dtype=torch.float32, device=query.device)
     if alibi_slopes is not None:
         slopes = alibi_slopes.float().to(query.device).view(1, kv_heads, group, 1, 1)
+    sinks = sink_view(sink_logits, kv_heads)
 
     step = max(1, CHUNK_ELEMENTS // max(1, batch * q_heads * slots))
     for start in range(0, rows, step):
@@ -126,7 +134,7 @@ def attend(
             logits = logits - slopes * (qc - kp).float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        probs = masked_softmax(logits, allowed)
+        probs = masked_softmax(logits, allowed, sinks)
         out[:, :, :, chunk] = torch.matmul(probs.view(batch, kv_heads, group * n, slots), v).view(
             batch, kv_heads, group, n, -1
         )
@@ -155,16 +163,16 @@ def kvkeep_attention(
     Args:
         query: ``[batch, q_heads, q_len, head_dim]``; key/value: ``[batch, kv_heads, kv_len, head_dim]``.
         attention_mask: the 2D padding mask ``[batch, seen + q_len]`` produced by :func:`kvkeep_mask`.
+        s_aux: (in ``kwargs``) ``[q_heads]`` learned sink logits, as gpt-oss passes them.
     Returns:
         ``(output [batch, q_len, q_heads, head_dim], None)``.
     """
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("attention sinks as learned logits (s_aux) are not supported by kvkeep")
+    sinks = check_sinks(kwargs.get("s_aux"), query.shape[1])
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = bound_layer(key)
     if layer is not None:
-        out = layer.attend(query, attention_mask, scaling, softcap=softcap, alibi_slopes=alibi_slopes)
+        out = layer.attend(query, attention_mask, scaling, softcap, alibi_slopes, sinks)
         return out.contiguous(), None  # as transformers' own entries: some models view() it
 
     # Any other cache (or none): the keys are the last kv_len columns of the sequence.
@@ -176,7 +184,7 @@ def kvkeep_attention(
         key_cols = torch.where(attention_mask[:, None, -kv_len:].bool(), key_cols, -1)
     query_cols = torch.arange(total - q_len, total, device=key.device).expand(batch, q_len)
     callback = getattr(_local, "probe", None)
-    if callback is None and softcap is None and alibi_slopes is None:
+    if callback is None and softcap is None and alibi_slopes is None and sinks is None:
         return plain_attention(query, key, value, key_cols, query_cols, scaling, sliding_window), None
     scorer = None
     if callback is not None:
@@ -185,7 +193,7 @@ def kvkeep_attention(
         allowed_all = torch.empty(batch, q_len, kv_len, dtype=torch.bool, device=query.device)
 
         def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
-            masked = masked_softmax(logits, allowed)
+            masked = masked_softmax(logits, allowed, sink_view(sinks, key.shape[1]))
             probs[:, :, rows] = masked.reshape(batch, q_heads, -1, kv_len)
             allowed_all[:, rows] = allowed[:, 0, 0]
             return logits.new_zeros(batch, key.shape[1], group, 1, kv_len)
@@ -200,11 +208,22 @@ def kvkeep_attention(
         sliding_window=sliding_window,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        sink_logits=sinks,
         scorer=scorer,
     )
     if callback is not None:
         callback(probs, allowed_all)
     return out.contiguous(), None
+
+
+def check_sinks(sink_logits: torch.Tensor | None, q_heads: int) -> torch.Tensor | None:
+    """``sink_logits`` if it holds one logit per query head (``[q_heads]``); a one-line ``ValueError`` otherwise."""
+    if sink_logits is not None and tuple(sink_logits.shape) != (q_heads,):
+        raise ValueError(
+            f"learned attention sinks of shape {tuple(sink_logits.shape)} do not match the {q_heads} query heads "
+            "(kvkeep takes one sink logit per query head, [q_heads])"
+        )
+    return sink_logits
 
 
 def plain_attention(

@@ -198,9 +198,6 @@ _REFUSED_TYPES = {
     "doge": "dynamic mask attention adds a learned mask that kvkeep's attention does not apply",
     "jetmoe": "its mixture-of-attention experts do not call attention through transformers' AttentionInterface",
     "moshi": "its generation differs from transformers under kvkeep's full policy (not yet understood)",
-    **dict.fromkeys(
-        ("gpt_oss", "flint", "granite_swa", "granitemoe_swa"), "learned attention sinks (s_aux) are not yet supported"
-    ),
 }
 
 

@@ -107,10 +107,11 @@ class CompactingLayer(KVKeepLayer):
             bind(self.keys, self)
 
     # -- attention, scoring, eviction ---------------------------------------------------------------
-    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None) -> torch.Tensor:
+    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None, sink_logits=None):
         """Attention of ``query [batch, q_heads, new, head_dim]`` over the held tokens; then score and evict.
 
-        Returns ``[batch, new, q_heads, head_dim]``.
+        ``sink_logits``: ``[q_heads]`` learned sinks (:func:`kvkeep.attention.attend`).  Returns ``[batch, new,
+        q_heads, head_dim]``.
         """
         self.awaiting_attention = False
         new, first = self.new_tokens, self.seen - self.new_tokens
@@ -133,10 +134,12 @@ class CompactingLayer(KVKeepLayer):
             window = max(0, new - self.spec.observe)
         if fresh and self.kernel == "triton":
             dense = min(counts) == new  # no padding: every key real
-            out, scores, window_scores = self._attend_prompt_fused(query, query_positions, scaling, real, window, dense)
+            out, scores, window_scores = self._attend_prompt_fused(
+                query, query_positions, scaling, real, window, dense, sink_logits
+            )
         else:
             out, scores, window_scores = self._attend_torch(
-                query, query_positions, scaling, softcap, alibi_slopes, window
+                query, query_positions, scaling, softcap, alibi_slopes, window, sink_logits
             )
         if window_scores is not None:
             scores = self._blend(scores, window_scores, real, window)
@@ -157,7 +160,7 @@ class CompactingLayer(KVKeepLayer):
         rows, in_window = real.sum(-1), real[:, first:].sum(-1).clamp(min=1)
         return every + (rows / in_window).to(pooled.dtype)[:, None, None] * pooled
 
-    def _attend_torch(self, query, query_positions, scaling, softcap, alibi_slopes, window: int | None = None):
+    def _attend_torch(self, query, query_positions, scaling, softcap, alibi_slopes, window=None, sink_logits=None):
         """The reference path, :func:`kvkeep.attention.attend` over the held tokens.
 
         Returns ``(output, scores, window_scores)``: ``window`` (None: no observation window) is the index of
@@ -177,8 +180,9 @@ class CompactingLayer(KVKeepLayer):
                 skip = min(max(0, first - rows.start), rows.stop - rows.start)
                 rows = slice(rows.start + skip, rows.stop)
                 chunk = StepInfo(
-                    self.layer_idx, self.step, query_positions[:, rows], self.positions, total, self.head_offset
-                )
+                    self.layer_idx, self.step, query_positions[:, rows], self.positions, total, self.head_offset,
+                    sink_logits,
+                )  # fmt: skip
                 part = self.policy.step_scores(logits[:, :, :, skip:], allowed[:, :, :, skip:], chunk)
                 if window_sum is not None:
                     window_sum.add_(part[:, :, :, max(0, window - rows.start) :].sum(dim=3))
@@ -195,6 +199,7 @@ class CompactingLayer(KVKeepLayer):
             sliding_window=self.sliding_window,
             softcap=softcap,
             alibi_slopes=alibi_slopes,
+            sink_logits=sink_logits,
             scorer=scorer,
             head_reduce=head_reduce,
         )
@@ -205,16 +210,20 @@ class CompactingLayer(KVKeepLayer):
         return out, scores, reduce_heads(window_sum, head_reduce)
 
     def _attend_prompt_fused(self, query, query_positions, scaling: float, real: torch.Tensor, window: int | None,
-                             dense: bool):  # fmt: skip
-        """A fresh prompt on the GPU: output from PyTorch's fused SDPA (with a ``probs`` score and no padding, the flash
-        kernel's, whose row log-sum-exp spares the prefill kernel its first pass), scores from the Triton kernel.
+                             dense: bool, sink_logits: torch.Tensor | None = None):  # fmt: skip
+        """A fresh prompt on the GPU: output from PyTorch's fused SDPA (with a ``probs`` score, no padding and no
+        learned sink, the flash kernel's, whose row log-sum-exp spares the prefill kernel its first pass), scores
+        from the Triton kernel.
 
         Returns ``(output [B, n, q_heads, D], scores, window_scores)`` as :meth:`_attend_torch` (``[B, kv_heads,
         n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.  ``dense``: the
-        prompt has no padding (known on the host).
+        prompt has no padding (known on the host).  SDPA knows no learned sink: each row's output is scaled by its
+        share of the mass on real keys, ``sigmoid(lse - sink)``.
         """
+        from ..kernels.prefill import prefill_scores, prompt_lse
+
         fused = None  # a probability score without padding: the flash kernel's row log-sum-exp skips pass 1
-        if dense and self.spec is not None and not self.spec.tempered:
+        if dense and sink_logits is None and self.spec is not None and not self.spec.tempered:
             fused = causal_attention_lse(query, self.keys, self.values, scaling)
         lse = None
         if fused is not None:
@@ -223,18 +232,21 @@ class CompactingLayer(KVKeepLayer):
             out = plain_attention(
                 query, self.keys, self.values, self.positions[:, :1], query_positions, scaling, dense=dense
             )
-        if self.spec is None:
-            return out, None, None
-        from ..kernels.prefill import prefill_scores
-
-        tau = float(self.policy.temperature(torch.zeros(1, dtype=torch.long), None))
         padding = self.padding.to(query.device)
         columns = torch.where(self.positions >= 0, self.positions + padding[:, None, None], -1)
+        if sink_logits is not None:
+            real_lse = prompt_lse(query, self.keys, columns, scaling, query_real=real)  # [B, q_heads, n]
+            share = torch.sigmoid(real_lse - sink_logits.float().view(1, -1, 1)).transpose(1, 2)[..., None]
+            out = (out * share).to(out.dtype)
+        if self.spec is None:
+            return out, None, None
+        tau = float(self.policy.temperature(torch.zeros(1, dtype=torch.long), None))
 
         def scores_from(first_row: int) -> torch.Tensor:
             return prefill_scores(
                 query, self.keys, columns, scaling, spec=self.spec, layer_idx=self.layer_idx,
                 head_offset=self.head_offset, tau=tau, query_real=real, padding=padding, first_row=first_row, lse=lse,
+                sink_logits=sink_logits,
             )  # fmt: skip
 
         every = scores_from(0) if window is None or self.spec.every_query else None

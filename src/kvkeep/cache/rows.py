@@ -54,9 +54,9 @@ class RowGroups(KVKeepLayer):
         self.seen, self.step = self.narrow.seen, self.narrow.step
         return self.keys, self.values
 
-    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None) -> torch.Tensor:
-        narrow = self.narrow.attend(query[: self.split], None, scaling, softcap, alibi_slopes)
-        wide = self.wide.attend(query[self.split :], None, scaling, softcap, alibi_slopes)
+    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None, sink_logits=None):
+        narrow = self.narrow.attend(query[: self.split], None, scaling, softcap, alibi_slopes, sink_logits)
+        wide = self.wide.attend(query[self.split :], None, scaling, softcap, alibi_slopes, sink_logits)
         return torch.cat([narrow, wide])
 
     def nbytes(self) -> int:

@@ -197,10 +197,11 @@ class SlotLayer(KVKeepLayer):
         return self.keys, self.values
 
     # -- attention, scoring, eviction ---------------------------------------------------------------
-    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None) -> torch.Tensor:
+    def attend(self, query, attention_mask, scaling, softcap=None, alibi_slopes=None, sink_logits=None):
         """One decode step over the slots: attention, score update, then one victim per row over budget.
 
-        ``query`` ``[rows, q_heads, 1, head_dim]``; returns ``[rows, 1, q_heads, head_dim]``.
+        ``query`` ``[rows, q_heads, 1, head_dim]``, ``sink_logits`` ``[q_heads]`` or None; returns ``[rows, 1,
+        q_heads, head_dim]``.
         """
         state = self.state
         if self.kernel == "triton":
@@ -213,21 +214,23 @@ class SlotLayer(KVKeepLayer):
             out = decode_attention(
                 query[:, :, 0], self.keys, self.values, self.positions, scaling, scores=self.scores, spec=self.spec,
                 layer_idx=self.layer_idx, head_offset=self.head_offset, tau=state.tau, query_pos=state.position,
-                softcap=softcap,
+                softcap=softcap, sink_logits=sink_logits,
             )[:, None]  # fmt: skip
         else:
             scorer = None
             if self.spec is not None:
                 info = StepInfo(
-                    self.layer_idx, state.step, state.position[:, None], self.positions, state.length, self.head_offset
-                )
+                    self.layer_idx, state.step, state.position[:, None], self.positions, state.length,
+                    self.head_offset, sink_logits,
+                )  # fmt: skip
 
                 def scorer(logits: torch.Tensor, allowed: torch.Tensor, rows: slice) -> torch.Tensor:
                     return self.policy.step_scores(logits, allowed, info)
 
             out, step_scores = attend(
                 query, self.keys, self.values, self.positions, state.position[:, None], scaling, softcap=softcap,
-                alibi_slopes=alibi_slopes, scorer=scorer, head_reduce=self.spec.head_reduce if self.spec else "mean",
+                alibi_slopes=alibi_slopes, sink_logits=sink_logits, scorer=scorer,
+                head_reduce=self.spec.head_reduce if self.spec else "mean",
             )  # fmt: skip
             if step_scores is not None:
                 self.scores.copy_(self.policy.accumulate(self.scores, step_scores))

@@ -1,8 +1,9 @@
 """What kvkeep's Triton kernels share: the counter-based Gumbel noise, launch helpers and argument checks.
 
-The noise is :mod:`kvkeep.policies.noise`'s, bit for bit: a hash of (noise key, KV head, query head in the
-group, query position, key position), whose top 23 bits give a uniform ``u`` in (0, 1) exactly in float32,
-and ``-log(-log(u))``.  With ``TRITON_INTERPRET=1`` every kernel runs on CPU tensors (the tests on a CPU).
+The noise is :mod:`kvkeep.policies.noise`'s: the same hash, bit for bit, of (noise key, KV head, query head in
+the group, query position, key position), whose top 23 bits give a uniform ``u`` in (0, 1) exactly in float32,
+and ``-log(-log(u))``, whose logarithms the compiled kernels take by the hardware's ``lg2`` (a few ulp off
+torch's; see :func:`gumbel`).  With ``TRITON_INTERPRET=1`` every kernel runs on CPU tensors (the tests on a CPU).
 """
 
 from __future__ import annotations

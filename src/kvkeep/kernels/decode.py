@@ -6,6 +6,9 @@ KV head, slot range), handles the ``group`` query heads of that KV head together
 element once, and writes online-softmax partials plus, when scores are wanted, the per-slot logits (or the
 Gumbel-noised tempered logits) to a float32 scratch.  Kernel 2 combines the partials into the output and
 turns the scratch into the score step (softmax, reduced over the group's heads), folded into ``scores``.
+A learned sink (gpt-oss) starts the first slot range's running max and sum at ``(sink, 1)``, so it joins each
+row's softmax denominator once and the probabilities scored are the model's (the tempered score has no sink:
+:mod:`kvkeep.policies.base`).
 
 Everything a step changes is read through pointers and nothing synchronises with the host, so the call
 can be captured in a CUDA graph.  With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors.
@@ -156,6 +159,7 @@ def _split_kernel(
     POS,
     QPOS,
     TAU,
+    SINK,
     SCRATCH,
     PM,
     PL,
@@ -197,6 +201,7 @@ def _split_kernel(
     EVEN_D: tl.constexpr,
     ONE_ROW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     """One (sequence, KV head, slot range): online softmax of the group's query heads over the range."""
     pid = tl.program_id(0)
@@ -221,7 +226,10 @@ def _split_kernel(
     p_base = POS + b * stride_pb + kvh * stride_ph
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    if SINKS:  # the sink's exp(sink - m) joins the sum once: in the first slot range
+        sink = tl.load(SINK + kvh * group + rows, mask=row_ok, other=float("-inf")).to(tl.float32)
+        m_i = tl.where(split == 0, sink, m_i)
+    l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     m2 = tl.full([GROUP_PAD, BLOCK_N], -3.0e38, tl.float32)  # finite: see _attend_block
     l2 = tl.zeros([GROUP_PAD, BLOCK_N], tl.float32)
@@ -384,6 +392,7 @@ def decode_attention(
     tau: torch.Tensor | None = None,
     query_pos: torch.Tensor | None = None,
     softcap: float | None = None,
+    sink_logits: torch.Tensor | None = None,
     _num_splits: int | None = None,
     _block_n: int | None = None,
     _num_warps: int | None = None,
@@ -408,13 +417,15 @@ def decode_attention(
         tau: ``[B]`` float32 temperature of each row, on the device (tempered only).
         query_pos: ``[B]`` int64 true position of each query (noise only).
         softcap: logit soft-capping ``softcap * tanh(logits / softcap)`` (Gemma 2), before mask and score.
+        sink_logits: ``[Hq]`` learned sink logit of each query head (gpt-oss): one more term ``exp(sink)`` in
+            each row's softmax denominator (the output's and a ``probs`` score's), attending to nothing.
         _num_splits, _block_n, _num_warps, _num_stages: override the launch shape (tests, tuning).
         _poison: fill output and workspaces with NaN before the launch (tests: every read value is written).
 
     Returns:
         ``[B, Hq, D]`` attention output in ``query.dtype`` (zeros for a sequence without any filled slot).
     """
-    _check_inputs(query, keys, values, positions, scores, spec, tau, query_pos)
+    _check_inputs(query, keys, values, positions, scores, spec, tau, query_pos, sink_logits)
     batch, q_heads, head_dim = query.shape
     _, kv_heads, slots, _ = keys.shape
     if query.stride(-1) != 1:
@@ -435,14 +446,15 @@ def decode_attention(
     group_pad = max(16, next_pow2(group))
     block_d = max(16, next_pow2(head_dim))
     _split_kernel[(batch * kv_heads, splits)](
-        query, keys, values, positions, query_pos if noise else positions, tau if tempered else out, parts.scratch,
+        query, keys, values, positions, query_pos if noise else positions, tau if tempered else out,
+        out if sink_logits is None else sink_logits, parts.scratch,
         parts.m, parts.l, parts.m2, parts.l2, parts.acc, out, float(scaling), float(softcap or 1.0),
         int32_key(spec.noise_seed if noise else None, layer_idx), int(head_offset), slots, group, kv_heads, q_heads,
         head_dim, splits, split_size, query.stride(0), query.stride(1), *keys.stride()[:3], *values.stride()[:3],
         *positions.stride(), SCORES=want_scores, TEMPERED=tempered, NOISE=noise, ONE_SPLIT=one_split,
         INTERPRET=INTERPRET, DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None, GROUP_PAD=group_pad,
         BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim, ONE_ROW=group == 1, SOFTCAP=softcap is not None,
-        num_warps=_num_warps or NUM_WARPS, num_stages=_num_stages or NUM_STAGES,
+        SINKS=sink_logits is not None, num_warps=_num_warps or NUM_WARPS, num_stages=_num_stages or NUM_STAGES,
     )  # fmt: skip
     if one_split and not want_scores:
         return out
@@ -506,11 +518,13 @@ def _split_size(slots: int, block_n: int, splits: int) -> tuple[int, int]:
     return max(1, math.ceil(slots / split_size)), split_size
 
 
-def _check_inputs(query, keys, values, positions, scores, spec, tau, query_pos) -> None:
+def _check_inputs(query, keys, values, positions, scores, spec, tau, query_pos, sink_logits) -> None:
     """:func:`decode_attention`'s argument checks, each a one-line ``ValueError``."""
     q_heads, kv_heads = query.shape[1], keys.shape[1]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads})")
+    if sink_logits is not None and (tuple(sink_logits.shape) != (q_heads,) or sink_logits.stride(0) != 1):
+        raise ValueError(f"sink_logits must be a contiguous [Hq] = [{q_heads}], got {tuple(sink_logits.shape)}")
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("keys and values must be contiguous in their last (head_dim) dimension")
     if keys.is_cuda and keys.dtype == torch.float32 and keys.shape[-1] > 128:  # measured on an H200: D=256 fails

@@ -30,7 +30,7 @@ from ..policies import ScoreSpec, reduce_heads
 from .common import INTERPRET, check_spec, gumbel, int32_key, next_pow2, on_input_device, workspace
 from .common import row_hash as row_hash_of
 
-__all__ = ["prefill_scores"]
+__all__ = ["prefill_scores", "prompt_lse"]
 
 _LOG2E = 1.4426950408889634
 
@@ -331,6 +331,7 @@ def prefill_scores(
     padding: torch.Tensor | None = None,
     first_row: int = 0,
     lse: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
     _blocks: tuple[int, int] | None = None,
     _poison: bool = False,
 ) -> torch.Tensor:
@@ -357,53 +358,110 @@ def prefill_scores(
             skip their row blocks, so only the window's rows are read (its time is not measured yet).
         lse: ``[B, Hq, n]`` float32 natural log-sum-exp of each row's scaled logits over its allowed keys (flash
             attention's, computed with the output; +inf for a row without any): pass 1 is skipped (``probs`` only).
+        sink_logits: ``[Hq]`` learned sink logits (gpt-oss): a ``probs`` score's row log-sum-exp takes in each
+            head's ``exp(sink)``, so the column sums are of the model's probabilities (a tempered score has no
+            sink: :mod:`kvkeep.policies.base`).
         _blocks: ``(big, small)`` block sizes (tests); _poison: NaN-fill scratch and output before launch.
 
     Returns:
         ``[B, Hkv, n]`` float32 (0 for padding keys).
     """
-    _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row, lse)
-    batch, q_heads, n, head_dim = query.shape
+    _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row, sink_logits, lse)
+    batch, q_heads, n, _ = query.shape
     kv_heads = keys.shape[1]
-    query, keys = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys))
-    key_cols = key_cols.long()  # itself when already int64
-    group = q_heads // kv_heads
-    noise = spec.tempered and spec.noise_seed is not None
-    buffer = workspace(query.device, _poison)
-    colsum = buffer(batch, q_heads, n)  # [B, Hq, n]
-    given_lse = lse is not None
-    lse = buffer(batch, q_heads, n) if lse is None else (lse.float() * _LOG2E).contiguous()  # base 2, as pass 1
-
-    big, small, num_warps, num_stages = _launch_config(keys.dtype, _blocks)
-    block_d = max(16, next_pow2(head_dim))
-    # Base-2 logits: x = (q.k * scaling + g) / tau * log2(e).
-    inv_tau = 1.0 / float(tau) if spec.tempered else 1.0
-    qk_scale = float(scaling) * inv_tau * _LOG2E
-    noise_scale = inv_tau * _LOG2E
-    if first_row == n:  # (n = 0 too)
-        return colsum.new_zeros(batch, kv_heads, n)
+    if n == 0 or first_row == n:
+        return torch.zeros(batch, kv_heads, n, dtype=torch.float32, device=query.device)
     if first_row > 0:  # rows of the first scored block that lie before first_row: masked like padding rows
         window = torch.arange(n, device=query.device) >= first_row
         query_real = window.expand(batch, n) if query_real is None else query_real.bool() & window
-    real = query_real.view(torch.uint8) if query_real is not None and query_real.dtype == torch.bool else query_real
-    has_pad = noise and padding is not None
-    stride_ch = key_cols.stride(1) if key_cols.shape[1] == kv_heads else 0
-    args = (query, keys, key_cols, real if real is not None else key_cols, padding if has_pad else key_cols, lse)
-    scalars = (
-        qk_scale, noise_scale, int32_key(spec.noise_seed if noise else None, layer_idx), int(head_offset),
-        int(first_row), n, q_heads, group, *query.stride()[:3], *keys.stride()[:3], key_cols.stride(0), stride_ch,
-        key_cols.stride(2), *(real.stride() if real is not None else (0, 0)),
-    )  # fmt: skip
-    meta = dict(
-        NOISE=noise, HAS_REAL=real is not None, HAS_PAD=has_pad, EVEN_D=block_d == head_dim, HEAD_DIM=head_dim,
-        INTERPRET=INTERPRET, DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    row_blocks = math.ceil(n / big) - first_row // big  # the blocks from the one holding first_row
-    if not given_lse:
-        _lse_kernel[(row_blocks, batch * q_heads)](*args, *scalars, BLOCK_M=big, BLOCK_N=small, **meta)
-    _colsum_kernel[(math.ceil(n / big), batch * q_heads)](*args, colsum, *scalars, BLOCK_M=small, BLOCK_N=big, **meta)
-    return reduce_heads(colsum.view(batch, kv_heads, group, n), spec.head_reduce)
+    inv_tau = 1.0 / float(tau) if spec.tempered else 1.0
+    noise = spec.tempered and spec.noise_seed is not None
+    launch = _Launch(query, keys, key_cols, scaling * inv_tau, query_real, padding if noise else None, _blocks,
+                     _poison, noise_scale=inv_tau * _LOG2E, head_offset=head_offset, first_row=first_row,
+                     noise_key=int32_key(spec.noise_seed, layer_idx) if noise else None)  # fmt: skip
+    lse = launch.row_lse() if lse is None else (lse.float() * _LOG2E).contiguous()  # base 2, as pass 1's
+    if sink_logits is not None and not spec.tempered:
+        torch.logaddexp2(lse, sink_logits.float().view(1, q_heads, 1) * _LOG2E, out=lse)
+    group = q_heads // kv_heads
+    return reduce_heads(launch.column_sums(lse).view(batch, kv_heads, group, n), spec.head_reduce)
+
+
+@on_input_device
+def prompt_lse(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_cols: torch.Tensor,
+    scaling: float,
+    *,
+    query_real: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each query row's log-sum-exp of its (unmasked) logits ``q . k * scaling`` over the keys it may attend,
+    as :func:`prefill_scores` defines them (pass 1 alone): with a learned sink ``s``, a row's share of its
+    attention mass on real keys is ``sigmoid(lse - s)``, the factor that turns SDPA's output into gpt-oss's.
+
+    Args as :func:`prefill_scores`'.  Returns ``[B, Hq, n]`` float32 (natural log; ``+inf`` for a row without
+    any key it may attend).
+    """
+    _check_inputs(query, keys, key_cols, ScoreSpec(), 1.0, query_real, None, 0, None, None)
+    if query.shape[2] == 0:
+        return query.new_zeros(query.shape[:3], dtype=torch.float32)
+    launch = _Launch(query, keys, key_cols, scaling, query_real, None, None, False)
+    return launch.row_lse() / _LOG2E
+
+
+class _Launch:
+    """The two passes' common arguments for one prompt (see the module docstring); ``scaling`` already divided by
+    the temperature, ``padding`` given only for the noise."""
+
+    def __init__(self, query, keys, key_cols, scaling, query_real, padding, blocks, poison, *, noise_scale=_LOG2E,
+                 noise_key=None, head_offset=0, first_row=0):  # fmt: skip
+        batch, q_heads, n, head_dim = query.shape
+        if query.stride(-1) != 1:
+            query = query.contiguous()
+        if keys.stride(-1) != 1:
+            keys = keys.contiguous()
+        key_cols = key_cols.long()  # itself when already int64
+        kv_heads = keys.shape[1]
+        self.buffer = workspace(query.device, poison)
+        self.shape, self.first_row = (batch, q_heads, n), first_row
+        self.big, self.small, num_warps, num_stages = _launch_config(keys.dtype, blocks)
+        block_d = max(16, next_pow2(head_dim))
+        real = query_real
+        if real is not None and real.dtype == torch.bool:
+            real = real.view(torch.uint8)
+        stride_ch = key_cols.stride(1) if key_cols.shape[1] == kv_heads else 0
+        noise = noise_key is not None
+        self.args = (query, keys, key_cols, real if real is not None else key_cols,
+                     padding if padding is not None else key_cols)  # fmt: skip
+        self.scalars = (
+            float(scaling) * _LOG2E, noise_scale, noise_key or 0, int(head_offset), int(first_row), n, q_heads,
+            q_heads // kv_heads, *query.stride()[:3], *keys.stride()[:3], key_cols.stride(0), stride_ch,
+            key_cols.stride(2), *(real.stride() if real is not None else (0, 0)),
+        )  # fmt: skip
+        self.meta = dict(
+            NOISE=noise, HAS_REAL=real is not None, HAS_PAD=noise and padding is not None, EVEN_D=block_d == head_dim,
+            HEAD_DIM=head_dim, INTERPRET=INTERPRET, DOT_PRECISION="ieee" if keys.dtype == torch.float32 else None,
+            BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+
+    def row_lse(self) -> torch.Tensor:
+        """Pass 1: ``[B, Hq, n]`` base-2 log-sum-exp of each row from the block holding ``first_row`` on."""
+        batch, q_heads, n = self.shape
+        lse = self.buffer(batch, q_heads, n)
+        row_blocks = math.ceil(n / self.big) - self.first_row // self.big
+        _lse_kernel[(row_blocks, batch * q_heads)](
+            *self.args, lse, *self.scalars, BLOCK_M=self.big, BLOCK_N=self.small, **self.meta
+        )
+        return lse
+
+    def column_sums(self, lse: torch.Tensor) -> torch.Tensor:
+        """Pass 2: ``[B, Hq, n]`` each key's summed probability over the rows, given pass 1's ``lse``."""
+        batch, q_heads, n = self.shape
+        colsum = self.buffer(batch, q_heads, n)
+        _colsum_kernel[(math.ceil(n / self.big), batch * q_heads)](
+            *self.args, lse, colsum, *self.scalars, BLOCK_M=self.small, BLOCK_N=self.big, **self.meta
+        )
+        return colsum
 
 
 def _launch_config(dtype: torch.dtype, blocks: tuple[int, int] | None) -> tuple[int, int, int, int]:
@@ -416,7 +474,7 @@ def _launch_config(dtype: torch.dtype, blocks: tuple[int, int] | None) -> tuple[
     return big, small, num_warps, num_stages
 
 
-def _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row, lse) -> None:
+def _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_row, sink_logits, lse) -> None:
     """:func:`prefill_scores`' argument checks, each a one-line ``ValueError``."""
     if query.dim() != 4 or keys.dim() != 4:
         raise ValueError(f"query and keys must be 4-D [B, H, n, D], got {tuple(query.shape)}, {tuple(keys.shape)}")
@@ -435,6 +493,8 @@ def _check_inputs(query, keys, key_cols, spec, tau, query_real, padding, first_r
         raise ValueError(f"padding {tuple(padding.shape)} must be [B] = [{batch}]")
     if not 0 <= first_row <= n:
         raise ValueError(f"first_row {first_row} must be in [0, n = {n}]")
+    if sink_logits is not None and tuple(sink_logits.shape) != (q_heads,):
+        raise ValueError(f"sink_logits {tuple(sink_logits.shape)} must be [Hq] = [{q_heads}]")
     check_spec(spec, tau)
     if lse is not None and (spec.tempered or lse.shape != (batch, q_heads, n)):
         raise ValueError(f"lse {tuple(lse.shape)} must be [B, Hq, n] = [{batch}, {q_heads}, {n}], for a probs score")

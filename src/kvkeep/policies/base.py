@@ -7,6 +7,13 @@ policy states what its score needs in a :class:`ScoreSpec` (the cache and the ke
 turns the attention logits of every step into per-token contributions (``step_scores``) and folds them into
 a running score (``accumulate``).  The machinery that calls them lives once, in :mod:`kvkeep.cache` and
 :mod:`kvkeep.attention`; adding a policy is one file here.
+
+Learned attention sinks (gpt-oss style: one logit ``s_h`` per query head, an extra softmax column that attends
+to nothing, ``StepInfo.sink_logits``): the model's attention probabilities are ``exp(x_j) / (sum_i exp(x_i) +
+exp(s_h))``, the sink's own share dropped.  A ``probs`` score (H2O, CO2) adds exactly these, the probabilities
+the model uses; a ``tempered`` score (Keyformer) stays a distribution over the real keys alone
+(``softmax((x + g) / tau)``, no sink term: the paper has none, and noise on a logit that is no token has no
+meaning).  The kernels apply the same rule.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ class StepInfo:
             or None when unknown.
         head_offset: the model's index of the first KV head of ``key_positions`` (under tensor parallelism a
             rank holds heads ``[head_offset, head_offset + kv_heads)``; 0 otherwise).
+        sink_logits: ``[q_heads]`` the model's learned sink logit per query head (gpt-oss), or None (see the
+            module docstring for how a score uses it).
     """
 
     layer_idx: int
@@ -80,6 +89,7 @@ class StepInfo:
     key_positions: torch.Tensor
     total_steps: int | torch.Tensor | None = None
     head_offset: int = 0
+    sink_logits: torch.Tensor | None = None
 
 
 def is_real(value) -> bool:
@@ -144,14 +154,26 @@ def pool_scores(scores: torch.Tensor, kernel: int, real: torch.Tensor) -> torch.
     return torch.where(real, (total / count.clamp_min(1e-12)).view(batch, heads, slots), 0.0)
 
 
-def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor, sink_logits: torch.Tensor | None = None):
     """Softmax over the last dim that ignores disallowed entries and never yields NaN.
 
-    Rows with no allowed entry give all zeros.  ``logits`` must be float32.
+    Rows with no allowed entry give all zeros.  ``logits`` must be float32.  ``sink_logits`` (broadcast to
+    ``logits.shape[:-1] + (1,)``, e.g. ``[1, kv_heads, group, 1, 1]``): a learned sink, an extra column in each
+    row's denominator whose own probability is dropped (gpt-oss).
     """
     masked = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-    probs = torch.softmax(masked, dim=-1)
+    if sink_logits is None:
+        return torch.softmax(masked, dim=-1) * allowed
+    sink = sink_logits.to(logits.dtype).expand(*logits.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([masked, sink], dim=-1), dim=-1)[..., :-1]
     return probs * allowed
+
+
+def sink_view(sink_logits: torch.Tensor | None, kv_heads: int) -> torch.Tensor | None:
+    """``[q_heads]`` sink logits as ``[1, kv_heads, group, 1, 1]`` float32 (the logits' layout), or None."""
+    if sink_logits is None:
+        return None
+    return sink_logits.float().view(1, kv_heads, -1, 1, 1)
 
 
 @dataclass
@@ -352,8 +374,8 @@ class ScoringPolicy(Policy):
                     info.head_offset,
                 )  # fmt: skip
             tau = self.temperature(torch.as_tensor(info.step), info.total_steps).to(logits.device)
-            logits = logits / (tau.view(-1, 1, 1, 1, 1) if tau.dim() == 1 else tau)
-        return masked_softmax(logits, allowed)
+            return masked_softmax(logits / (tau.view(-1, 1, 1, 1, 1) if tau.dim() == 1 else tau), allowed)
+        return masked_softmax(logits, allowed, sink_view(info.sink_logits, logits.shape[1]))
 
     def accumulate(self, running: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """The running score after a step, by the spec's ``decay`` (0: a plain sum)."""
