@@ -282,3 +282,52 @@ def test_kvkeep_attention_runs_only_inside_a_kvkeep_forward_and_the_name_survive
         model(random_prompt(20), **with_cache(model, kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)))
     handle.remove()
     assert model.config._attn_implementation == "eager"
+
+
+def test_a_composite_model_whose_decoder_reads_its_text_config_runs_kvkeep_and_keeps_both_names():
+    """Fuyu's decoder reads ``config.text_config``: kvkeep's forwards name kvkeep there too, and restore it."""
+    import transformers as tf
+
+    text = dict(model_type="persimmon", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, vocab_size=128, max_position_embeddings=256)  # fmt: skip
+    config = tf.FuyuConfig(text_config=text, vocab_size=128, hidden_size=32, patch_size=4)
+    torch.manual_seed(0)
+    model = tf.FuyuForCausalLM(config).eval()
+    assert model.config.get_text_config(decoder=True) is not model.config
+    prompt = random_prompt(20, seed=3)
+    plain = greedy(model, prompt)
+    assert torch.equal(greedy(model, prompt, kvkeep.KVKeepCache(model, "full")), plain)
+    assert greedy(model, prompt, kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)).shape == plain.shape
+    assert model.config._attn_implementation == model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_forwards_of_one_model_from_two_threads_never_see_each_others_attention():
+    import threading
+
+    model = tiny_model("llama")
+    prompt = random_prompt(24, seed=5)
+    with torch.no_grad():
+        plain = model(prompt).logits
+    kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
+    errors = []
+
+    def kvkeep_forwards():
+        try:
+            for _ in range(10):
+                cache = kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0)
+                kvkeep.generate(model, prompt, cache=cache, max_new_tokens=3)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    def plain_forwards():
+        with torch.no_grad():
+            for _ in range(30):
+                if not torch.equal(model(prompt).logits, plain):
+                    errors.append("a plain forward ran kvkeep's attention")
+
+    threads = [threading.Thread(target=kvkeep_forwards), threading.Thread(target=plain_forwards)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

@@ -263,15 +263,18 @@ def causal_attention_lse(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A fresh prompt without padding, through the flash kernel, which also gives each row's log-sum-exp: the
     output ``[batch, rows, q_heads, head_dim]`` and ``lse [batch, q_heads, rows]`` float32 (natural log of the sum of
-    ``exp(scaling * q.k)`` over the row's causal keys).  None where that kernel does not run (not CUDA, not 16-bit,
-    a head size it lacks): shapes as :func:`plain_attention`'s, ``keys`` holding one column per query row."""
+    ``exp(scaling * q.k)`` over the row's causal keys).  None where that kernel does not run (not CUDA before
+    Ampere, not 16-bit, a head size it lacks, or turned off by ``torch.backends.cuda.enable_flash_sdp(False)``):
+    shapes as :func:`plain_attention`'s, ``keys`` holding one column per query row."""
     head_dim = query.shape[-1]
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 256:
+        return None
+    if torch.cuda.get_device_capability(query.device) < (8, 0) or not torch.backends.cuda.flash_sdp_enabled():
         return None
     group = query.shape[1] // keys.shape[1]
     if group > 1:  # the flash op takes a key head per query head
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention
+    flash = torch.ops.aten._scaled_dot_product_flash_attention.default
     out, lse = flash(query, keys, values, 0.0, True, False, scale=scaling)[:2]  # (dropout, causal, debug mask)
     return out.transpose(1, 2).contiguous(), lse[:, :, : query.shape[2]]
 

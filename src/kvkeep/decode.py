@@ -27,10 +27,14 @@ class DecodeStep:
         choose: picks each row's next token from the step's logits (see :data:`Chooser`).
         positions: ``[rows, 1]`` int64 true position of the fed tokens, advanced by one in place; None: the
             cache's step counters say where each row stands (the engine's rows, each at its own position).
+        after: device work run after each step, in its graph (the engine's per-row bytes); its output is
+            :attr:`after_out` (the graph's buffer once captured: read it before the next step).
     """
 
-    def __init__(self, model, cache, tokens: torch.Tensor, choose: Chooser, positions: torch.Tensor | None = None):
+    def __init__(self, model, cache, tokens: torch.Tensor, choose: Chooser, positions: torch.Tensor | None = None,
+                 after: Callable[[], torch.Tensor] | None = None):  # fmt: skip
         self.model, self.cache, self.tokens, self.choose, self.positions = model, cache, tokens, choose, positions
+        self.after, self.after_out = after, None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # [rows, vocab]: the captured step's output buffer
 
@@ -45,6 +49,8 @@ class DecodeStep:
         self.tokens.copy_(self.choose(logits)[:, None])
         if self.positions is not None:
             self.positions.add_(1)
+        if self.after is not None:
+            self.after_out = self.after()
         return logits
 
     def capture(self) -> None:
@@ -59,8 +65,8 @@ class DecodeStep:
         """Forget the captured graph (the cache replaced its buffers): steps run through Python until :meth:`capture`
         records one again.  Waits for the device first: a replay may still be running."""
         if self.graph is not None:
-            torch.cuda.synchronize()
-        self.graph = self.logits = None
+            torch.cuda.synchronize(self.tokens.device)
+        self.graph = self.logits = self.after_out = None
 
     def __call__(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One step: the graph's replay once captured, else :meth:`run`; returns the logits ``[rows, vocab]``."""

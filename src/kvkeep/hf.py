@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -277,9 +278,10 @@ def install(model: torch.nn.Module) -> None:
 
     Any other forward (another cache, or none) runs the attention implementation the model has at that
     moment, so a model on which kvkeep ran keeps transformers' own speed and numerics outside kvkeep.  The
-    switch is a forward pre-hook on the model and on its body (``model.base_model``) that names kvkeep's
-    implementation for a call with a kvkeep cache and restores the previous name after it, error or not (a
-    cache layer updated without kvkeep's entry raises, so a call that slips past both cannot go unnoticed).
+    switch is a forward pre-hook on the model, its body (``model.base_model``) and its decoder that names
+    kvkeep's implementation for a call with a kvkeep cache and restores the previous name after it, error or
+    not (a cache layer updated without kvkeep's entry raises, so a call that slips past them cannot go
+    unnoticed).  Forwards of one model from several threads run one at a time.
     The models kvkeep adapts (MPT; GPT-J before 5.24) run kvkeep's entry in every forward.
     """
     model_type = check_supported(model)
@@ -289,17 +291,19 @@ def install(model: torch.nn.Module) -> None:
             ADAPTED_MODELS[model_type][1](model)
             model.config._attn_implementation_internal = ATTN_NAME
         return
-    for body in dict.fromkeys((model, model.base_model)):
+    lock = threading.RLock()
+    bodies = (model, model.base_model, model.get_decoder())
+    for body in dict.fromkeys(b for b in bodies if isinstance(b, torch.nn.Module) and hasattr(b, "config")):
         if not getattr(body, "_kvkeep_routed", False):
             body.register_forward_pre_hook(_enter, with_kwargs=True)
             body.register_forward_hook(_leave, with_kwargs=True, always_call=True)
-            body._kvkeep_routed = True
+            body._kvkeep_routed, body._kvkeep_lock, body._kvkeep_names = True, lock, []
 
 
 @contextlib.contextmanager
 def switched(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, every forward of ``model`` runs kvkeep's attention entry, whatever its cache (the
-    analyses' :func:`kvkeep.attention.probe` needs it on cache-less forwards); the name is restored after."""
+    analyses' :func:`kvkeep.attention.probe` needs it on cache-less forwards); the names are restored after."""
     install(model)
     previous = _switch(model.config, ATTN_NAME)
     try:
@@ -308,19 +312,30 @@ def switched(model: torch.nn.Module) -> Iterator[None]:
         _switch(model.config, previous)
 
 
-def _switch(config, name: str) -> str:
-    previous = config._attn_implementation
-    config._attn_implementation_internal = name
+def _switch(config, name: str | list[str]) -> list[str]:
+    """Name ``name`` (one, or one per config) as the attention implementation of ``config`` and of its text
+    decoder's config (a composite model's layers and mask read the latter); return the names they had."""
+    configs = list({id(c): c for c in (config, config.get_text_config(decoder=True))}.values())
+    names = [name] * len(configs) if isinstance(name, str) else name
+    previous = [c._attn_implementation for c in configs]
+    for c, n in zip(configs, names, strict=True):
+        c._attn_implementation_internal = n
     return previous
 
 
 def _enter(body: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get(NEW_CACHE_ARG, kwargs.get(OLD_CACHE_ARG))
-    kvkeep = getattr(cache, "routes_to_kvkeep", False)
-    body.__dict__.setdefault("_kvkeep_names", []).append(_switch(body.config, ATTN_NAME) if kvkeep else None)
+    """A hooked forward begins: it holds the model's lock (forwards of one model from several threads run one at
+    a time, so none sees another's name) and names kvkeep's entry when it got a kvkeep cache."""
+    body._kvkeep_lock.acquire()
+    body._kvkeep_names.append(None)  # first, so that _leave (called even when this raises) pops this call's
+    if any(getattr(value, "routes_to_kvkeep", False) for value in (*args, *kwargs.values())):
+        body._kvkeep_names[-1] = _switch(body.config, ATTN_NAME)
 
 
 def _leave(body: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
-    previous = body._kvkeep_names.pop()
-    if previous is not None:
-        _switch(body.config, previous)
+    try:
+        previous = body._kvkeep_names.pop()
+        if previous is not None:
+            _switch(body.config, previous)
+    finally:
+        body._kvkeep_lock.release()

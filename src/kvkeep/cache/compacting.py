@@ -211,9 +211,9 @@ class CompactingLayer(KVKeepLayer):
 
     def _attend_prompt_fused(self, query, query_positions, scaling: float, real: torch.Tensor, window: int | None,
                              dense: bool, sink_logits: torch.Tensor | None = None):  # fmt: skip
-        """A fresh prompt on the GPU: output from PyTorch's fused SDPA (with a ``probs`` score, no padding and no
-        learned sink, the flash kernel's, whose row log-sum-exp spares the prefill kernel its first pass), scores
-        from the Triton kernel.
+        """A fresh prompt on the GPU: output from PyTorch's fused SDPA (without padding, for a ``probs`` score or a
+        learned sink, the flash kernel's, whose row log-sum-exp spares the prefill kernel its first pass and gives
+        the sink's share), scores from the Triton kernel.
 
         Returns ``(output [B, n, q_heads, D], scores, window_scores)`` as :meth:`_attend_torch` (``[B, kv_heads,
         n]`` or None); the window's pass reads only its rows, and nothing builds an n x n tensor.  ``dense``: the
@@ -222,22 +222,26 @@ class CompactingLayer(KVKeepLayer):
         """
         from ..kernels.prefill import prefill_scores, prompt_lse
 
-        fused = None  # a probability score without padding: the flash kernel's row log-sum-exp skips pass 1
-        if dense and sink_logits is None and self.spec is not None and not self.spec.tempered:
+        # Without padding the flash kernel gives each row's log-sum-exp with the output: it spares a probability
+        # score its first pass and is what a learned sink's share needs (a tempered score keeps its own pass).
+        probs = self.spec is not None and not self.spec.tempered
+        fused = None
+        if dense and (probs or sink_logits is not None):
             fused = causal_attention_lse(query, self.keys, self.values, scaling)
-        lse = None
         if fused is not None:
             out, lse = fused
         else:  # a fresh prompt holds the same tokens in every KV head: one mask serves them all
-            out = plain_attention(
+            out, lse = plain_attention(
                 query, self.keys, self.values, self.positions[:, :1], query_positions, scaling, dense=dense
-            )
+            ), None
         padding = self.padding.to(query.device)
         columns = torch.where(self.positions >= 0, self.positions + padding[:, None, None], -1)
         if sink_logits is not None:
-            real_lse = prompt_lse(query, self.keys, columns, scaling, query_real=real)  # [B, q_heads, n]
-            share = torch.sigmoid(real_lse - sink_logits.float().view(1, -1, 1)).transpose(1, 2)[..., None]
+            if lse is None:
+                lse = prompt_lse(query, self.keys, columns, scaling, query_real=real)  # [B, q_heads, n]
+            share = torch.sigmoid(lse - sink_logits.float().view(1, -1, 1)).transpose(1, 2)[..., None]
             out = (out * share).to(out.dtype)
+        lse = lse if probs else None
         if self.spec is None:
             return out, None, None
         tau = float(self.policy.temperature(torch.zeros(1, dtype=torch.long), None))

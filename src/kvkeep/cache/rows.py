@@ -67,7 +67,7 @@ class RowCache:
     """The engine's KV cache over fixed rows, and the per-row step counters of its decode step.
 
     Args:
-        model: the model (switched to kvkeep's attention).
+        model: the model (its forwards with this cache run kvkeep's attention).
         policy: the engine's policy (a request's own budget only changes how much of its row it fills).
         rows, capacity: ordinary rows and their slots per layer and KV head.
         wide_rows, wide_capacity: CO2's measurement rows (0: none).

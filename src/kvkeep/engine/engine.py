@@ -258,7 +258,6 @@ class Engine:
     def _finish(self, request: Request, reason: str, tokens=(), text: str = "", held: list[int] | None = None) -> None:
         """End ``request``; ``held``: its row's bytes (now, most) after its last step (None: read them now, which
         waits for the device, and counts a step launched after its last token: a cancelled request's)."""
-        request.finish_reason = reason
         self.cancelled += reason == "cancelled"
         request.finished_at = time.perf_counter()
         tokens_seen = len(request.prompt_ids) + len(request.output_ids) - 1  # the last token is never fed back
@@ -270,6 +269,7 @@ class Engine:
         for row in self.seats.release(seat):
             self.runner.release(row)
         del self.running[seat.row]
+        request.finish_reason = reason  # last: a server thread that sees the request finished sees its row free
         if request.on_event:
             request.on_event(Event(list(tokens), text, reason, request))
 
@@ -284,8 +284,17 @@ class Engine:
 
     def start(self) -> None:
         """Serve submitted requests on a background thread until :meth:`stop`."""
-        self.thread = threading.Thread(target=self._loop, name="kvkeep-engine", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="kvkeep-engine", daemon=True)
         self.thread.start()
+
+    def _serve(self) -> None:
+        """The thread's body: :meth:`_loop` with the model's GPU as the thread's current device (a new thread's is
+        GPU 0, whose stream would be the wrong one for events and graph captures on another)."""
+        device = self.runner.device
+        if device.type != "cuda":
+            return self._loop()
+        with torch.cuda.device(device):
+            self._loop()
 
     def _loop(self) -> None:
         while not self.stopping:

@@ -90,14 +90,14 @@ class Handoff:
     """
 
     def __init__(self, outputs, started: torch.cuda.Event | float | None = None):
-        cuda = outputs.token.is_cuda if isinstance(outputs, FirstToken) else outputs.tokens.is_cuda
+        device = (outputs.token if isinstance(outputs, FirstToken) else outputs.tokens).device
         self.outputs = replace(outputs, **{f.name: _to_host(getattr(outputs, f.name)) for f in fields(outputs)})
         self.started = started
         self.ready: torch.cuda.Event | None = None
         self.wall_ms: float | None = None
-        if cuda:
+        if device.type == "cuda":
             self.ready = torch.cuda.Event(enable_timing=isinstance(started, torch.cuda.Event))
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(device))  # the outputs' device, whatever the thread's
         elif started is not None:
             self.wall_ms = 1e3 * (time.perf_counter() - started)
 

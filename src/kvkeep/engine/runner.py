@@ -5,10 +5,10 @@ evict, and picks each row's next token with its own sampling settings, all on th
 captured once as a CUDA graph and replayed.  Rows without a request run too (shapes are fixed) and their
 tokens are ignored; a new request's row is overwritten when it is loaded.
 
-Nothing here waits for the device: a prefill and a step return their outputs as a
-:class:`~kvkeep.engine.handoff.Handoff` on its way to the host, so the engine launches the next step before it
-reads the last one's tokens.  The device's stream keeps the order: a row is released, loaded or moved only after
-every step launched before.
+Nothing here waits for the device (but CO2's load into a measurement row and its move, which read counters): a
+prefill and a step return their outputs as a :class:`~kvkeep.engine.handoff.Handoff` on its way to the host, so
+the engine launches the next step before it reads the last one's tokens. The device's stream keeps the order: a
+row is released, loaded or moved only after every step launched before.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ class ModelRunner:
         self.tokens = torch.zeros(total, 1, dtype=torch.long, device=device)
         self.sampler = _Sampler(total, device, self.rows.state)
         cache = self.rows.cache
+        held = self.rows.held_bytes  # each row's bytes after every step, in its graph (no reference back to self)
         self.steps = {  # greedy or not -> the step (every row greedy skips the sampler)
-            True: DecodeStep(model, cache, self.tokens, lambda logits: logits.argmax(-1)),
-            False: DecodeStep(model, cache, self.tokens, self.sampler),  # no reference back: freed at once
+            True: DecodeStep(model, cache, self.tokens, lambda logits: logits.argmax(-1), after=held),
+            False: DecodeStep(model, cache, self.tokens, self.sampler, after=held),  # no reference back: freed at once
         }
         if device.type == "cuda" if cuda_graph is None else cuda_graph:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.cuda.device(device):
                 for step in self.steps.values():
                     step.run()  # a first eager step compiles the kernels, while every row is free
                     step.capture()
@@ -60,7 +61,8 @@ class ModelRunner:
         """Run a prompt alone and compress it into ``row`` (under ``policy``, default the engine's: a request's own
         budget and prompt options); its first token is on its way to the host (:class:`FirstToken`): with
         ``logprobs=k`` its log-probability and the ``k`` likeliest there, with ``prompt_logprobs=k`` those of each
-        prompt token after the first.  Nothing waits for the device.
+        prompt token after the first.  Nothing waits for the device, except a CO2 request's load into a
+        measurement row, which reads its budget (:meth:`~kvkeep.cache.rows.RowCache.load`).
 
         The prompt runs as a batch of one, so its kept tokens and scores never depend on other requests.  The
         prompt's log-probabilities come from its full attention (compression starts after the prompt).
@@ -106,12 +108,13 @@ class ModelRunner:
         logits.  ``held``: each row's K/V bytes after the step (a request may end with this token).
         """
         started = self._clock()
-        logits = self.steps[greedy]()
+        step = self.steps[greedy]
+        logits = step()
         tokens = self.tokens[:, 0]
         outputs = StepOutputs(
             tokens,
             None if logprobs is None else Logprobs.of(logits, tokens, logprobs),
-            self.rows.held_bytes() if held else None,
+            step.after_out if held else None,  # computed inside the step (its graph's buffer: copied at once)
         )
         return Handoff(outputs, started)
 
@@ -120,7 +123,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
 
