@@ -331,3 +331,14 @@ def test_forwards_of_one_model_from_two_threads_never_see_each_others_attention(
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def test_a_model_kvkeep_ran_on_compiles_without_a_graph_break():
+    """transformers compiles the model for its own static caches: kvkeep's hooks must stay out of that graph."""
+    import torch._dynamo
+
+    model = tiny_model("llama")
+    prompt = random_prompt(20, seed=6)
+    kvkeep.generate(model, prompt, cache=kvkeep.KVKeepCache(model, "h2o", budget=0.5, floor=0), max_new_tokens=3)
+    explained = torch._dynamo.explain(lambda ids: model(ids).logits)(prompt)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -326,6 +326,8 @@ def _switch(config, name: str | list[str]) -> list[str]:
 def _enter(body: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     """A hooked forward begins: it holds the model's lock (forwards of one model from several threads run one at
     a time, so none sees another's name) and names kvkeep's entry when it got a kvkeep cache."""
+    if torch.compiler.is_compiling():  # a compiled forward (transformers compiles for its own static caches only):
+        return  # nothing to switch, and no lock for the compiler to break its graph on
     body._kvkeep_lock.acquire()
     body._kvkeep_names.append(None)  # first, so that _leave (called even when this raises) pops this call's
     if any(getattr(value, "routes_to_kvkeep", False) for value in (*args, *kwargs.values())):
@@ -333,6 +335,8 @@ def _enter(body: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _leave(body: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    if torch.compiler.is_compiling():
+        return
     try:
         previous = body._kvkeep_names.pop()
         if previous is not None:
