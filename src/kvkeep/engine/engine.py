@@ -166,8 +166,7 @@ class Engine:
         self.last_launch, self.prefilled = now, False
         greedy = all(request.sampling.greedy for request, _ in batch)
         top = max((request.logprobs for request, _ in batch if request.logprobs is not None), default=None)
-        ending = any(r.stop_ids or r.stop or r.computed + 1 == r.max_tokens for r, _ in batch)  # its bytes are read
-        handoff = self.runner.decode(greedy, top, held=ending)
+        handoff = self.runner.decode(greedy, top)
         for request, _ in batch:
             request.computed += 1
         self.steps += 1
@@ -180,7 +179,7 @@ class Engine:
         outputs = handoff.get()
         self._timed(handoff)
         tokens = outputs.tokens.tolist()
-        held = None if outputs.held is None else outputs.held.tolist()
+        held = outputs.held.tolist()
         live = [(request, row) for request, row in batch if not request.finished]
         asking = [(request, row) for request, row in live if request.logprobs is not None]
         if asking:
@@ -188,7 +187,7 @@ class Engine:
             for (request, _), (logprob, best) in zip(asking, scored, strict=True):
                 request.output_logprobs.append((logprob, best[: request.logprobs]))
         for request, row in live:
-            self._emit(request, tokens[row], None if held is None else held[row])
+            self._emit(request, tokens[row], held[row])
 
     def _hand_out_first(self, request: Request, handoff: Handoff) -> None:
         """A new request's first token (and its log-probabilities, and its prompt's)."""

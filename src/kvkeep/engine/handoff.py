@@ -45,14 +45,14 @@ class StepOutputs:
 
     Attributes:
         tokens: ``[rows]`` int64 each row's next token.
+        held: ``[rows, 2]`` int64 each row's K/V bytes after the step, now and at most
+            (:meth:`kvkeep.cache.rows.RowCache.held_bytes`).
         logprobs: theirs, when a request asked (:class:`Logprobs` over every row).
-        held: ``[rows, 2]`` int64 each row's K/V bytes after the step, now and at most, when a request may end
-            with this token (:meth:`kvkeep.cache.rows.RowCache.held_bytes`).
     """
 
     tokens: torch.Tensor
+    held: torch.Tensor
     logprobs: Logprobs | None = None
-    held: torch.Tensor | None = None
 
 
 @dataclass

@@ -98,24 +98,21 @@ class ModelRunner:
 
     # -- the decode step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, greedy: bool = False, logprobs: int | None = None, held: bool = False) -> Handoff:
+    def decode(self, greedy: bool = False, logprobs: int | None = None) -> Handoff:
         """Launch one decode step over every row; its :class:`StepOutputs` are on their way to the host (rows
         without a request: ignore theirs).  Nothing waits for the device: the next step can be launched at once,
         and feeds each row the token this one chose, on the device.
 
         ``greedy``: every row with a request decodes greedily, so the step skips the sampler.  ``logprobs=k``:
         the chosen tokens' log-probabilities and the ``k`` likeliest, taken before the next step overwrites the
-        logits.  ``held``: each row's K/V bytes after the step (a request may end with this token).
+        logits.  Each row's K/V bytes after the step come along (computed inside the step).
         """
         started = self._clock()
         step = self.steps[greedy]
         logits = step()
         tokens = self.tokens[:, 0]
-        outputs = StepOutputs(
-            tokens,
-            None if logprobs is None else Logprobs.of(logits, tokens, logprobs),
-            step.after_out if held else None,  # computed inside the step (its graph's buffer: copied at once)
-        )
+        scored = None if logprobs is None else Logprobs.of(logits, tokens, logprobs)
+        outputs = StepOutputs(tokens, step.after_out, scored)  # after_out: the graph's buffer, copied at once
         return Handoff(outputs, started)
 
     def _clock(self) -> torch.cuda.Event | float:
