@@ -7,9 +7,9 @@ profiled steps, then the median time of an eager step and of a CUDA-graph replay
 """
 
 import argparse
-import statistics
 
 import torch
+from prefill_cost import timed  # scripts/ is on the path of `python scripts/profile_decode.py`
 from torch.profiler import ProfilerActivity, profile
 
 import kvkeep
@@ -51,21 +51,11 @@ def main() -> None:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
-        def timed(fn, repeats=20):
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
-
-        eager = timed(lambda: step(token))
+        cuda = torch.device("cuda")
+        eager = timed(lambda: step(token), cuda, warmup=0, repeats=20)
         decode = DecodeStep(model, cache, token.clone(), lambda logits: logits.argmax(-1), positions=position.clone())
         decode.capture()
-        replay = timed(decode.graph.replay)
+        replay = timed(decode.graph.replay, cuda, warmup=0, repeats=20)
     slots = cache.layers[0].keys.shape[2]
     floor = (weight_bytes(model) + slots * args.batch * kv_bytes_per_token(cache)) / copy_bandwidth(
         torch.device("cuda")
